@@ -1,0 +1,329 @@
+"""Open and validate rasters; windowed reads; atomic, tiled GeoTIFF writes.
+
+The library never reads a whole scene: callers ask for windows. Every failure
+a user can cause (missing file, not a raster, truncated TIFF, no CRS, ...) is
+turned into a one-line GeosegError that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import GeoreferenceError, InputFileError, OutputError, file_error
+
+#: Creation options for every GeoTIFF geoseg writes: tiled, compressed,
+#: BigTIFF when the size calls for it.
+GTIFF_PROFILE: dict[str, Any] = {
+    "driver": "GTiff",
+    "tiled": True,
+    "blockxsize": 256,
+    "blockysize": 256,
+    "compress": "deflate",
+    "bigtiff": "IF_SAFER",
+}
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    """What geoseg needs to know about a raster, read from its header.
+
+    Attributes:
+        path: The file.
+        width: Width in pixels.
+        height: Height in pixels.
+        count: Number of bands.
+        dtype: Numpy dtype name of the bands (the first band's when mixed).
+        crs: Coordinate reference system (the assumed one if the file had none).
+        transform: Affine pixel-to-CRS transform.
+        nodata: Nodata value, or None.
+        descriptions: Band descriptions (None entries where unset).
+    """
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+    nodata: float | None
+    descriptions: tuple[str | None, ...]
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units, both positive."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in CRS units."""
+        return _bounds(self.transform, self.width, self.height)
+
+    def window_transform(self, window: Window) -> Affine:
+        """Transform of a window's pixel grid (also for windows reaching outside)."""
+        return rasterio.windows.transform(window, self.transform)
+
+
+def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    corners = [transform * (c, r) for c in (0, width) for r in (0, height)]
+    xs = [x for x, _ in corners]
+    ys = [y for _, y in corners]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _not_a_raster(path: Path, exc: Exception) -> InputFileError:
+    detail = str(exc).split("\n")[0]
+    if path.stat().st_size == 0:
+        detail = "the file is empty"
+    return file_error(
+        InputFileError,
+        path,
+        f"is not a raster GDAL can read ({detail})",
+        "pass a GeoTIFF (or another GDAL raster)",
+    )
+
+
+@contextlib.contextmanager
+def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.io.DatasetReader]:
+    """Open a raster for reading, turning GDAL errors into InputFileError.
+
+    Raises:
+        InputFileError: If the file does not exist, is a folder, or is not a raster.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise file_error(InputFileError, p, "file does not exist", "check the path")
+    if p.is_dir():
+        raise file_error(InputFileError, p, "is a folder, not a raster file", "pass a GeoTIFF file")
+    try:
+        src = rasterio.open(p)
+    except (RasterioIOError, RasterioError) as exc:
+        raise _not_a_raster(p, exc) from None
+    try:
+        yield src
+    finally:
+        src.close()
+
+
+def _check_readable(src: rasterio.io.DatasetReader, path: Path) -> None:
+    """Read the first and last block of every band: catches truncated files cheaply.
+
+    A truncated TIFF opens fine (its header is intact) and fails only when the
+    missing blocks are read; the last block is the one a truncation removes.
+    """
+    h, w = src.block_shapes[0]
+    last = Window(
+        (src.width - 1) // w * w, (src.height - 1) // h * h,
+        min(w, src.width - (src.width - 1) // w * w), min(h, src.height - (src.height - 1) // h * h),
+    )
+    try:
+        for win in (Window(0, 0, min(w, src.width), min(h, src.height)), last):
+            src.read(window=win)
+    except (RasterioIOError, RasterioError) as exc:
+        detail = str(exc).split("\n")[0]
+        raise file_error(
+            InputFileError, path, f"cannot be read, the file looks truncated or corrupt ({detail})",
+            "re-export or re-download it",
+        ) from None
+
+
+def open_scene(
+    path: str | os.PathLike[str],
+    *,
+    assume_crs: str | CRS | None = None,
+    check_blocks: bool = True,
+) -> SceneInfo:
+    """Open and validate a georeferenced raster scene.
+
+    Args:
+        path: The raster file.
+        assume_crs: CRS to use when the file has none (e.g. ``"EPSG:32633"``).
+            A file that has a CRS keeps its own.
+        check_blocks: Read the first and last block to detect truncated files.
+
+    Returns:
+        The scene's header information.
+
+    Raises:
+        InputFileError: Missing file, not a raster, truncated or corrupt.
+        GeoreferenceError: No CRS (and none assumed) or no geotransform.
+    """
+    p = Path(path)
+    with open_raster(p) as src:
+        if src.count < 1:
+            raise file_error(InputFileError, p, "has no bands", "pass a raster with image bands")
+        if np.dtype(src.dtypes[0]).kind not in "uif":
+            raise file_error(
+                InputFileError, p, f"has band type {src.dtypes[0]}, expected integer or float",
+                "convert it, e.g. gdal_translate -ot Float32",
+            )
+        crs = src.crs
+        if crs is None:
+            if assume_crs is None:
+                raise file_error(
+                    GeoreferenceError, p, "has no CRS",
+                    "georeference it (gdal_edit.py -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX",
+                )
+            try:
+                crs = CRS.from_user_input(assume_crs)
+            except Exception:
+                raise GeoreferenceError(
+                    f"--assume-crs {assume_crs!r} is not a CRS; pass e.g. EPSG:32633"
+                ) from None
+        if src.transform == Affine.identity() and not src.gcps[0]:
+            raise file_error(
+                GeoreferenceError, p, "has no geotransform (pixel coordinates only)",
+                "georeference it, e.g. gdal_translate -a_ullr or gdalwarp with GCPs",
+            )
+        if check_blocks:
+            _check_readable(src, p)
+        return SceneInfo(
+            path=p, width=src.width, height=src.height, count=src.count, dtype=src.dtypes[0],
+            crs=crs, transform=src.transform, nodata=src.nodata,
+            descriptions=tuple(src.descriptions),
+        )
+
+
+def read_window(
+    src: rasterio.io.DatasetReader,
+    window: Window,
+    *,
+    bands: Sequence[int] | None = None,
+    fill: float = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window (which may reach outside the raster) and its validity mask.
+
+    Pixels outside the raster are set to ``fill`` and marked invalid; inside,
+    a pixel is invalid where GDAL's dataset mask says so (nodata in every band,
+    alpha 0, or an internal mask).
+
+    Args:
+        src: An open dataset.
+        window: Window in the raster's pixel coordinates (integer offsets/sizes).
+        bands: 1-based band indexes to read; all bands when None.
+        fill: Value for pixels outside the raster.
+
+    Returns:
+        ``(data, valid)``: data of shape (bands, height, width) in the raster's
+        dtype, and a boolean (height, width) array, True where the pixel is data.
+
+    Raises:
+        InputFileError: If GDAL fails to read the window (truncated or corrupt file).
+    """
+    idx = list(bands) if bands is not None else list(range(1, src.count + 1))
+    col, row = int(window.col_off), int(window.row_off)
+    w, h = int(window.width), int(window.height)
+    data = np.full((len(idx), h, w), fill, dtype=src.dtypes[idx[0] - 1])
+    valid = np.zeros((h, w), dtype=bool)
+    c0, r0 = max(col, 0), max(row, 0)
+    c1, r1 = min(col + w, src.width), min(row + h, src.height)
+    if c1 <= c0 or r1 <= r0:
+        return data, valid
+    inner = Window(c0, r0, c1 - c0, r1 - r0)
+    ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+    try:
+        data[:, ys, xs] = src.read(idx, window=inner)
+        valid[ys, xs] = src.dataset_mask(window=inner) > 0
+    except (RasterioIOError, RasterioError) as exc:
+        detail = str(exc).split("\n")[0]
+        raise file_error(
+            InputFileError, src.name, f"cannot read window {inner} ({detail})",
+            "the file looks truncated or corrupt; re-export it",
+        ) from None
+    return data, valid
+
+
+def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse an output that exists (unless ``overwrite``) or cannot be written.
+
+    Call this for every output before any work starts, so that a refused run
+    writes nothing.
+
+    Raises:
+        OutputError: The file exists without overwrite, or its folder is not writable.
+    """
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise file_error(OutputError, p, "already exists", "pass --overwrite to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    probe = parent
+    while not probe.exists():  # the folder will be created: check its nearest existing parent
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise file_error(
+            OutputError, p, f"cannot be written (folder {probe} is not writable)",
+            "choose another output folder",
+        )
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place on success.
+
+    The output appears at its final path only when complete; on any error the
+    temporary file is removed and an existing file at ``path`` is untouched.
+    The temporary name keeps the suffix so that drivers infer the format.
+
+    Raises:
+        OutputError: As :func:`check_output`.
+    """
+    p = check_output(path, overwrite=overwrite)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".part{p.suffix}", dir=p.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    tmp.unlink()  # drivers (GPKG, GTiff) want to create the file themselves
+    try:
+        yield tmp
+        os.replace(tmp, p)
+    finally:
+        for leftover in (tmp, *tmp.parent.glob(tmp.name + "*")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def write_geotiff(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    *,
+    crs: CRS,
+    transform: Affine,
+    nodata: float | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> Path:
+    """Write a (bands, H, W) or (H, W) array as a tiled, compressed GeoTIFF, atomically.
+
+    For small rasters (chips, test data). Scene-sized outputs are written in
+    windows by the inference module instead.
+
+    Returns:
+        The final path.
+    """
+    arr = array[None] if array.ndim == 2 else array
+    profile = {
+        **GTIFF_PROFILE, "count": arr.shape[0], "height": arr.shape[1], "width": arr.shape[2],
+        "dtype": arr.dtype.name, "crs": crs, "transform": transform, "nodata": nodata,
+    }
+    if arr.shape[1] < 256 or arr.shape[2] < 256:
+        profile.update(tiled=False)
+        profile.pop("blockxsize")
+        profile.pop("blockysize")
+    profile.update(options)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(arr)
+    return Path(path)
