@@ -77,7 +77,7 @@ class SceneInfo:
 
 
 def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
-    corners = [transform * (c, r) for c in (0, width) for r in (0, height)]
+    corners = [transform @ (c, r) for c in (0, width) for r in (0, height)]
     xs = [x for x, _ in corners]
     ys = [y for _, y in corners]
     return (min(xs), min(ys), max(xs), max(ys))
@@ -327,3 +327,70 @@ def write_geotiff(
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.write(arr)
     return Path(path)
+
+
+def ground_pixel_size(
+    crs: CRS, transform: Affine, width: int, height: int
+) -> tuple[float, float]:
+    """True ground metres of one pixel step (x, y) at the centre of a grid.
+
+    Measured on the WGS84 ellipsoid with :class:`pyproj.Geod`, so it is right in
+    any CRS: UTM, Web Mercator (where CRS metres shrink with latitude) and
+    geographic degrees alike.
+
+    Args:
+        crs: The grid's CRS.
+        transform: The grid's pixel-to-CRS transform.
+        width: Grid width in pixels.
+        height: Grid height in pixels.
+
+    Returns:
+        Ground metres covered by a step of one pixel along a row (x) and along
+        a column (y), at the grid centre.
+
+    Raises:
+        GeoreferenceError: If the CRS cannot be related to the earth (a local
+            engineering CRS) and has no linear unit.
+    """
+    import pyproj
+
+    col, row = width / 2.0, height / 2.0
+    pts = [transform @ (col, row), transform @ (col + 1, row), transform @ (col, row + 1)]
+    try:
+        to_lonlat = pyproj.Transformer.from_crs(
+            pyproj.CRS.from_user_input(crs.to_wkt()), "EPSG:4326", always_xy=True
+        )
+        lons, lats = to_lonlat.transform([p[0] for p in pts], [p[1] for p in pts], errcheck=True)
+        geod = pyproj.Geod(ellps="WGS84")
+        _, _, dx = geod.inv(lons[0], lats[0], lons[1], lats[1])
+        _, _, dy = geod.inv(lons[0], lats[0], lons[2], lats[2])
+        return (float(dx), float(dy))
+    except (pyproj.exceptions.ProjError, pyproj.exceptions.CRSError):
+        if crs.is_projected and crs.linear_units_factor:
+            factor = float(crs.linear_units_factor[1])
+            return (
+                float(np.hypot(transform.a, transform.d)) * factor,
+                float(np.hypot(transform.b, transform.e)) * factor,
+            )
+        raise GeoreferenceError(
+            f"CRS {crs.to_string()!r} cannot be related to ground metres; "
+            "reproject the scene to a projected CRS (e.g. UTM)"
+        ) from None
+
+
+def ground_resolution(info: SceneInfo) -> float:
+    """Ground metres per pixel at the scene centre (mean of the x and y steps).
+
+    True metres also for EPSG:4326 and EPSG:3857 (see :func:`ground_pixel_size`).
+
+    Args:
+        info: The scene, as returned by :func:`open_scene`.
+
+    Returns:
+        Metres per pixel.
+
+    Raises:
+        GeoreferenceError: If the CRS cannot be related to ground metres.
+    """
+    dx, dy = ground_pixel_size(info.crs, info.transform, info.width, info.height)
+    return (dx + dy) / 2.0
