@@ -1,0 +1,252 @@
+"""Training augmentation (albumentations) and per-band normalisation statistics.
+
+The callables built here match the ``transform`` argument of
+``geoseg.datasets.ChipDataset``: ``f(image_hwc float32 raw values, mask_hw) ->
+(image_hwc normalised float32, mask_hw)``. Augmentation is for training only;
+validation and prediction only normalise, with statistics stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from geoseg.config import AugmentConfig
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet statistics for RGB in [0, 1]; multiplied by the value range of the data.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Mask value for pixels that loss and metrics skip (geoseg.labels.IGNORE_INDEX).
+IGNORE_INDEX = 255
+#: Ranges of the random transforms (the probabilities come from AugmentConfig).
+BRIGHTNESS_LIMIT = 0.2
+CONTRAST_LIMIT = 0.2
+HUE_SHIFT_LIMIT = 10
+SAT_SHIFT_LIMIT = 20
+VAL_SHIFT_LIMIT = 10
+SCALE_RANGE = (0.9, 1.1)
+SHIFT_FRACTION = 0.0625
+ROTATE_DEGREES = 15.0
+#: How many training chips ``dataset_stats`` reads at most (evenly spaced).
+MAX_STATS_CHIPS = 256
+
+
+def value_scale(dtype: str | np.dtype) -> float:
+    """Raw value of "full brightness" for a raster dtype: 255 for uint8, the max for
+    other integer types, 1.0 for floats (assumed to be reflectance in [0, 1])."""
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        return float(np.iinfo(dt).max)
+    return 1.0
+
+
+def imagenet_stats(num_bands: int, *, dtype: str | np.dtype = "uint8") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet mean and std in raw pixel units for ``num_bands`` bands.
+
+    Bands beyond the third get the average of the RGB statistics.
+
+    Returns:
+        ``(mean, std)``, one value per band, in raw pixel units.
+    """
+    scale = value_scale(dtype)
+    if np.dtype(dtype) != np.uint8:
+        logger.warning(
+            "ImageNet normalisation assumes 0-%g for %s imagery; "
+            "data.normalization: dataset fits other value ranges better", scale, np.dtype(dtype).name,
+        )
+    mean = [IMAGENET_MEAN[i] if i < 3 else float(np.mean(IMAGENET_MEAN)) for i in range(num_bands)]
+    std = [IMAGENET_STD[i] if i < 3 else float(np.mean(IMAGENET_STD)) for i in range(num_bands)]
+    return tuple(m * scale for m in mean), tuple(s * scale for s in std)
+
+
+def dataset_stats(
+    dataset: Sequence[Mapping[str, Any]], *, max_chips: int = MAX_STATS_CHIPS
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of valid pixels over (up to ``max_chips``) training chips.
+
+    Args:
+        dataset: Samples with ``image`` (C, H, W raw values, tensor or array) and
+            optionally ``valid`` (H, W bool); built without a transform.
+        max_chips: Chips read at most, evenly spaced over the dataset.
+
+    Returns:
+        ``(mean, std)`` in raw pixel units; a constant band gets std 1.
+
+    Raises:
+        ValueError: An empty dataset or no valid pixel.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot compute normalisation statistics of an empty dataset")
+    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))
+    total = sq = None
+    count = 0
+    for i in idx:
+        sample = dataset[int(i)]
+        image = np.asarray(sample["image"], dtype=np.float64)
+        valid = sample.get("valid")
+        flat = image.reshape(image.shape[0], -1)
+        if valid is not None:
+            flat = flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+        if total is None:
+            total, sq = np.zeros(flat.shape[0]), np.zeros(flat.shape[0])
+        total += flat.sum(axis=1)
+        sq += (flat**2).sum(axis=1)
+        count += flat.shape[1]
+    if not count:
+        raise ValueError("cannot compute normalisation statistics: no valid pixel in the training chips")
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
+    if (std == 0).any():
+        logger.warning("band(s) %s are constant in the training chips; their std is set to 1",
+                       [int(b) + 1 for b in np.flatnonzero(std == 0)])
+    std[std == 0] = 1.0
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _pipeline(augment: AugmentConfig, num_bands: int) -> Any:
+    import albumentations as A
+    import cv2
+
+    steps = [
+        A.HorizontalFlip(p=augment.hflip),
+        A.VerticalFlip(p=augment.vflip),
+        A.RandomRotate90(p=augment.rotate90),
+        A.RandomBrightnessContrast(
+            brightness_limit=BRIGHTNESS_LIMIT, contrast_limit=CONTRAST_LIMIT, p=augment.brightness_contrast
+        ),
+    ]
+    if num_bands == 3:  # hue/saturation are defined for RGB only
+        steps.append(A.HueSaturationValue(
+            hue_shift_limit=HUE_SHIFT_LIMIT, sat_shift_limit=SAT_SHIFT_LIMIT,
+            val_shift_limit=VAL_SHIFT_LIMIT, p=augment.hue_saturation,
+        ))
+    elif augment.hue_saturation > 0:
+        logger.info("hue/saturation augmentation skipped: it needs 3 bands, the data has %d", num_bands)
+    steps.append(A.Affine(
+        scale=SCALE_RANGE, translate_percent=(-SHIFT_FRACTION, SHIFT_FRACTION),
+        rotate=(-ROTATE_DEGREES, ROTATE_DEGREES),
+        interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+        border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX, p=augment.shift_scale_rotate,
+    ))
+    steps = [s for s in steps if s.p > 0]
+    return A.Compose(steps, p=1.0) if steps else None
+
+
+class ChipTransform:
+    """Augment (optionally) and normalise one chip; picklable for DataLoader workers.
+
+    Call :meth:`set_epoch` before each epoch: the random draws then depend only
+    on (seed, epoch, worker), so runs with the same seed are identical.
+    """
+
+    def __init__(
+        self,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: AugmentConfig | None = None,
+        scale: float = 255.0,
+        seed: int = 0,
+    ) -> None:
+        """See :func:`build_transform`."""
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        if (self.std <= 0).any():
+            raise ValueError(f"normalisation std should be positive, got {tuple(std)}")
+        self.scale = float(scale)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._seeded_for: tuple[int, int] | None = None
+        self.pipeline = (
+            _pipeline(augment, len(self.mean)) if augment is not None and augment.enabled else None
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the random draws of the coming epoch depend on ``epoch``."""
+        self.epoch = int(epoch)
+
+    def _reseed(self) -> None:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else -1
+        if self._seeded_for != (self.epoch, worker):
+            key = f"{self.seed}/{self.epoch}/{worker}".encode()
+            self.pipeline.set_random_seed(zlib.crc32(key))
+            self._seeded_for = (self.epoch, worker)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Transform ``image`` (H, W, C raw values) and ``mask`` (H, W class ids).
+
+        Returns:
+            ``(image, mask)``: normalised float32 (H, W, C) and the mask in its
+            dtype; geometric transforms move both alike (nearest for the mask)
+            and fill the mask with 255 where they bring in padding.
+        """
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if img.shape[2] != len(self.mean):
+            raise ValueError(
+                f"chip has {img.shape[2]} bands but normalisation has {len(self.mean)} values"
+            )
+        if self.pipeline is not None:
+            self._reseed()
+            dtype = mask.dtype
+            out = self.pipeline(image=img / self.scale, mask=np.asarray(mask).astype(np.uint8))
+            img = out["image"] * self.scale
+            mask = out["mask"].astype(dtype, copy=False)
+        img = (img - self.mean) / self.std
+        return np.ascontiguousarray(img, dtype=np.float32), np.ascontiguousarray(mask)
+
+
+def build_transform(
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentConfig | None = None,
+    scale: float = 255.0,
+    seed: int = 0,
+) -> ChipTransform:
+    """Build the chip transform for a dataset.
+
+    Args:
+        mean: Per-band mean in raw pixel units.
+        std: Per-band std in raw pixel units.
+        augment: Augmentation settings; None (or ``enabled: false``) only normalises,
+            as for validation.
+        scale: Raw value of full brightness (:func:`value_scale`); colour
+            augmentations work on ``raw / scale``.
+        seed: Seed of the random draws.
+
+    Returns:
+        A callable ``f(image_hwc, mask_hw) -> (image_hwc, mask_hw)``.
+    """
+    return ChipTransform(mean=mean, std=std, augment=augment, scale=scale, seed=seed)
+
+
+def normalization_stats(
+    kind: str,
+    *,
+    num_bands: int,
+    dtype: str | np.dtype = "uint8",
+    dataset: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std in raw pixel units: ``"imagenet"`` or ``"dataset"`` (from ``dataset``).
+
+    Raises:
+        ValueError: Unknown kind, or ``"dataset"`` without a dataset.
+    """
+    if kind == "imagenet":
+        return imagenet_stats(num_bands, dtype=dtype)
+    if kind == "dataset":
+        if dataset is None:
+            raise ValueError("dataset normalisation needs the training dataset")
+        return dataset_stats(dataset)
+    raise ValueError(f"normalization should be 'imagenet' or 'dataset', got {kind!r}")

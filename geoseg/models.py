@@ -1,0 +1,452 @@
+"""Segmentation model factory (segmentation-models-pytorch) and self-describing checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from geoseg.errors import CheckpointError, ModelError, file_error
+
+logger = logging.getLogger(__name__)
+
+#: Marker key (and format version) of a geoseg checkpoint file.
+CHECKPOINT_FORMAT = "geoseg_checkpoint"
+CHECKPOINT_VERSION = 1
+#: File suffixes that make ``encoder_weights`` a local file rather than a weight name.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+#: Prefixes stripped from state-dict keys: a whole smp model, DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: How many mismatching key names an error message shows.
+_SHOW_KEYS = 3
+
+
+def architectures() -> list[str]:
+    """Architecture names that smp accepts (lower case), e.g. ``deeplabv3plus``."""
+    import segmentation_models_pytorch as smp
+
+    return list(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def encoders() -> list[str]:
+    """smp's own encoder names; any timm model also works as ``tu-<name>``."""
+    import segmentation_models_pytorch as smp
+
+    return list(smp.encoders.get_encoder_names())
+
+
+def _check_names(arch: str, encoder: str) -> None:
+    valid_archs = architectures()
+    if arch.lower() not in valid_archs:
+        raise ModelError(
+            f"unknown architecture {arch!r}; use one of: {', '.join(valid_archs)}"
+        )
+    if encoder.startswith("tu-"):
+        import timm
+
+        if timm.is_model(encoder[3:]):
+            return
+    elif encoder in encoders():
+        return
+    raise ModelError(
+        f"unknown encoder {encoder!r}; use one of: {', '.join(encoders())}, "
+        "or 'tu-<name>' for any timm model"
+    )
+
+
+def is_weights_file(value: str | os.PathLike[str] | None) -> bool:
+    """Whether ``encoder_weights`` names a local file rather than smp weights (``imagenet``)."""
+    if value is None:
+        return False
+    text = os.fspath(value)
+    return (
+        os.sep in text
+        or "/" in text
+        or text.lower().endswith(WEIGHT_FILE_SUFFIXES)
+        or Path(text).is_file()
+    )
+
+
+def create_model(
+    *,
+    arch: str = "deeplabv3plus",
+    encoder: str = "resnet50",
+    encoder_weights: str | os.PathLike[str] | None = None,
+    in_channels: int = 3,
+    classes: int = 2,
+) -> nn.Module:
+    """Build a segmentation model with ``smp.create_model``.
+
+    Args:
+        arch: smp architecture name (``deeplabv3plus``, ``unet``, ``fpn``, ...).
+        encoder: smp encoder name (``resnet50``, ``efficientnet-b0``, ``tu-<timm name>``).
+        encoder_weights: ``"imagenet"`` (or another smp weight name; smp downloads
+            them, so this needs the network the first time), None for random
+            initialisation, or the path of a local ``.pth``/``.safetensors`` state
+            dict of the encoder (for offline machines).
+        in_channels: Number of input bands.
+        classes: Number of output classes (2 for background/rooftop).
+
+    Returns:
+        The model; it outputs logits of shape (N, classes, H, W).
+
+    Raises:
+        ModelError: Unknown architecture or encoder, weights that cannot be
+            downloaded, or a weights file that does not fit the encoder.
+    """
+    import segmentation_models_pytorch as smp
+
+    _check_names(arch, encoder)
+    if in_channels < 1 or classes < 1:
+        raise ModelError(
+            f"in_channels ({in_channels}) and classes ({classes}) should be positive; "
+            "check data.bands and data.classes"
+        )
+    local = encoder_weights if is_weights_file(encoder_weights) else None
+    named = None if local is not None else encoder_weights
+    if local is not None and not Path(local).is_file():
+        raise file_error(
+            ModelError, local, "encoder weights file does not exist",
+            "check model.encoder_weights (a file, 'imagenet' or null)",
+        )
+    try:
+        model = smp.create_model(
+            arch, encoder_name=encoder, encoder_weights=named,
+            in_channels=in_channels, classes=classes,
+        )
+    except KeyError as exc:  # smp: wrong pretrained weight name for this encoder
+        raise ModelError(
+            f"encoder weights {named!r} are not available for encoder {encoder!r} "
+            f"({exc.args[0] if exc.args else exc}); use null or a local weights file"
+        ) from None
+    except (OSError, ValueError, RuntimeError) as exc:  # no network, hub errors
+        if named is None:
+            raise
+        detail = str(exc).split("\n")[0][:200]
+        raise ModelError(
+            f"encoder weights {named!r} for {encoder!r} could not be downloaded ({detail}); "
+            "connect to the internet once, or set model.encoder_weights to a local weights "
+            "file or null"
+        ) from None
+    if local is not None:
+        _load_encoder_file(model.encoder, Path(local), encoder=encoder, in_channels=in_channels)
+    return model
+
+
+def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any failure means: not a readable state dict
+        detail = str(exc).split("\n")[0][:200]
+        raise file_error(
+            ModelError, path, f"is not a readable weights file ({detail})",
+            "pass a .pth or .safetensors state dict of the encoder",
+        ) from None
+    for key in ("state_dict", "model", "encoder"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise file_error(
+            ModelError, path, "does not hold a state dict of tensors",
+            "pass a .pth or .safetensors state dict of the encoder",
+        )
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):  # a whole smp model: keep its encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return state
+
+
+def _adapt_first_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Turn a 3-band first-conv weight into ``in_channels`` bands (as smp does for imagenet)."""
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    idx = torch.arange(in_channels) % weight.shape[1]
+    return weight[:, idx] * (weight.shape[1] / in_channels)
+
+
+def _load_encoder_file(encoder_module: nn.Module, path: Path, *, encoder: str, in_channels: int) -> None:
+    state = _read_state_file(path)
+    own = encoder_module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = []
+    for key in own.keys() & state.keys():
+        mine, theirs = own[key].shape, state[key].shape
+        if mine == theirs:
+            continue
+        is_first_conv = len(mine) == 4 and mine[1] == in_channels and theirs[:1] + theirs[2:] == mine[:1] + mine[2:]
+        if is_first_conv and in_channels != theirs[1]:
+            state[key] = _adapt_first_conv(state[key], in_channels)
+            logger.info("adapted %s from %d to %d input bands", key, theirs[1], in_channels)
+        else:
+            wrong.append(f"{key} {tuple(theirs)} in the file vs {tuple(mine)} in the model")
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder keys missing (e.g. {', '.join(missing[:_SHOW_KEYS])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:_SHOW_KEYS])})")
+        if wrong:
+            parts.append(f"{len(wrong)} shapes differ (e.g. {'; '.join(wrong[:_SHOW_KEYS])})")
+        raise file_error(
+            ModelError, path, f"does not match encoder {encoder!r}: " + ", ".join(parts),
+            f"pass weights saved from a {encoder!r} encoder or set model.encoder to the file's encoder",
+        )
+    encoder_module.load_state_dict(state, strict=True)
+    logger.info("loaded encoder weights from %s", path)
+
+
+def output_stride(model: nn.Module) -> int:
+    """The factor by which the model's encoder downsamples its input (pixels)."""
+    encoder = getattr(unwrap_model(model), "encoder", None)
+    return int(getattr(encoder, "output_stride", 1) or 1)
+
+
+def check_chip_size(model: nn.Module, chip_size: int, *, arch: str | None = None) -> None:
+    """Refuse chips the model cannot process (smaller than, or not a multiple of, its stride).
+
+    Raises:
+        ModelError: With the smallest valid chip size in the message.
+    """
+    stride = output_stride(model)
+    base = unwrap_model(model)
+    divisible = getattr(base, "requires_divisible_input_shape", True)
+    name = arch or type(base).__name__
+    if chip_size < stride or (divisible and chip_size % stride):
+        nearest = max(stride, -(-chip_size // stride) * stride)
+        raise ModelError(
+            f"chip size {chip_size} px is too small or not a multiple of the output stride "
+            f"({stride} px) of {name}; set data.chip_size to a multiple of {stride} "
+            f"(e.g. {nearest}) of at least {stride}"
+        )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything ``predict`` needs beside the weights.
+
+    Attributes:
+        arch: smp architecture name.
+        encoder: smp encoder name.
+        in_channels: Number of input bands.
+        classes: Number of output classes.
+        class_names: One name per class.
+        bands: 1-based band indexes of the scene read as model input, in order.
+        mean: Per-band mean in raw pixel units.
+        std: Per-band standard deviation in raw pixel units.
+            Preprocessing is ``(raw_float - mean) / std`` per band, nothing else.
+        chip_size: Chip size of the training data in pixels.
+        resolution: Ground metres per pixel of the training data (None if unknown).
+        config: The resolved training configuration (``Config.to_dict()``).
+        version: geoseg version that wrote the checkpoint.
+        epoch: Epoch the weights come from (1-based).
+        metrics: Validation (or training) metrics of that epoch.
+    """
+
+    arch: str
+    encoder: str
+    in_channels: int
+    classes: int
+    class_names: tuple[str, ...]
+    bands: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    chip_size: int
+    resolution: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    version: str = ""
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists for tuples), as stored in the checkpoint."""
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "CheckpointMeta":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            KeyError, TypeError: Missing or unknown keys.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise TypeError(f"unknown keys {sorted(unknown)}")
+        values = dict(raw)
+        for key in ("class_names", "bands", "mean", "std"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True)
+class CheckpointData:
+    """A checkpoint as read from disk, before a model is built from it."""
+
+    meta: CheckpointMeta
+    state_dict: dict[str, torch.Tensor]
+    extra: dict[str, Any] | None
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    meta: CheckpointMeta,
+    *,
+    extra_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model weights and their description atomically (replacing ``path``).
+
+    Only plain types and tensors are stored, so the file loads with
+    ``torch.load(weights_only=True)``.
+
+    Args:
+        path: Target file (``.pt``).
+        model: The model (DDP / compiled wrappers are unwrapped).
+        meta: The model's description.
+        extra_state: Training state for ``--resume`` (optimizer, scheduler, ...),
+            plain types and tensors only.
+
+    Returns:
+        The final path.
+
+    Raises:
+        OutputError: The folder cannot be written.
+    """
+    from geoseg.raster_io import atomic_output
+
+    state = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in unwrap_model(model).state_dict().items()
+    }
+    payload = {
+        CHECKPOINT_FORMAT: CHECKPOINT_VERSION,
+        "meta": meta.to_dict(),
+        "state_dict": state,
+        "extra": dict(extra_state) if extra_state is not None else None,
+    }
+    with atomic_output(path, overwrite=True) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> CheckpointData:
+    """Read and validate a checkpoint file without building the model.
+
+    Raises:
+        CheckpointError: Missing, corrupt or foreign file.
+    """
+    p = Path(path)
+    fix = "pass a checkpoint written by geoseg train (e.g. saved_models/best_iou.pt)"
+    if not p.exists():
+        raise file_error(
+            CheckpointError, p, "checkpoint does not exist",
+            "run geoseg train first or pass the path of a checkpoint",
+        )
+    if p.is_dir():
+        raise file_error(CheckpointError, p, "is a folder, not a checkpoint file", fix)
+    try:
+        payload = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # any failure means: not a readable checkpoint
+        detail = str(exc).strip().split("\n")[0][:200]
+        raise file_error(
+            CheckpointError, p, f"is not a readable checkpoint (corrupt or foreign: {detail})", fix
+        ) from None
+    if not isinstance(payload, dict) or CHECKPOINT_FORMAT not in payload:
+        raise file_error(CheckpointError, p, "is not a geoseg checkpoint", fix)
+    if payload[CHECKPOINT_FORMAT] != CHECKPOINT_VERSION:
+        raise file_error(
+            CheckpointError, p,
+            f"has checkpoint format {payload[CHECKPOINT_FORMAT]}, this geoseg reads {CHECKPOINT_VERSION}",
+            "use the geoseg version that wrote it",
+        )
+    try:
+        meta = CheckpointMeta.from_dict(payload["meta"])
+        state = payload["state_dict"]
+        if not isinstance(state, dict):
+            raise TypeError("state_dict is not a dict")
+    except (KeyError, TypeError) as exc:
+        raise file_error(
+            CheckpointError, p, f"has an incomplete description ({exc})",
+            "use the geoseg version that wrote it",
+        ) from None
+    return CheckpointData(meta=meta, state_dict=state, extra=payload.get("extra"))
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    Args:
+        path: A file written by :func:`save_checkpoint`.
+        map_location: Device for the weights (``torch.load``'s argument).
+
+    Returns:
+        ``(model, meta)``; the model is in eval mode on ``map_location``.
+
+    Raises:
+        CheckpointError: Missing, corrupt or foreign file, or weights that do not
+            fit the architecture it names.
+    """
+    data = read_checkpoint(path, map_location=map_location)
+    meta = data.meta
+    try:
+        model = create_model(
+            arch=meta.arch, encoder=meta.encoder, encoder_weights=None,
+            in_channels=meta.in_channels, classes=meta.classes,
+        )
+    except ModelError as exc:
+        raise file_error(CheckpointError, path, f"names a model this geoseg cannot build ({exc})",
+                         "use the geoseg version that wrote it") from None
+    try:
+        model.load_state_dict(data.state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).strip().split("\n")[0][:200]
+        raise file_error(
+            CheckpointError, path,
+            f"weights do not fit {meta.arch}/{meta.encoder} ({detail})", "the file is damaged; retrain",
+        ) from None
+    model.to(map_location)
+    model.eval()
+    return model, meta
