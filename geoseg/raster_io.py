@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import GeoreferenceError, InputFileError, OutputError, file_error
@@ -72,8 +73,12 @@ class SceneInfo:
         return _bounds(self.transform, self.width, self.height)
 
     def window_transform(self, window: Window) -> Affine:
-        """Transform of a window's pixel grid (also for windows reaching outside)."""
-        return rasterio.windows.transform(window, self.transform)
+        """Transform of a window's pixel grid (also for windows reaching outside).
+
+        It is the scene transform shifted by the window offset,
+        ``transform @ Affine.translation(col_off, row_off)``.
+        """
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
 
 def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
@@ -83,10 +88,32 @@ def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, f
     return (min(xs), min(ys), max(xs), max(ys))
 
 
-def _not_a_raster(path: Path, exc: Exception) -> InputFileError:
+#: First bytes of classic TIFF and BigTIFF files (little- and big-endian).
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _gdal_detail(exc: BaseException) -> str:
+    """The first line of a GDAL error, taken from the cause where rasterio only says 'see previous'."""
     detail = str(exc).split("\n")[0]
+    cause = exc.__cause__ or exc.__context__
+    if "previous exception" in detail and cause is not None and str(cause):
+        detail = str(cause.args[-1] if getattr(cause, "args", None) else cause).split("\n")[0]
+    return detail
+
+
+def _not_a_raster(path: Path, exc: Exception) -> InputFileError:
+    detail = _gdal_detail(exc)
     if path.stat().st_size == 0:
         detail = "the file is empty"
+    else:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head in _TIFF_MAGIC:
+            return file_error(
+                InputFileError, path,
+                f"cannot be read, the file looks truncated or corrupt ({detail})",
+                "re-export or re-download it",
+            )
     return file_error(
         InputFileError,
         path,
@@ -108,7 +135,10 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.io.DatasetRea
     if p.is_dir():
         raise file_error(InputFileError, p, "is a folder, not a raster file", "pass a GeoTIFF file")
     try:
-        src = rasterio.open(p)
+        with warnings.catch_warnings():
+            # A missing geotransform is reported by open_scene in geoseg's own words.
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(p)
     except (RasterioIOError, RasterioError) as exc:
         raise _not_a_raster(p, exc) from None
     try:
@@ -132,7 +162,7 @@ def _check_readable(src: rasterio.io.DatasetReader, path: Path) -> None:
         for win in (Window(0, 0, min(w, src.width), min(h, src.height)), last):
             src.read(window=win)
     except (RasterioIOError, RasterioError) as exc:
-        detail = str(exc).split("\n")[0]
+        detail = _gdal_detail(exc)
         raise file_error(
             InputFileError, path, f"cannot be read, the file looks truncated or corrupt ({detail})",
             "re-export or re-download it",
@@ -169,6 +199,8 @@ def open_scene(
                 InputFileError, p, f"has band type {src.dtypes[0]}, expected integer or float",
                 "convert it, e.g. gdal_translate -ot Float32",
             )
+        if check_blocks:  # before the georeference checks: a cut header loses its tags too
+            _check_readable(src, p)
         crs = src.crs
         if crs is None:
             if assume_crs is None:
@@ -187,8 +219,6 @@ def open_scene(
                 GeoreferenceError, p, "has no geotransform (pixel coordinates only)",
                 "georeference it, e.g. gdal_translate -a_ullr or gdalwarp with GCPs",
             )
-        if check_blocks:
-            _check_readable(src, p)
         return SceneInfo(
             path=p, width=src.width, height=src.height, count=src.count, dtype=src.dtypes[0],
             crs=crs, transform=src.transform, nodata=src.nodata,
@@ -237,7 +267,7 @@ def read_window(
         data[:, ys, xs] = src.read(idx, window=inner)
         valid[ys, xs] = src.dataset_mask(window=inner) > 0
     except (RasterioIOError, RasterioError) as exc:
-        detail = str(exc).split("\n")[0]
+        detail = _gdal_detail(exc)
         raise file_error(
             InputFileError, src.name, f"cannot read window {inner} ({detail})",
             "the file looks truncated or corrupt; re-export it",
