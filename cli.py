@@ -40,6 +40,62 @@ def cli(verbose: int) -> None:
     logging.captureWarnings(True)
 
 
+@cli.command("evaluate")
+@click.option("--pred", required=True, type=click.Path(),
+              help="Predicted mask GeoTIFF (0/255, 0/1 or class ids) or vector file.")
+@click.option("--truth", required=True, type=click.Path(),
+              help="True mask GeoTIFF or vector file (GeoPackage, GeoJSON, Shapefile).")
+@click.option("--aoi", type=click.Path(), default=None,
+              help="Polygon file (any CRS): evaluate only inside it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--panels", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of image / truth / prediction with missed and false buildings coloured.")
+@click.option("--image", type=click.Path(), default=None,
+              help="Scene for the image column of --panels.")
+@click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="IoU a predicted and a true polygon need to match (default 0.5, as SpaceNet).")
+@click.option("--class-id", type=click.IntRange(0, 254), default=None,
+              help="Class evaluated in class-id masks (default 1, rooftop).")
+@click.option("--resolution", type=click.FloatRange(0, min_open=True), default=None,
+              help="Pixel size in metres when both inputs are vector files (default 0.25).")
+@click.option("--assume-crs", default=None, help="CRS for inputs that have none, e.g. EPSG:32633.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --panels file.")
+def evaluate_command(
+    pred: str, truth: str, aoi: str | None, as_json: bool, panels: str | None,
+    image: str | None, iou_threshold: float | None, class_id: int | None,
+    resolution: float | None, assume_crs: str | None, overwrite: bool,
+) -> None:
+    """Compare predicted rooftops with the truth: pixel and object (SpaceNet) metrics.
+
+    Objects are matched one-to-one at IoU >= 0.5, greedily by descending IoU
+    (ties: lower truth index, then lower prediction index).
+    """
+    import json
+
+    from geoseg import evaluation
+    from geoseg.raster_io import check_output, open_scene
+
+    if image is not None and panels is None:
+        raise click.UsageError("--image is only used with --panels; add --panels panels.png")
+    if panels is not None:  # refuse before any work, so that a refused run writes nothing
+        check_output(panels, overwrite=overwrite)
+    if image is not None:
+        open_scene(image, assume_crs=assume_crs)
+    options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
+                                 ("resolution", resolution)) if v is not None}
+    result = evaluation.evaluate(pred, truth, aoi=aoi, assume_crs=assume_crs, **options)
+    if panels is not None:
+        evaluation.write_panels(result, panels, image=image, assume_crs=assume_crs,
+                                overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "panels": panels},
+                              indent=2))
+    else:
+        click.echo(result.table())
+        if panels is not None:
+            click.echo(f"\npanels      {panels}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geoseg")

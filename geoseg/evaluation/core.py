@@ -1,0 +1,467 @@
+"""evaluate(): pixel and object metrics of a prediction against a truth on one grid."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import rasterio.windows
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import WindowError
+from rasterio.windows import Window
+
+from geoseg.errors import ConfigError, GeoreferenceError, file_error
+from geoseg.evaluation.inputs import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_VECTOR_RESOLUTION,
+    EvalInput,
+    Grid,
+    RasterMask,
+    VectorLayer,
+    VectorOnGrid,
+    _polygonal,
+    open_input,
+    raster_grid,
+    raster_on_grid,
+    read_aoi,
+    vector_grid,
+)
+from geoseg.evaluation.objects import (
+    DEFAULT_IOU_THRESHOLD,
+    ROOFTOP_CLASS,
+    ObjectMatch,
+    _check_threshold,
+    mask_polygons,
+    match_objects,
+    merge_block_polygons,
+    IGNORE_INDEX,
+    object_array,
+)
+from geoseg.metrics import ConfusionMatrix
+
+logger = logging.getLogger(__name__)
+
+#: Decimals of the metrics in the table (the JSON carries full precision).
+TABLE_DECIMALS = 4
+
+
+@dataclass(frozen=True)
+class PixelScores:
+    """Binary confusion counts of the evaluated class and the metrics derived from them.
+
+    Counts are pixels where both inputs have data (and inside the AOI); the
+    metrics are those of :meth:`geoseg.metrics.ConfusionMatrix.compute`, so
+    evaluation and training validation agree. A ratio with a zero denominator
+    is 1.0 when neither side has a rooftop pixel (both empty) and 0.0
+    otherwise; the accuracy of zero pixels is 1.0; ``miou`` averages the IoU of
+    the classes (rooftop, background) present in truth or prediction.
+
+    Attributes:
+        tp: Rooftop in both.
+        fp: Rooftop in the prediction only.
+        fn: Rooftop in the truth only.
+        tn: Rooftop in neither.
+        iou: Rooftop IoU tp / (tp + fp + fn).
+        precision: tp / (tp + fp).
+        recall: tp / (tp + fn).
+        f1: 2 tp / (2 tp + fp + fn).
+        accuracy: (tp + tn) / all pixels.
+        miou: Mean IoU over the classes present.
+    """
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+    iou: float
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+    miou: float
+
+    @classmethod
+    def from_confusion(cls, matrix: ConfusionMatrix) -> "PixelScores":
+        """Scores of a 2-class matrix (rows truth, columns prediction; class 1 = rooftop)."""
+        (tn, fp), (fn, tp) = matrix.counts.tolist()
+        m = matrix.compute()
+        return cls(
+            tp=tp, fp=fp, fn=fn, tn=tn, iou=m["iou"], precision=m["precision"],
+            recall=m["recall"], f1=m["f1"], accuracy=m["pixel_accuracy"], miou=m["miou"],
+        )
+
+    @property
+    def total(self) -> int:
+        """Evaluated pixels."""
+        return self.tp + self.fp + self.fn + self.tn
+
+    def to_dict(self) -> dict[str, Any]:
+        """Metrics and counts as plain numbers."""
+        return {
+            "iou": self.iou, "precision": self.precision, "recall": self.recall, "f1": self.f1,
+            "accuracy": self.accuracy, "miou": self.miou,
+            "tp": self.tp, "fp": self.fp, "fn": self.fn, "tn": self.tn,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class EvaluationResult:
+    """Everything :func:`evaluate` measured, with the polygons behind the object metrics.
+
+    Attributes:
+        pred: The prediction file.
+        truth: The truth file.
+        aoi: The area-of-interest file, or None.
+        grid: The common pixel grid.
+        region: The window of ``grid`` that was evaluated (the AOI's bounds, or all of it).
+        pixel: Pixel counts and metrics.
+        objects: The one-to-one polygon matching.
+        pred_polygons: Predicted polygons in ``grid.crs`` (indexes of ``objects``).
+        true_polygons: True polygons in ``grid.crs``.
+        warnings: Warnings issued (also logged).
+    """
+
+    pred: Path
+    truth: Path
+    aoi: Path | None
+    grid: Grid
+    region: Window
+    pixel: PixelScores
+    objects: ObjectMatch
+    pred_polygons: np.ndarray = field(repr=False)
+    true_polygons: np.ndarray = field(repr=False)
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict: ``pixel`` and ``object`` metrics, inputs, grid, warnings."""
+        return {
+            "pred": str(self.pred),
+            "truth": str(self.truth),
+            "aoi": None if self.aoi is None else str(self.aoi),
+            "grid": {
+                "crs": _crs_name(self.grid.crs),
+                "resolution": list(self.grid.res),
+                "width": self.grid.width,
+                "height": self.grid.height,
+                "evaluated_pixels": self.pixel.total,
+            },
+            "pixel": self.pixel.to_dict(),
+            "object": {
+                **self.objects.scores(),
+                "n_pred": self.objects.n_pred,
+                "n_true": self.objects.n_true,
+                "iou_threshold": self.objects.iou_threshold,
+            },
+            "warnings": list(self.warnings),
+        }
+
+    def table(self) -> str:
+        """A human-readable table of the metrics (4 decimals)."""
+        d = self.to_dict()
+        px, ob, g = d["pixel"], d["object"], d["grid"]
+        unit = "m" if self.grid.crs.is_projected else "CRS units"
+        rx, ry = g["resolution"]
+        f = f".{TABLE_DECIMALS}f"
+        lines = [
+            f"prediction  {self.pred}",
+            f"truth       {self.truth}",
+            f"area        {self.aoi if self.aoi else 'where both have data'}",
+            f"grid        {g['crs']}, {rx:g} x {ry:g} {unit} pixels, "
+            f"{g['width']} x {g['height']} px, {g['evaluated_pixels']} px evaluated",
+            "",
+            "pixel metrics (rooftop class)",
+            f"  IoU              {px['iou']:{f}}",
+            f"  precision        {px['precision']:{f}}",
+            f"  recall           {px['recall']:{f}}",
+            f"  F1               {px['f1']:{f}}",
+            f"  pixel accuracy   {px['accuracy']:{f}}",
+            f"  mIoU             {px['miou']:{f}}",
+            "",
+            f"object metrics (one-to-one matching at IoU >= {ob['iou_threshold']:g})",
+            f"  precision        {ob['precision']:{f}}",
+            f"  recall           {ob['recall']:{f}}",
+            f"  F1               {ob['f1']:{f}}",
+            f"  matched (tp)     {ob['tp']:>{TABLE_DECIMALS + 2}d}",
+            f"  false (fp)       {ob['fp']:>{TABLE_DECIMALS + 2}d}",
+            f"  missed (fn)      {ob['fn']:>{TABLE_DECIMALS + 2}d}",
+            f"  predicted        {ob['n_pred']:>{TABLE_DECIMALS + 2}d}",
+            f"  true             {ob['n_true']:>{TABLE_DECIMALS + 2}d}",
+        ]
+        return "\n".join(lines)
+
+
+def _crs_name(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
+def _fmt_bounds(bounds: tuple[float, float, float, float], crs: CRS) -> str:
+    decimals = 6 if crs.is_geographic else 2
+    return "(" + ", ".join(f"{v:.{decimals}f}" for v in bounds) + ")"
+
+
+def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _check_overlap(pred: EvalInput, truth: EvalInput, grid: Grid) -> None:
+    pe, te = pred.extent(grid.crs), truth.extent(grid.crs)
+    if pe is None or te is None or _overlaps(pe, te):
+        return
+    raise file_error(
+        GeoreferenceError, pred.path,
+        f"does not overlap the truth {truth.path} (prediction extent {_fmt_bounds(pe, grid.crs)}, "
+        f"truth extent {_fmt_bounds(te, grid.crs)} in {_crs_name(grid.crs)})",
+        "pass a prediction and a truth of the same area",
+    )
+
+
+def _region(grid: Grid, aoi_geom: Any, aoi_path: Path | None) -> Window:
+    full = Window(0, 0, grid.width, grid.height)
+    if aoi_geom is None or grid.width == 0:
+        return full
+    gb = grid.bounds
+    if not _overlaps(aoi_geom.bounds, gb) or aoi_geom.intersection(shapely.box(*gb)).area <= 0:
+        raise file_error(
+            GeoreferenceError, aoi_path or "AOI",
+            f"does not overlap the evaluated area (AOI extent {_fmt_bounds(aoi_geom.bounds, grid.crs)}, "
+            f"area extent {_fmt_bounds(gb, grid.crs)} in {_crs_name(grid.crs)})",
+            "pass an AOI polygon inside the prediction and truth",
+        )
+    try:
+        win = rasterio.windows.from_bounds(*aoi_geom.bounds, transform=grid.transform)
+        win = win.round_offsets(op="floor").round_lengths(op="ceil")
+        # rounding offsets down can cut the far edge: extend by one pixel, then clip
+        win = Window(win.col_off, win.row_off, win.width + 1, win.height + 1)
+        return win.intersection(full)
+    except WindowError:  # rotated grids: evaluate all of it, the AOI mask still applies
+        return full
+
+
+def _blocks(region: Window, block_size: int) -> list[Window]:
+    c0, r0 = int(region.col_off), int(region.row_off)
+    c1, r1 = c0 + int(region.width), r0 + int(region.height)
+    return [
+        Window(c, r, min(block_size, c1 - c), min(block_size, r1 - r))
+        for r in range(r0, r1, block_size)
+        for c in range(c0, c1, block_size)
+    ]
+
+
+def _to_crs_units(pixel_polys: np.ndarray, transform: Affine) -> np.ndarray:
+    """Polygons in grid pixel coordinates -> CRS units."""
+    if len(pixel_polys) == 0:
+        return pixel_polys
+    t = transform
+    return shapely.transform(
+        pixel_polys,
+        lambda xy: np.column_stack(
+            (t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f)
+        ),
+    )
+
+
+def _clip(geoms: np.ndarray, area: Any) -> np.ndarray:
+    """Vector objects clipped to the evaluated area (parts outside it are not evaluated)."""
+    if len(geoms) == 0:
+        return geoms
+    hit = shapely.intersects(geoms, area) & ~shapely.touches(geoms, area)
+    geoms = geoms[hit]
+    inside = shapely.within(geoms, area)
+    if not inside.all():
+        geoms = geoms.copy()
+        geoms[~inside] = _polygonal(shapely.intersection(geoms[~inside], area))
+    return geoms[~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)]
+
+
+def evaluate(
+    pred: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    *,
+    aoi: str | os.PathLike[str] | None = None,
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD,
+    class_id: int = ROOFTOP_CLASS,
+    assume_crs: str | CRS | None = None,
+    resolution: float = DEFAULT_VECTOR_RESOLUTION,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvaluationResult:
+    """Compare a predicted rooftop mask or polygon file with the truth.
+
+    Common grid: the truth raster's grid when the truth is a raster, else the
+    prediction raster's; a prediction raster on another grid (CRS, pixel size
+    or alignment) is resampled onto the truth grid with nearest neighbour. Two
+    vector files are rasterised on a north-up grid in a local metric CRS
+    (``resolution`` metres per pixel) covering the AOI, or both files. Vectors
+    in another CRS are reprojected. Pixels count where both inputs have data
+    (raster nodata, GDAL masks and the ignore value 255 of class-id masks are
+    ignored) and, with ``aoi``, whose centre lies inside the AOI. Rasters are
+    read in blocks of ``block_size`` pixels, so memory does not grow with the
+    scene (except for the polygons).
+
+    Objects are the 4-connected regions of a mask (polygonised block by block
+    and merged across block edges) or the features of a vector file clipped to
+    the evaluated area (the grid or the AOI, minus pixels without data); they
+    are matched one-to-one at IoU >= ``iou_threshold`` by :func:`match_objects`
+    (greedy by descending IoU, ties to the lower truth index, then the lower
+    prediction index). Empty cases: a ratio with a zero denominator is 1.0
+    when both sides are empty, else 0.0; an empty truth logs a warning.
+
+    Args:
+        pred: Predicted mask GeoTIFF (0/255, 0/1 or class ids) or vector file.
+        truth: True mask GeoTIFF or vector file (GeoPackage, GeoJSON, Shapefile).
+        aoi: Polygon file (any CRS) restricting the evaluation.
+        iou_threshold: IoU a pair of polygons needs to match, in (0, 1].
+        class_id: Class evaluated in class-id masks (255 of a 0/255 mask is class 1).
+        assume_crs: CRS for inputs that have none.
+        resolution: Pixel size in metres when both inputs are vector files.
+        block_size: Side of the raster blocks in pixels.
+        progress: Called with (blocks done, blocks total) after each block.
+
+    Returns:
+        The metrics, counts and polygons.
+
+    Raises:
+        InputFileError: A missing file, neither raster nor vector, a raster that
+            is not a single-band class mask, a vector without polygons.
+        GeoreferenceError: No CRS, or prediction, truth and AOI that do not overlap.
+        ConfigError: ``iou_threshold``, ``resolution`` or ``block_size`` out of range.
+    """
+    _check_threshold(iou_threshold)
+    if not resolution > 0:
+        raise ConfigError(f"resolution should be > 0 metres, got {resolution!r}; pass e.g. 0.25")
+    if block_size < 1:
+        raise ConfigError(f"block_size should be >= 1 pixel, got {block_size!r}; pass e.g. 2048")
+    pred_in = open_input(pred, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
+    truth_in = open_input(truth, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
+    aoi_layer = read_aoi(aoi, assume_crs=assume_crs) if aoi is not None else None
+
+    if isinstance(truth_in, RasterMask):
+        grid = raster_grid(truth_in)
+    elif isinstance(pred_in, RasterMask):
+        grid = raster_grid(pred_in)
+    else:
+        grid = vector_grid([truth_in, pred_in], aoi=aoi_layer, resolution=resolution)
+    _check_overlap(pred_in, truth_in, grid)
+    aoi_geom = shapely.union_all(aoi_layer.in_crs(grid.crs)) if aoi_layer is not None else None
+    region = _region(grid, aoi_geom, aoi_layer.path if aoi_layer else None)
+    logger.info(
+        "evaluating on a %d x %d px grid in %s (%g x %g CRS units per pixel), window %s",
+        grid.width, grid.height, _crs_name(grid.crs), *grid.res, region,
+    )
+
+    matrix, pred_polys, true_polys = _scan(
+        pred_in, truth_in, grid, region, aoi_geom, block_size=block_size, progress=progress
+    )
+    match = match_objects(pred_polys, true_polys, iou_threshold=iou_threshold)
+    pixel = PixelScores.from_confusion(matrix)
+
+    warnings: list[str] = []
+    if pixel.tp + pixel.fn == 0 and len(true_polys) == 0:
+        warnings.append(
+            f"{truth_in.path}: the truth has no rooftops in the evaluated area; recall, IoU and F1 "
+            "are 1.0 if the prediction is empty too, else 0.0"
+        )
+    if pixel.total == 0 and grid.width > 0:
+        warnings.append(
+            f"{pred_in.path}: no pixel where both the prediction and the truth have data"
+            + (" inside the AOI" if aoi_geom is not None else "")
+            + "; pixel metrics are defined by convention only"
+        )
+    for w in warnings:
+        logger.warning("%s", w)
+    return EvaluationResult(
+        pred=pred_in.path, truth=truth_in.path, aoi=aoi_layer.path if aoi_layer else None,
+        grid=grid, region=region, pixel=pixel, objects=match,
+        pred_polygons=pred_polys, true_polygons=true_polys, warnings=tuple(warnings),
+    )
+
+
+def _scan(
+    pred_in: EvalInput,
+    truth_in: EvalInput,
+    grid: Grid,
+    region: Window,
+    aoi_geom: Any,
+    *,
+    block_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[ConfusionMatrix, np.ndarray, np.ndarray]:
+    """One pass over the region: confusion counts and the polygons of both sides."""
+    inputs = (pred_in, truth_in)
+    any_vector = any(isinstance(i, VectorLayer) for i in inputs)
+    pieces: tuple[list[Any], list[Any]] = ([], [])
+    no_data: list[Any] = []
+    matrix = ConfusionMatrix(2, ignore_index=IGNORE_INDEX)
+    with contextlib.ExitStack() as stack:
+        readers = [_reader(i, grid, stack) for i in inputs]
+        aoi_reader = VectorOnGrid(object_array([aoi_geom]), grid) if aoi_geom is not None else None
+        blocks = _blocks(region, block_size)
+        for n, win in enumerate(blocks, start=1):
+            shape = (int(win.height), int(win.width))
+            (p, p_valid), (t, t_valid) = (read(win) for read in readers)
+            data = np.ones(shape, dtype=bool)
+            for v in (p_valid, t_valid):
+                if v is not None:
+                    data &= v
+            valid = data & aoi_reader.read(win) if aoi_reader is not None else data
+            p, t = p & valid, t & valid
+            matrix.update(p.view(np.uint8), np.where(valid, t.view(np.uint8), IGNORE_INDEX))
+            # polygons in whole-grid pixel coordinates: exact integers across blocks
+            px = Affine.translation(win.col_off, win.row_off)
+            for side, (inp, m) in enumerate(zip(inputs, (p, t))):
+                if isinstance(inp, RasterMask):
+                    pieces[side].extend(mask_polygons(m, transform=px))
+            if any_vector and not data.all():
+                no_data.extend(mask_polygons(~data, transform=px))
+            if progress is not None:
+                progress(n, len(blocks))
+
+    area = shapely.box(*rasterio.windows.bounds(region, grid.transform))
+    if aoi_geom is not None:
+        area = area.intersection(aoi_geom)
+    if no_data:
+        area = area.difference(shapely.union_all(_to_crs_units(object_array(no_data), grid.transform)))
+    polys = []
+    for inp, side_pieces in zip(inputs, pieces):
+        if isinstance(inp, RasterMask):
+            merged = merge_block_polygons(object_array(side_pieces))
+            polys.append(_to_crs_units(merged, grid.transform))
+        else:
+            polys.append(_clip(_vector_geoms(inp, grid), area))
+    return matrix, polys[0], polys[1]
+
+
+def _vector_geoms(layer: VectorLayer, grid: Grid) -> np.ndarray:
+    geoms = layer.in_crs(grid.crs)
+    return geoms[~shapely.is_empty(geoms)]
+
+
+def _reader(
+    inp: EvalInput, grid: Grid, stack: contextlib.ExitStack
+) -> Callable[[Window], tuple[np.ndarray, np.ndarray | None]]:
+    """``read(window) -> (positive, valid or None)`` of one input on the grid."""
+    if isinstance(inp, VectorLayer):
+        on_grid = VectorOnGrid(_vector_geoms(inp, grid), grid)
+        return lambda win: (on_grid.read(win), None)
+    read_raw = stack.enter_context(raster_on_grid(inp.info, grid))
+    positive = np.asarray(inp.positive)
+    ignore = np.asarray(inp.ignore)
+
+    def read(win: Window) -> tuple[np.ndarray, np.ndarray]:
+        data, valid = read_raw(win, [1])
+        values = data[0]
+        if len(ignore):
+            valid &= ~np.isin(values, ignore)
+        if values.dtype.kind == "f":
+            valid &= ~np.isnan(values)
+        return np.isin(values, positive) & valid, valid
+
+    return read

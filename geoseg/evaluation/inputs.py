@@ -1,0 +1,506 @@
+"""Evaluation inputs (mask rasters, vector files, AOIs) read onto one common pixel grid."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.warp
+import rasterio.windows
+import shapely
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from geoseg.errors import GeoreferenceError, InputFileError, file_error
+from geoseg.evaluation.objects import IGNORE_INDEX, object_array
+from geoseg.raster_io import SceneInfo, open_scene, read_window
+
+logger = logging.getLogger(__name__)
+
+#: File suffixes read as vector files without trying GDAL's raster drivers first.
+VECTOR_SUFFIXES = frozenset(
+    {".gpkg", ".geojson", ".json", ".geojsonl", ".shp", ".fgb", ".gml", ".kml", ".sqlite"}
+)
+#: A mask has at most this many distinct values; more means an image or probabilities.
+MAX_MASK_VALUES = 256
+#: Pixel size (metres) of the grid on which two vector files are rasterised.
+DEFAULT_VECTOR_RESOLUTION = 0.25
+#: Side (pixels) of the blocks a raster is read in: bounds memory for any scene size.
+DEFAULT_BLOCK_SIZE = 2048
+#: Fraction of a pixel by which two grids may differ and still count as aligned.
+GRID_TOLERANCE = 1e-6
+
+FORMATS_FIX = "pass a mask GeoTIFF or a vector file (GeoPackage, GeoJSON, Shapefile)"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel grid on which the evaluation counts pixels.
+
+    Attributes:
+        crs: Its CRS.
+        transform: Pixel-to-CRS transform.
+        width: Width in pixels.
+        height: Height in pixels.
+    """
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in CRS units."""
+        return rasterio.windows.bounds(Window(0, 0, self.width, self.height), self.transform)
+
+    def window_transform(self, window: Window) -> Affine:
+        """Transform of a window of the grid."""
+        return rasterio.windows.transform(window, self.transform)
+
+
+@dataclass(frozen=True)
+class RasterMask:
+    """A class-mask raster and how its values are read.
+
+    Attributes:
+        path: The file.
+        info: Its header.
+        positive: Values that mean the evaluated class (rooftop).
+        ignore: Values that mean "not labelled" (ignored like nodata).
+        counts: Pixel count of every valid value in the file.
+    """
+
+    path: Path
+    info: SceneInfo
+    positive: tuple[float, ...]
+    ignore: tuple[float, ...]
+    counts: dict[float, int]
+
+    @property
+    def crs(self) -> CRS:
+        """The raster's CRS (the assumed one if the file has none)."""
+        return self.info.crs
+
+    def extent(self, crs: CRS) -> tuple[float, float, float, float]:
+        """Bounds in ``crs``."""
+        return _transform_bounds(self.info.crs, crs, self.info.bounds)
+
+
+@dataclass(frozen=True)
+class VectorLayer:
+    """Polygons read from a vector file, one object per feature.
+
+    Attributes:
+        path: The file.
+        layer: The layer read (None for single-layer formats).
+        crs: The layer's CRS (the assumed one if the file has none).
+        geometries: Object array of polygonal shapely geometries in ``crs``.
+    """
+
+    path: Path
+    layer: str | None
+    crs: CRS
+    geometries: np.ndarray
+
+    def in_crs(self, crs: CRS) -> np.ndarray:
+        """The geometries reprojected to ``crs`` (made valid again after reprojection)."""
+        if len(self.geometries) == 0 or _same_crs(self.crs, crs):
+            return self.geometries
+        import geopandas
+
+        out = np.asarray(geopandas.GeoSeries(self.geometries, crs=self.crs).to_crs(crs).values)
+        return object_array(_polygonal(shapely.make_valid(out)))
+
+    def extent(self, crs: CRS) -> tuple[float, float, float, float] | None:
+        """Bounds in ``crs``; None when the layer has no features."""
+        geoms = self.in_crs(crs)
+        if len(geoms) == 0:
+            return None
+        return tuple(float(v) for v in shapely.total_bounds(geoms))  # type: ignore[return-value]
+
+
+EvalInput = Union[RasterMask, VectorLayer]
+
+
+def _same_crs(a: CRS, b: CRS) -> bool:
+    return a == b or a.to_wkt() == b.to_wkt()
+
+
+def _transform_bounds(
+    src: CRS, dst: CRS, bounds: tuple[float, float, float, float]
+) -> tuple[float, float, float, float]:
+    if _same_crs(src, dst):
+        return bounds
+    return tuple(rasterio.warp.transform_bounds(src, dst, *bounds, densify_pts=21))  # type: ignore
+
+
+def _polygonal(geoms: np.ndarray) -> np.ndarray:
+    """Keep only the polygonal parts of each geometry (empty polygon where none)."""
+    out = []
+    for g in geoms:
+        if g is None or g.is_empty:
+            out.append(shapely.Polygon())
+        elif g.geom_type in ("Polygon", "MultiPolygon"):
+            out.append(g)
+        else:
+            parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
+            out.append(shapely.union_all(parts) if parts else shapely.Polygon())
+    return object_array(out)
+
+
+def _check_exists(path: Path, fix: str) -> None:
+    if not path.exists():
+        raise file_error(InputFileError, path, "file does not exist", "check the path")
+    if path.is_dir():
+        raise file_error(InputFileError, path, "is a folder, not a file", fix)
+
+
+def _parse_crs(assume_crs: str | CRS | None) -> CRS | None:
+    if assume_crs is None or isinstance(assume_crs, CRS):
+        return assume_crs
+    try:
+        return CRS.from_user_input(assume_crs)
+    except Exception:
+        raise GeoreferenceError(
+            f"--assume-crs {assume_crs!r} is not a CRS; pass e.g. EPSG:32633"
+        ) from None
+
+
+def read_vector(
+    path: str | os.PathLike[str],
+    *,
+    assume_crs: str | CRS | None = None,
+    fix: str = FORMATS_FIX,
+) -> VectorLayer:
+    """Read the polygons of a vector file (GeoPackage, GeoJSON, Shapefile, ...).
+
+    A file with several layers is read from its ``rooftops`` layer if it has
+    one, else from its first layer (with a warning). Geometries are made
+    valid; features without polygonal parts become empty polygons and are
+    dropped.
+
+    Args:
+        path: The file.
+        assume_crs: CRS for a file that has none.
+        fix: The fix named in errors about the file's kind.
+
+    Returns:
+        The layer.
+
+    Raises:
+        InputFileError: Missing, unreadable, or holds no polygon geometries.
+        GeoreferenceError: No CRS and none assumed.
+    """
+    import geopandas
+    import pyogrio
+
+    p = Path(path)
+    _check_exists(p, fix)
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(p)]
+    except Exception as exc:  # pyogrio raises DataSourceError and plain errors alike
+        detail = str(exc).split("\n")[0]
+        raise file_error(
+            InputFileError, p, f"is not a vector file GDAL can read ({detail})", fix
+        ) from None
+    layer = None
+    if len(layers) > 1:
+        layer = "rooftops" if "rooftops" in layers else layers[0]
+        if layer != "rooftops":
+            logger.warning("%s: has %d layers, reading the first one (%s)", p, len(layers), layer)
+    try:
+        gdf = geopandas.read_file(p, layer=layer, engine="pyogrio")
+    except Exception as exc:
+        detail = str(exc).split("\n")[0]
+        raise file_error(
+            InputFileError, p, f"is not a vector file GDAL can read ({detail})", fix
+        ) from None
+    if "geometry" not in gdf or not isinstance(gdf, geopandas.GeoDataFrame):
+        raise file_error(InputFileError, p, "has no geometry column", "pass a polygon layer")
+    crs = gdf.crs
+    if crs is None:
+        assumed = _parse_crs(assume_crs)
+        if assumed is None:
+            raise file_error(
+                GeoreferenceError, p, "has no CRS",
+                "define one (ogr2ogr -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX",
+            )
+        rio_crs = assumed
+    else:
+        rio_crs = CRS.from_wkt(crs.to_wkt())
+    geoms = object_array(gdf.geometry.values)
+    present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
+    geoms = geoms[present]
+    if len(geoms):
+        types = set(shapely.get_type_id(geoms).tolist())
+        polygon_types = {3, 6}  # Polygon, MultiPolygon
+        if not types & polygon_types and not types & {7}:  # 7: GeometryCollection
+            names = sorted({g.geom_type for g in geoms})
+            raise file_error(
+                InputFileError, p, f"has no polygon geometries (found {', '.join(names)})",
+                "pass a polygon layer (building outlines)",
+            )
+        geoms = _polygonal(shapely.make_valid(geoms))
+        geoms = geoms[~shapely.is_empty(geoms)]
+    return VectorLayer(path=p, layer=layer, crs=rio_crs, geometries=object_array(geoms))
+
+
+def _scan_values(src: rasterio.io.DatasetReader, path: Path, block_size: int) -> dict[float, int]:
+    """Count the valid values of band 1, block by block (never the whole raster at once)."""
+    counts: dict[float, int] = {}
+    integer = np.dtype(src.dtypes[0]).kind in "ui"
+    for row in range(0, src.height, block_size):
+        for col in range(0, src.width, block_size):
+            win = Window(col, row, min(block_size, src.width - col), min(block_size, src.height - row))
+            data, valid = read_window(src, win, bands=[1])
+            values = data[0][valid]
+            if not integer:
+                values = values[~np.isnan(values)]
+            if src.dtypes[0] == "uint8":
+                hist = np.bincount(values, minlength=256)
+                uniq = np.nonzero(hist)[0]
+                cnt = hist[uniq]
+            else:
+                uniq, cnt = np.unique(values, return_counts=True)
+            for v, c in zip(uniq.tolist(), cnt.tolist()):
+                counts[v] = counts.get(v, 0) + int(c)
+            if len(counts) > MAX_MASK_VALUES:
+                raise file_error(
+                    InputFileError, path,
+                    f"has more than {MAX_MASK_VALUES} distinct values, so it is not a class mask",
+                    "pass a mask (0/255, 0/1 or class ids), e.g. from geoseg predict --mask-out, "
+                    "not an image or probabilities",
+                )
+    return counts
+
+
+def read_mask(
+    path: str | os.PathLike[str],
+    *,
+    class_id: int,
+    assume_crs: str | CRS | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> RasterMask:
+    """Open a class-mask raster and decide which of its values mean the evaluated class.
+
+    A mask whose only non-zero value is 255 is a 0/255 binary mask: 255 is
+    the rooftop class (class 1). Otherwise values are class ids: ``class_id``
+    is the evaluated class and 255 (geoseg's ignore index) is ignored like
+    nodata. Nodata (and GDAL mask) pixels are always ignored.
+
+    Raises:
+        InputFileError: Missing, not a raster, several bands, or not a class mask.
+        GeoreferenceError: No CRS and none assumed, or no geotransform.
+    """
+    p = Path(path)
+    info = open_scene(p, assume_crs=assume_crs)
+    if info.count != 1:
+        raise file_error(
+            InputFileError, p, f"has {info.count} bands, expected a single-band class mask",
+            "pass the mask GeoTIFF (geoseg predict --mask-out) or a vector file",
+        )
+    with rasterio.open(p) as src:
+        counts = _scan_values(src, p, block_size)
+    nonzero = {v for v in counts if v != 0}
+    if nonzero == {IGNORE_INDEX}:
+        positive: tuple[float, ...] = (IGNORE_INDEX,) if class_id == 1 else ()
+        ignore: tuple[float, ...] = ()
+        logger.info("%s: a 0/255 mask, 255 is the rooftop class", p)
+    else:
+        positive = (class_id,)
+        ignore = (IGNORE_INDEX,) if class_id != IGNORE_INDEX else ()
+    return RasterMask(path=p, info=info, positive=positive, ignore=ignore, counts=counts)
+
+
+def open_input(
+    path: str | os.PathLike[str],
+    *,
+    class_id: int,
+    assume_crs: str | CRS | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> EvalInput:
+    """Open a prediction or truth: a mask raster or a vector file, told apart by GDAL.
+
+    Raises:
+        InputFileError: Missing, neither raster nor vector, or unusable (see
+            :func:`read_mask`, :func:`read_vector`).
+        GeoreferenceError: No CRS and none assumed.
+    """
+    p = Path(path)
+    _check_exists(p, FORMATS_FIX)
+    if p.suffix.lower() in VECTOR_SUFFIXES:
+        return read_vector(p, assume_crs=assume_crs)
+    try:
+        with rasterio.open(p):
+            pass
+    except (RasterioIOError, RasterioError):
+        try:
+            return read_vector(p, assume_crs=assume_crs)
+        except InputFileError as exc:
+            if "is not a vector file" not in str(exc):
+                raise
+            problem = "the file is empty" if p.stat().st_size == 0 else (
+                "is neither a raster nor a vector file GDAL can read"
+            )
+            raise file_error(InputFileError, p, problem, FORMATS_FIX) from None
+    return read_mask(p, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
+
+
+def read_aoi(path: str | os.PathLike[str], *, assume_crs: str | CRS | None = None) -> VectorLayer:
+    """Read an area of interest: a vector file with at least one polygon.
+
+    Raises:
+        InputFileError: Missing, not a vector file, or without polygons.
+        GeoreferenceError: No CRS and none assumed.
+    """
+    fix = "pass a polygon file (GeoPackage, GeoJSON, Shapefile) of the evaluated area"
+    layer = read_vector(path, assume_crs=assume_crs, fix=fix)
+    if len(layer.geometries) == 0:
+        raise file_error(InputFileError, layer.path, "has no polygons", fix)
+    return layer
+
+
+def _metric_crs(layers: list[VectorLayer]) -> CRS:
+    """The first layer CRS that is projected in metres (not Web Mercator), else local UTM."""
+    import geopandas
+
+    for layer in layers:
+        crs = layer.crs
+        if crs.is_projected and crs.linear_units == "metre" and crs.to_epsg() not in (3857, 900913):
+            return crs
+    geoms = [g for layer in layers for g in layer.in_crs(CRS.from_epsg(4326))]
+    if not geoms:
+        return layers[0].crs
+    utm = geopandas.GeoSeries(geoms, crs="EPSG:4326").estimate_utm_crs()
+    return CRS.from_wkt(utm.to_wkt())
+
+
+def vector_grid(
+    layers: list[VectorLayer],
+    *,
+    aoi: VectorLayer | None,
+    resolution: float,
+) -> Grid:
+    """A north-up grid in a local metric CRS covering the AOI, or else all layers.
+
+    The CRS is the first of the layers' CRSs that is projected in metres
+    (Web Mercator excluded: its metres are not ground metres), else the UTM
+    zone of the data. The extent is snapped outward to multiples of
+    ``resolution`` (metres).
+    """
+    crs = _metric_crs([*layers, *([aoi] if aoi else [])])
+    if aoi is not None:
+        extents = [aoi.extent(crs)]
+    else:
+        extents = [layer.extent(crs) for layer in layers]
+    boxes = [e for e in extents if e is not None]
+    if not boxes:
+        return Grid(crs=crs, transform=Affine(resolution, 0, 0, 0, -resolution, 0), width=0, height=0)
+    left = math.floor(min(b[0] for b in boxes) / resolution) * resolution
+    bottom = math.floor(min(b[1] for b in boxes) / resolution) * resolution
+    right = math.ceil(max(b[2] for b in boxes) / resolution) * resolution
+    top = math.ceil(max(b[3] for b in boxes) / resolution) * resolution
+    width = max(1, round((right - left) / resolution))
+    height = max(1, round((top - bottom) / resolution))
+    return Grid(crs=crs, transform=Affine(resolution, 0, left, 0, -resolution, top),
+                width=width, height=height)
+
+
+def raster_grid(mask: RasterMask) -> Grid:
+    """The grid of a mask raster."""
+    i = mask.info
+    return Grid(crs=i.crs, transform=i.transform, width=i.width, height=i.height)
+
+
+def _integer_offset(info: SceneInfo, grid: Grid) -> tuple[int, int] | None:
+    """(col, row) offset of the grid in the raster's pixels when both grids align, else None."""
+    t, g = info.transform, grid.transform
+    if not _same_crs(info.crs, grid.crs):
+        return None
+    pairs = ((t.a, g.a), (t.b, g.b), (t.d, g.d), (t.e, g.e))
+    if any(abs(x - y) > GRID_TOLERANCE * abs(t.a) for x, y in pairs):
+        return None
+    col, row = ~t @ (g.c, g.f)
+    if abs(col - round(col)) > GRID_TOLERANCE or abs(row - round(row)) > GRID_TOLERANCE:
+        return None
+    return round(col), round(row)
+
+
+@contextlib.contextmanager
+def raster_on_grid(
+    info: SceneInfo, grid: Grid
+) -> Iterator[Callable[[Window, list[int] | None], tuple[np.ndarray, np.ndarray]]]:
+    """Read a raster in windows of ``grid``: directly when aligned, else warped (nearest).
+
+    Yields:
+        ``read(window, bands) -> (data (C, H, W), valid (H, W))`` in grid pixels;
+        pixels outside the raster are invalid.
+    """
+    offset = _integer_offset(info, grid)
+    with rasterio.open(info.path) as src:
+        if offset is not None:
+            dc, dr = offset
+
+            def read(window: Window, bands: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                shifted = Window(window.col_off + dc, window.row_off + dr, window.width, window.height)
+                return read_window(src, shifted, bands=bands)
+
+            yield read
+            return
+        logger.info("%s: resampled onto the evaluation grid (nearest)", info.path)
+        options = dict(
+            crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+            resampling=Resampling.nearest,
+        )
+        if src.crs is None:
+            options["src_crs"] = info.crs
+        if src.nodata is None:
+            options["add_alpha"] = True
+        with WarpedVRT(src, **options) as vrt:
+
+            def read_vrt(
+                window: Window, bands: list[int] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+                return read_window(vrt, window, bands=bands or list(range(1, info.count + 1)))
+
+            yield read_vrt
+
+
+class VectorOnGrid:
+    """Rasterises polygons (already in the grid's CRS) window by window."""
+
+    def __init__(self, geometries: np.ndarray, grid: Grid) -> None:
+        self.geometries = geometries
+        self.grid = grid
+        self.tree = shapely.STRtree(geometries)
+
+    def read(self, window: Window) -> np.ndarray:
+        """Boolean (H, W): True at pixels whose centre is inside a polygon."""
+        shape = (int(window.height), int(window.width))
+        bounds = rasterio.windows.bounds(window, self.grid.transform)
+        idx = self.tree.query(shapely.box(*bounds))
+        if len(idx) == 0:
+            return np.zeros(shape, dtype=bool)
+        burned = rasterio.features.rasterize(
+            ((g, 1) for g in self.geometries[np.sort(idx)]), out_shape=shape,
+            transform=self.grid.window_transform(window), fill=0, dtype="uint8",
+        )
+        return burned.astype(bool)
