@@ -96,6 +96,44 @@ def evaluate_command(
             click.echo(f"\npanels      {panels}")
 
 
+@cli.command("chip")
+@click.argument("scenes", nargs=-1, type=click.Path())
+@click.option("--labels", multiple=True, type=click.Path(),
+              help="One vector label file for all scenes, or one label raster per scene "
+                   "(repeat the option, same order as SCENE).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder: images/, labels/ and index.gpkg.")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Chip side in pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Step between chips in pixels [default: --size, no overlap].")
+@click.option("--overwrite", is_flag=True, help="Replace existing chips and index.")
+@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@click.option("--demo", "demo_dir", type=click.Path(file_okay=False), default=None,
+              help="Generate a synthetic scene in this folder and chip it into DIR/chips.")
+def chip_command(
+    scenes: tuple[str, ...], labels: tuple[str, ...], out_dir: str | None, size: int,
+    stride: int | None, overwrite: bool, assume_crs: str | None, demo_dir: str | None,
+) -> None:
+    """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips."""
+    from geoseg.chipping import chip_demo, chip_scenes
+
+    if demo_dir is not None:
+        if scenes or out_dir:
+            raise click.UsageError("--demo takes no SCENE and no --out")
+        image, result = chip_demo(demo_dir, size=size, overwrite=overwrite)
+        click.echo(f"generated {image}")
+    else:
+        if not scenes:
+            raise click.UsageError("give at least one SCENE (or --demo DIR)")
+        if out_dir is None:
+            raise click.UsageError("missing option '--out'")
+        result = chip_scenes(scenes, out_dir=out_dir, labels=labels, size=size, stride=stride,
+                             overwrite=overwrite, assume_crs=assume_crs)
+    click.echo(f"wrote {len(result.images)} chips from {result.scenes} scene(s) to "
+               f"{result.out_dir} (index: {result.index}, layer 'chips')")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geoseg")

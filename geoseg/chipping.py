@@ -1,0 +1,354 @@
+"""Cut scenes into georeferenced GeoTIFF chips with an index GeoPackage of their footprints.
+
+Output (a flat-layout dataset that :func:`geoseg.datasets.find_pairs` reads back)::
+
+    OUT/images/<scene>_<row>_<col>.tif   image chips (scene dtype, bands and nodata)
+    OUT/labels/<scene>_<row>_<col>.tif   label chips: uint8 class ids, 255 = ignore (nodata)
+    OUT/index.gpkg                       layer "chips": footprint, scene, window, file paths
+
+``<row>`` and ``<col>`` are the chip's pixel offsets in its scene. Each chip's
+transform is the scene transform shifted by the window, so its pixels lie
+exactly where they are in the scene. All inputs are validated before anything
+is written; chips are written to a staging folder and moved into place only
+when every chip is done, and the index is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import rasterio
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from geoseg.datasets import ScenePair, find_pairs
+from geoseg.errors import DatasetError, InputFileError, file_error
+from geoseg.labels import (
+    IGNORE_INDEX,
+    LabelValues,
+    VectorLabels,
+    is_vector_file,
+    open_label_raster,
+    to_class_ids,
+)
+from geoseg.raster_io import GTIFF_PROFILE, SceneInfo, check_output, open_scene, read_window
+from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.gpkg"
+INDEX_LAYER = "chips"
+
+
+@dataclass(frozen=True)
+class ChipResult:
+    """What :func:`chip_scenes` wrote.
+
+    Attributes:
+        out_dir: The output folder.
+        index: The index GeoPackage (layer ``"chips"``).
+        images: The image chips, in index order.
+        labels: The label chips (empty without labels).
+        scenes: Number of scenes chipped.
+    """
+
+    out_dir: Path
+    index: Path
+    images: list[Path]
+    labels: list[Path]
+    scenes: int
+
+
+@dataclass(frozen=True)
+class _Job:
+    pair: ScenePair
+    info: SceneInfo
+    label_info: SceneInfo | None
+    label_mode: str | None
+
+
+def resolve_inputs(
+    scenes: Sequence[str | os.PathLike[str]],
+    labels: Sequence[str | os.PathLike[str]] = (),
+) -> list[ScenePair]:
+    """Turn command-line SCENE and --labels arguments into scene pairs.
+
+    A SCENE may be an image or a dataset folder (layout detected; its labels
+    are used unless a vector file is given). ``labels`` is either one vector
+    file for all scenes, or one label raster per image SCENE, in order.
+
+    Raises:
+        InputFileError: A scene or label file does not exist.
+        DatasetError: No scenes; label rasters that do not pair up with the
+            images; a vector file mixed with rasters; two scenes with the same name.
+    """
+    if not scenes:
+        raise DatasetError("no scenes given; pass image files or dataset folders")
+    label_paths = [Path(p) for p in labels]
+    for p in label_paths:
+        if not p.exists():
+            raise file_error(InputFileError, p, "file does not exist", "check the --labels path")
+    vectors = [p for p in label_paths if is_vector_file(p)]
+    rasters = [p for p in label_paths if not is_vector_file(p)]
+    if vectors and (rasters or len(vectors) > 1):
+        raise DatasetError(
+            "--labels: give either one vector file for all scenes or one label raster per scene, "
+            f"got {', '.join(map(str, label_paths))}"
+        )
+    vector = vectors[0] if vectors else None
+    files = [Path(s) for s in scenes if not Path(s).is_dir()]
+    if rasters and len(rasters) != len(files):
+        raise DatasetError(
+            f"--labels: {len(rasters)} label raster(s) for {len(files)} image scene(s); "
+            "pass one label raster per image, in the same order, or one vector file"
+        )
+    pairs: list[ScenePair] = []
+    it = iter(rasters)
+    for s in scenes:
+        p = Path(s)
+        if p.is_dir():
+            pairs.extend(find_pairs(p, vector_labels=vector))
+        elif not p.exists():
+            raise file_error(InputFileError, p, "file does not exist", "check the path")
+        elif rasters:
+            pairs.append(ScenePair(image=p, label=next(it)))
+        else:
+            pairs.append(ScenePair(image=p, vector=vector))
+    seen: dict[str, Path] = {}
+    for pair in pairs:
+        if pair.name in seen and seen[pair.name] != pair.image:
+            raise file_error(
+                DatasetError, pair.image, f"has the same name as {seen[pair.name]}",
+                "chips are named after their scene; rename one of them",
+            )
+        seen[pair.name] = pair.image
+    return pairs
+
+
+def chip_name(scene: str, window: Window) -> str:
+    """File name of a chip: ``<scene>_<row>_<col>.tif`` (pixel offsets in the scene)."""
+    return f"{scene}_{int(window.row_off)}_{int(window.col_off)}.tif"
+
+
+def _profile(count: int, dtype: str, crs: CRS, transform, nodata, size: int) -> dict:
+    profile = {
+        **GTIFF_PROFILE, "count": count, "width": size, "height": size, "dtype": dtype,
+        "crs": crs, "transform": transform, "nodata": nodata,
+    }
+    if size % 16 or size < 256:  # GeoTIFF tiles must be multiples of 16: strips otherwise
+        profile.update(tiled=False)
+        profile.pop("blockxsize")
+        profile.pop("blockysize")
+    return profile
+
+
+def chip_scenes(
+    scenes: Sequence[str | os.PathLike[str]] | Sequence[ScenePair],
+    *,
+    out_dir: str | os.PathLike[str],
+    labels: Sequence[str | os.PathLike[str]] = (),
+    size: int = DEFAULT_CHIP_SIZE,
+    stride: int | None = None,
+    overwrite: bool = False,
+    assume_crs: str | None = None,
+    classes: int = 2,
+    label_values: LabelValues = "auto",
+    class_column: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ChipResult:
+    """Cut scenes into chips on the tiling grid and write them with an index GeoPackage.
+
+    Args:
+        scenes: Image files and/or dataset folders (or ready ScenePairs).
+        out_dir: Output folder (created).
+        labels: One vector file, or one label raster per image scene.
+        size: Chip side in pixels.
+        stride: Step between chips in pixels (default ``size``: no overlap).
+        overwrite: Replace existing chips and index.
+        assume_crs: CRS for scenes (and vector files) that have none.
+        classes: Number of classes (label value check).
+        label_values: How label raster values map to class ids.
+        class_column: Class attribute of vector labels (None: binary).
+        progress: Called with (chips done, chips total).
+
+    Returns:
+        What was written.
+
+    Raises:
+        InputFileError, GeoreferenceError, LabelError, DatasetError: Bad inputs
+            (checked before anything is written).
+        OutputError: An output exists without ``overwrite``, or the folder is not writable.
+        ValueError: Bad size or stride.
+    """
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    out = Path(out_dir)
+    if scenes and all(isinstance(s, ScenePair) for s in scenes):
+        pairs = list(scenes)  # type: ignore[arg-type]
+    else:
+        pairs = resolve_inputs(scenes, labels)  # type: ignore[arg-type]
+    grid_args = dict(size=size, stride=stride)
+    chip_grid(1, 1, **grid_args)  # validates size and stride before any file is opened
+
+    # 1. Validate every input.
+    jobs: list[_Job] = []
+    vectors: dict[Path, VectorLabels] = {}
+    for pair in pairs:
+        info = open_scene(pair.image, assume_crs=assume_crs)
+        linfo, mode = None, None
+        if pair.label is not None:
+            linfo, mode = open_label_raster(pair.label, info, classes=classes,
+                                            label_values=label_values)
+        elif pair.vector is not None and pair.vector not in vectors:
+            vectors[pair.vector] = VectorLabels(pair.vector, class_column=class_column,
+                                                classes=classes, assume_crs=assume_crs)
+        jobs.append(_Job(pair, info, linfo, mode))
+    with_labels = any(j.pair.label is not None or j.pair.vector is not None for j in jobs)
+    if with_labels and not all(j.pair.label is not None or j.pair.vector is not None for j in jobs):
+        missing = next(j.pair.image for j in jobs if j.pair.label is None and j.pair.vector is None)
+        raise file_error(DatasetError, missing, "has no label while other scenes have one",
+                         "give every scene a label, or none")
+
+    # 2. Refuse existing outputs before writing anything.
+    planned: list[tuple[_Job, Window, str]] = []
+    for job in jobs:
+        for chip in chip_grid(job.info.width, job.info.height, **grid_args):
+            planned.append((job, chip.window, chip_name(job.pair.name, chip.window)))
+    index_path = check_output(out / INDEX_NAME, overwrite=overwrite)
+    for _, _, name in planned:
+        check_output(out / "images" / name, overwrite=overwrite)
+        if with_labels:
+            check_output(out / "labels" / name, overwrite=overwrite)
+
+    # 3. Write into a staging folder; move into place only when all chips are done.
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".geoseg-chip-", dir=out))
+    records: list[dict] = []
+    record_crs: list[str] = []
+    try:
+        (stage / "images").mkdir()
+        if with_labels:
+            (stage / "labels").mkdir()
+        handles: dict[Path, rasterio.io.DatasetReader] = {}
+        with contextlib.ExitStack() as stack:
+            def src_of(path: Path) -> rasterio.io.DatasetReader:
+                if path not in handles:
+                    handles[path] = stack.enter_context(rasterio.open(path))
+                return handles[path]
+
+            for done, (job, window, name) in enumerate(planned, 1):
+                info = job.info
+                transform = info.window_transform(window)
+                fill = info.nodata if info.nodata is not None else 0
+                data, valid = read_window(src_of(info.path), window, fill=fill)
+                padded = (window.col_off + window.width > info.width
+                          or window.row_off + window.height > info.height)
+                with rasterio.open(stage / "images" / name, "w", **_profile(
+                        info.count, info.dtype, info.crs, transform, info.nodata, size)) as dst:
+                    dst.write(data)
+                    if padded and info.nodata is None:
+                        # No nodata value to mark the padding with: an internal mask does.
+                        inside = np.zeros(valid.shape, dtype=np.uint8)
+                        inside[: min(size, info.height - int(window.row_off)),
+                               : min(size, info.width - int(window.col_off))] = 255
+                        dst.write_mask(inside)
+                label_rel = None
+                if with_labels:
+                    if job.pair.label is not None:
+                        lab, lab_valid = read_window(src_of(job.pair.label), window, bands=[1])
+                        mask = to_class_ids(lab[0], mode=job.label_mode or "auto",
+                                            nodata=job.label_info.nodata if job.label_info else None,
+                                            classes=classes, path=job.pair.label)
+                        mask[~lab_valid] = IGNORE_INDEX
+                    else:
+                        mask = vectors[job.pair.vector].rasterize(  # type: ignore[index]
+                            crs=info.crs, transform=transform, shape=(size, size))
+                    mask[~valid] = IGNORE_INDEX
+                    with rasterio.open(stage / "labels" / name, "w", **_profile(
+                            1, "uint8", info.crs, transform, IGNORE_INDEX, size)) as dst:
+                        dst.write(mask, 1)
+                    label_rel = f"labels/{name}"
+                left, top = transform @ (0, 0)
+                right, bottom = transform @ (size, size)
+                records.append({
+                    "scene": job.pair.name,
+                    "col_off": int(window.col_off), "row_off": int(window.row_off),
+                    "width": int(window.width), "height": int(window.height),
+                    "image": f"images/{name}", "label": label_rel,
+                    "crs": info.crs.to_string(),
+                    "geometry": shapely.box(min(left, right), min(top, bottom),
+                                            max(left, right), max(top, bottom)),
+                })
+                record_crs.append(info.crs.to_wkt())
+                if progress is not None:
+                    progress(done, len(planned))
+
+        # The index: one layer needs one CRS; scenes in several CRSs go to EPSG:4326.
+        crss = {j.info.crs.to_wkt(): j.info.crs for j in jobs}
+        index_crs = next(iter(crss.values())) if len(crss) == 1 else CRS.from_epsg(4326)
+        frames = []
+        for wkt in crss:
+            rows = [r for r, w in zip(records, record_crs) if w == wkt]
+            frame = gpd.GeoDataFrame(rows, geometry="geometry", crs=wkt)
+            if len(crss) > 1:
+                log.info("scenes in %d CRSs: index footprints in EPSG:4326", len(crss))
+                # Densify so that the reprojected footprints keep their shape.
+                frame["geometry"] = shapely.segmentize(frame.geometry.values,
+                                                       float(frame.geometry.length.max()) / 16)
+                frame = frame.to_crs(index_crs.to_wkt())
+            frames.append(frame)
+        index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
+                                 crs=index_crs.to_wkt())
+        index.to_file(stage / INDEX_NAME, layer=INDEX_LAYER, driver="GPKG", engine="pyogrio")
+        # Move the chips into place, then the index (last; os.replace is atomic).
+        for sub in ("images", "labels") if with_labels else ("images",):
+            (out / sub).mkdir(exist_ok=True)
+            for f in sorted((stage / sub).iterdir()):
+                os.replace(f, out / sub / f.name)
+        os.replace(stage / INDEX_NAME, index_path)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info("wrote %d chips of %d scenes to %s", len(records), len(jobs), out)
+    return ChipResult(
+        out_dir=out, index=index_path,
+        images=[out / r["image"] for r in records],
+        labels=[out / r["label"] for r in records if r["label"]],
+        scenes=len(jobs),
+    )
+
+
+def chip_demo(
+    out_dir: str | os.PathLike[str], *, size: int = DEFAULT_CHIP_SIZE, overwrite: bool = False
+) -> tuple[Path, ChipResult]:
+    """Generate a synthetic scene in ``out_dir`` and chip it into ``out_dir/chips``.
+
+    Returns:
+        The generated image and the chipping result.
+
+    Raises:
+        OutputError: An output exists without ``overwrite`` (nothing is written).
+    """
+    from geoseg.synthetic import make_scene
+
+    out = Path(out_dir)
+    for name in ("demo.tif", "demo_mask.tif", "demo_roofs.gpkg", f"chips/{INDEX_NAME}"):
+        check_output(out / name, overwrite=overwrite)
+    scene = make_scene(out, name="demo", width=1000, height=700, seed=0, overwrite=overwrite)
+    result = chip_scenes([scene.image], labels=[scene.mask], out_dir=out / "chips", size=size,
+                         overwrite=overwrite)
+    return scene.image, result
