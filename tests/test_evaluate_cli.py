@@ -66,7 +66,8 @@ def test_table_shows_the_hand_computed_numbers(case) -> None:
     for expected in (
         "prediction  pred.tif",
         "truth       truth.tif",
-        "grid        EPSG:32633, 1 x 1 m pixels, 40 x 30 px, 1200 px evaluated",
+        "grid        EPSG:32633, 40 x 30 px of 1 x 1 CRS units (1 m on the ground), 1200 px "
+        "evaluated",
         f"  IoU              {170 / 430:.4f}",
         f"  precision        {170 / 300:.4f}",
         f"  pixel accuracy   {940 / 1200:.4f}",

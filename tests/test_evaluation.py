@@ -11,6 +11,8 @@ import pytest
 import rasterio
 import shapely
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from affine import Affine
 from shapely.geometry import box
 
@@ -112,6 +114,45 @@ def test_greedy_takes_the_highest_iou_first() -> None:
                       [box(21, 0, 30, 10), box(0, 0, 10, 7)])
     assert [(p, t) for p, t, _ in m.pairs] == [(1, 0), (0, 1)]
     assert [round(i, 6) for _, _, i in m.pairs] == [0.9, 0.7]
+
+
+def _cell_boxes(draw_, cells: int, size: float, offset: float) -> list[shapely.Polygon]:
+    """Random boxes, one inside each of some grid cells: disjoint by construction."""
+    out = []
+    for i in range(cells):
+        for j in range(cells):
+            if draw_(st.booleans()):
+                x0 = draw_(st.integers(0, int(size) - 2))
+                y0 = draw_(st.integers(0, int(size) - 2))
+                x1 = draw_(st.integers(x0 + 1, int(size)))
+                y1 = draw_(st.integers(y0 + 1, int(size)))
+                ox, oy = offset + i * size, offset + j * size
+                out.append(box(ox + x0, oy + y0, ox + x1, oy + y1))
+    return out
+
+
+@st.composite
+def disjoint_layers(draw_):
+    truths = _cell_boxes(draw_, 4, 10, 0)
+    preds = _cell_boxes(draw_, 5, 7, 3)  # another lattice: a prediction may cover several truths
+    return preds, truths, draw_(st.randoms(use_true_random=False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(disjoint_layers())
+def test_matching_above_half_is_unique_for_disjoint_polygons(layers) -> None:
+    preds, truths, rnd = layers
+    pa, ta = np.meshgrid(np.asarray(preds + [None])[:-1], np.asarray(truths + [None])[:-1],
+                         indexing="ij")
+    iou = shapely.area(shapely.intersection(pa, ta)) / shapely.area(shapely.union(pa, ta))
+    # the claim: above 0.5 every polygon has at most one partner ...
+    assert ((iou > 0.5).sum(axis=0) <= 1).all() and ((iou > 0.5).sum(axis=1) <= 1).all()
+    # ... so the matching is every such pair, whatever the order of the inputs
+    expected = {(preds[i].wkt, truths[j].wkt) for i, j in zip(*np.nonzero(iou > 0.5))}
+    rnd.shuffle(preds)
+    rnd.shuffle(truths)
+    m = match_objects(preds, truths, iou_threshold=0.5 + 1e-6)
+    assert {(preds[p].wkt, truths[t].wkt) for p, t, _ in m.pairs} == expected
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ from geoseg.evaluation.objects import (
     object_array,
 )
 from geoseg.metrics import ConfusionMatrix
+from geoseg.raster_io import ground_pixel_size
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class EvaluationResult:
                 "resolution": list(self.grid.res),
                 "width": self.grid.width,
                 "height": self.grid.height,
+                "ground_resolution_m": _ground_resolution(self.grid),
                 "evaluated_pixels": self.pixel.total,
             },
             "pixel": self.pixel.to_dict(),
@@ -166,15 +168,16 @@ class EvaluationResult:
         """A human-readable table of the metrics (4 decimals)."""
         d = self.to_dict()
         px, ob, g = d["pixel"], d["object"], d["grid"]
-        unit = "m" if self.grid.crs.is_projected else "CRS units"
         rx, ry = g["resolution"]
+        ground = "" if g["ground_resolution_m"] is None else (
+            f" ({g['ground_resolution_m']:.3g} m on the ground)")
         f = f".{TABLE_DECIMALS}f"
         lines = [
             f"prediction  {self.pred}",
             f"truth       {self.truth}",
             f"area        {self.aoi if self.aoi else 'where both have data'}",
-            f"grid        {g['crs']}, {rx:g} x {ry:g} {unit} pixels, "
-            f"{g['width']} x {g['height']} px, {g['evaluated_pixels']} px evaluated",
+            f"grid        {g['crs']}, {g['width']} x {g['height']} px of {rx:g} x {ry:g} CRS "
+            f"units{ground}, {g['evaluated_pixels']} px evaluated",
             "",
             "pixel metrics (rooftop class)",
             f"  IoU              {px['iou']:{f}}",
@@ -195,6 +198,16 @@ class EvaluationResult:
             f"  true             {ob['n_true']:>{TABLE_DECIMALS + 2}d}",
         ]
         return "\n".join(lines)
+
+
+def _ground_resolution(grid: Grid) -> float | None:
+    """Mean ground metres per pixel at the grid centre (None for an empty or unearthly grid)."""
+    if grid.width == 0 or grid.height == 0:
+        return None
+    try:
+        return float(np.mean(ground_pixel_size(grid.crs, grid.transform, grid.width, grid.height)))
+    except GeoreferenceError:
+        return None
 
 
 def _crs_name(crs: CRS) -> str:
