@@ -134,6 +134,74 @@ def chip_command(
                f"{result.out_dir} (index: {result.index}, layer 'chips')")
 
 
+@cli.command("train")
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="YAML config or preset name in configs/ (default: configs/default.yaml).")
+@click.option("--data", multiple=True, type=click.Path(), metavar="PATH",
+              help="Training data folder(s); repeat for several (overrides data.root).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for checkpoints, history.csv and learning_curves.png (default saved_models).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=5 (repeatable).")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
+              help="Continue the run of this last.pt (optimizer, scheduler, epoch, early stopping).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where to train (default: train.device, auto).")
+def train_command(
+    config_path: str | None, data: tuple[str, ...], out_dir: str | None,
+    overrides: tuple[str, ...], resume: str | None, device: str | None,
+) -> None:
+    """Train a rooftop segmentation model (DeepLabV3+ by default) on labelled scenes.
+
+    With no options: dataset/ in the seed layout and configs/default.yaml.
+    Under torchrun (torchrun --nproc_per_node N -m geoseg.train ...) every
+    process trains with DistributedDataParallel; rank 0 writes the outputs.
+    """
+    import dataclasses
+    import os
+
+    from tqdm import tqdm
+
+    from geoseg.config import load_config
+    from geoseg.engine import fit
+
+    config = load_config(config_path or "default", overrides)
+    train_cfg = config.train
+    if out_dir is not None:
+        train_cfg = dataclasses.replace(train_cfg, out_dir=out_dir)
+    if device is not None:
+        train_cfg = dataclasses.replace(train_cfg, device=device)
+    data_cfg = dataclasses.replace(config.data, root=tuple(data)) if data else config.data
+    config = dataclasses.replace(config, data=data_cfg, train=train_cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    bars: dict[str, Any] = {}
+
+    def progress(event: Any) -> None:
+        if event.kind == "epoch":
+            tqdm.write(event.message)
+            return
+        bar = bars.get("bar")
+        if event.step == 1 or bar is None:
+            if bar is not None:
+                bar.close()
+            bar = bars["bar"] = tqdm(total=event.steps, desc=f"epoch {event.epoch}/{event.epochs} {event.stage}",
+                                     unit="batch", leave=False, disable=None, dynamic_ncols=True)
+        bar.update(1)
+        bar.set_postfix(loss=f"{event.loss:.4f}", iou=f"{event.iou:.4f}", refresh=False)
+        if event.step >= event.steps:
+            bar.close()
+            bars.pop("bar", None)
+
+    result = fit(config, resume=resume, progress=progress if main_rank else None)
+    if main_rank:
+        best = result.best_metrics
+        where = "val" if best.get("val_iou") is not None else "train"
+        if best:
+            click.echo(f"best {where} rooftop IoU {best[f'{where}_iou']:.4f} at epoch {best['epoch']}")
+        click.echo(f"checkpoints in {result.out_dir}: {result.best_iou.name}, {result.best_loss.name}, "
+                   f"{result.last.name}; history.csv, learning_curves.png")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geoseg")
