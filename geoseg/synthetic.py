@@ -320,7 +320,7 @@ def _plan(
         if i % every_u != road_u and j % every_v != road_v
     ]
     order = rng.permutation(len(lots))
-    wanted = n_roofs if n_roofs is not None else None
+    wanted = n_roofs
 
     roofs: list[Polygon] = []
     kinds: list[str] = []
@@ -341,7 +341,7 @@ def _plan(
         if not lot_poly.intersects(interior):
             continue
         for _attempt in range(ROOF_ATTEMPTS):
-            shape, shape_parts, _name = _roof_shape(rng, unit)
+            shape, shape_parts, shape_name = _roof_shape(rng, unit)
             aligned = rng.random() < 0.6
             angle = theta + (rng.normal(0, 4) if aligned else rng.uniform(0, 180))
             angle += 90 * int(rng.integers(0, 4))
@@ -373,8 +373,9 @@ def _plan(
             h = rng.uniform(3.0, 7.0) * unit * 0.45
             dx, dy = -sun * h
             steps = [affinity.translate(roof, dx * t, dy * t) for t in (0.34, 0.67, 1.0)]
-            shadows.append(shapely.union_all([roof, *steps]).convex_hull if _name == "rect"
-                           else shapely.union_all([roof, *steps]))
+            swept = shapely.union_all([roof, *steps])
+            # The sweep of a convex roof is exactly the hull of its copies.
+            shadows.append(swept.convex_hull if shape_name == "rect" else swept)
             break
     if wanted is not None and len(roofs) < wanted:
         log.warning("placed %d of %d requested roofs: the scene has no room for more",
@@ -413,19 +414,17 @@ def _plan(
 
 
 def _burn(
-    shapes: Sequence[Polygon], values: Sequence[int] | None, shape: tuple[int, int],
-    transform: Affine, tree: shapely.STRtree | None = None, bounds: Polygon | None = None,
+    shapes: Sequence[Polygon], shape: tuple[int, int], transform: Affine,
+    tree: shapely.STRtree, bounds: Polygon,
 ) -> np.ndarray:
-    """Rasterise polygons (value i+1 for polygon i unless ``values``) onto a grid; int32."""
-    out = np.zeros(shape, dtype=np.int32)
-    if not len(shapes):
-        return out
-    idx = range(len(shapes)) if tree is None or bounds is None else sorted(tree.query(bounds))
-    pairs = [(shapes[i], int(values[i]) if values is not None else i + 1) for i in idx]
-    if not pairs:
-        return out
-    return rasterio.features.rasterize(pairs, out_shape=shape, transform=transform, fill=0,
-                                       dtype="int32")
+    """Rasterise the polygons that meet ``bounds`` (value i+1 for polygon i) onto a grid; int32."""
+    idx = sorted(tree.query(bounds))
+    if not idx:
+        return np.zeros(shape, dtype=np.int32)
+    return rasterio.features.rasterize(
+        [(shapes[i], i + 1) for i in idx], out_shape=shape, transform=transform, fill=0,
+        dtype="int32",
+    )
 
 
 def _render(layout: _Layout, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -455,7 +454,7 @@ def _render(layout: _Layout, window: Window) -> tuple[np.ndarray, np.ndarray]:
 
     # Roads.
     if layout.roads:
-        road = _burn(layout.roads, None, shape, t_win, layout.index["roads"], win_poly) > 0
+        road = _burn(layout.roads, shape, t_win, layout.index["roads"], win_poly) > 0
         if road.any():
             tex = (0.9 + 0.2 * mid[road])[:, None]
             img[road] = _ASPHALT * tex + (fine[road, None] - 0.5) * 10
@@ -469,12 +468,12 @@ def _render(layout: _Layout, window: Window) -> tuple[np.ndarray, np.ndarray]:
 
     # Shadows of trees and roofs darken the ground.
     if layout.shade:
-        shadow = _burn(layout.shade, None, shape, t_win, layout.index["shade"], win_poly) > 0
+        shadow = _burn(layout.shade, shape, t_win, layout.index["shade"], win_poly) > 0
         img[shadow] *= 0.58
 
     # Trees: dark green domes lit from the sun side.
     if len(layout.trees):
-        tid = _burn(layout.crowns, None, shape, t_win, layout.index["crowns"], win_poly)
+        tid = _burn(layout.crowns, shape, t_win, layout.index["crowns"], win_poly)
         sel = tid > 0
         if sel.any():
             k = tid[sel] - 1
@@ -487,11 +486,11 @@ def _render(layout: _Layout, window: Window) -> tuple[np.ndarray, np.ndarray]:
     # Roofs: rasterised polygons; facets shaded by their slope direction vs the sun.
     mask = np.zeros(shape, dtype=np.uint8)
     if layout.roofs:
-        rid = _burn(layout.roofs, None, shape, t_win, layout.index["roofs"], win_poly)
+        rid = _burn(layout.roofs, shape, t_win, layout.index["roofs"], win_poly)
         sel = rid > 0
         if sel.any():
             mask[sel] = 255
-            pid = _burn(layout.parts, None, shape, t_win, layout.index["parts"], win_poly)[sel] - 1
+            pid = _burn(layout.parts, shape, t_win, layout.index["parts"], win_poly)[sel] - 1
             roof = rid[sel] - 1
             # A roof pixel outside its own parts (only on part boundaries) uses the roof's
             # first part.
@@ -615,6 +614,8 @@ def _layout_for(
     origin: tuple[float, float], n_roofs: int | None, nodata_border: int,
 ) -> _Layout:
     _check_args(width, height, resolution, nodata_border)
+    if n_roofs is not None and (int(n_roofs) != n_roofs or n_roofs < 0):
+        raise ConfigError(f"n_roofs should be a non-negative integer or None, got {n_roofs!r}")
     try:
         crs_obj = CRS.from_user_input(crs)
     except Exception:

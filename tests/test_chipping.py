@@ -227,3 +227,48 @@ def test_usage_errors(tmp_path):
     assert _run().exit_code == 2
     res = CliRunner().invoke(cli.cli, ["chip", str(tmp_path / "x.tif")])
     assert res.exit_code == 2 and "missing option '--out'" in res.output
+
+
+def test_failure_midway_leaves_nothing(synthetic_scene, tmp_path, monkeypatch):
+    import geoseg.chipping as chipping
+    from geoseg.errors import InputFileError
+
+    calls = []
+    real = chipping.read_window
+
+    def flaky(src, window, **kw):
+        calls.append(window)
+        if len(calls) == 4:
+            raise InputFileError(f"{src.name}: cannot read window; re-export it")
+        return real(src, window, **kw)
+
+    monkeypatch.setattr(chipping, "read_window", flaky)
+    out = tmp_path / "new"
+    with pytest.raises(InputFileError):
+        chip_scenes([synthetic_scene.image], out_dir=out)
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    calls.clear()
+    with pytest.raises(InputFileError):
+        chip_scenes([synthetic_scene.image], out_dir=existing)
+    assert _files(existing) == ["keep.txt"]
+
+
+def test_scenes_in_several_crss_share_a_4326_index(tmp_path):
+    from geoseg.synthetic import make_scene
+
+    a = make_scene(tmp_path, name="utm", width=120, height=100, seed=1)
+    b = make_scene(tmp_path, name="merc", width=120, height=100, seed=2, crs="EPSG:3857",
+                   origin=(1_669_792.0, 5_160_979.0))
+    res = chip_scenes([a.image, b.image], out_dir=tmp_path / "out", size=64)
+    index = gpd.read_file(res.index)
+    assert index.crs == CRS.from_epsg(4326)
+    assert list(index["crs"].unique()) == ["EPSG:32633", "EPSG:3857"]
+    for _, row in index.iterrows():
+        with rasterio.open(tmp_path / "out" / row["image"]) as c:
+            corners = gpd.GeoSeries(gpd.points_from_xy(
+                [c.bounds.left, c.bounds.right], [c.bounds.bottom, c.bounds.top]), crs=c.crs)
+            for p in corners.to_crs("EPSG:4326"):
+                assert row.geometry.distance(p) < 1e-9
