@@ -149,3 +149,120 @@ def iter_windows(chips: list[Chip]) -> Iterator[Window]:
     """The valid (in-scene) window of each chip."""
     for chip in chips:
         yield chip.valid
+
+
+# --- Blocks: the unit of streamed prediction ---------------------------------------------------
+#
+# A scene too large for memory is predicted block by block. The cores of the blocks partition
+# the scene on a grid aligned to ``block_size`` (a multiple of the output GeoTIFF tile size, so
+# each core is written as whole tiles). Every chip of the one global chip grid belongs to the
+# block whose core holds its top-left pixel, so no chip is ever computed twice. A chip reaches
+# at most ``chip_size - 1`` pixels past its block's core, to the right and downwards only: that
+# halo is carried to the right, lower and lower-right neighbour, which are processed later in
+# row-major order. A core is therefore final (all chips touching it accumulated) as soon as its
+# own chips are done, which is why ``block_size >= chip_size`` is required.
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a streamed prediction.
+
+    Attributes:
+        row: Block row index (0 at the top).
+        col: Block column index (0 at the left).
+        core: The pixels this block finalises, in scene pixels. Cores of all
+            blocks partition the scene.
+        extent: The core plus the halo its chips reach into (right and down),
+            in scene pixels. It reaches outside the scene only where a chip is
+            padded (a scene smaller than a chip along an axis).
+        chips: The chips of the global grid whose top-left pixel lies in the core.
+    """
+
+    row: int
+    col: int
+    core: Window
+    extent: Window
+    chips: tuple[Chip, ...]
+
+
+def block_starts(length: int, block_size: int) -> list[int]:
+    """Start offsets of block cores along one axis: multiples of ``block_size``.
+
+    Raises:
+        ValueError: On a non-positive length or block size.
+    """
+    if int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block size should be a positive integer number of pixels, got {block_size!r}")
+    if int(length) != length or length < 1:
+        raise ValueError(f"axis length should be a positive integer number of pixels, got {length!r}")
+    return list(range(0, length, block_size))
+
+
+def block_grid(
+    width: int,
+    height: int,
+    *,
+    block_size: int,
+    chip_size: int = DEFAULT_CHIP_SIZE,
+    stride: int | None = None,
+) -> list[Block]:
+    """Blocks covering a ``width`` x ``height`` scene, row-major, with their chips.
+
+    The chips are exactly those of :func:`chip_grid` with the same size and
+    stride, each assigned to one block (the one whose core holds its top-left
+    pixel). See the comment above :class:`Block` for why this needs
+    ``block_size >= chip_size``.
+
+    Args:
+        width: Scene width in pixels.
+        height: Scene height in pixels.
+        block_size: Block core size in pixels (the last row/column of blocks
+            may be smaller).
+        chip_size: Chip size in pixels.
+        stride: Step between chips in pixels; defaults to ``chip_size``.
+
+    Returns:
+        The blocks in row-major order (row, then column).
+
+    Raises:
+        ValueError: On non-positive sizes, stride > chip size, or
+            block_size < chip_size.
+    """
+    if int(block_size) != block_size or block_size < chip_size:
+        raise ValueError(
+            f"block size ({block_size!r} px) should be an integer of at least the chip size "
+            f"({chip_size} px): a chip may only reach into the next block"
+        )
+    chips = chip_grid(width, height, size=chip_size, stride=stride)
+    rows = block_starts(height, block_size)
+    cols = block_starts(width, block_size)
+    by_block: dict[tuple[int, int], list[Chip]] = {}
+    for chip in chips:
+        key = (int(chip.window.row_off) // block_size, int(chip.window.col_off) // block_size)
+        by_block.setdefault(key, []).append(chip)
+    blocks = []
+    for bi, r0 in enumerate(rows):
+        r1 = min(r0 + block_size, height)
+        for bj, c0 in enumerate(cols):
+            c1 = min(c0 + block_size, width)
+            own = tuple(by_block.get((bi, bj), ()))
+            r_end = max([r1] + [int(c.window.row_off + c.window.height) for c in own])
+            c_end = max([c1] + [int(c.window.col_off + c.window.width) for c in own])
+            blocks.append(
+                Block(
+                    row=bi, col=bj, core=Window(c0, r0, c1 - c0, r1 - r0),
+                    extent=Window(c0, r0, c_end - c0, r_end - r0), chips=own,
+                )
+            )
+    return blocks
+
+
+def strip_rows(height: int, rows: int, *, start: int = 0) -> list[tuple[int, int]]:
+    """Row ranges ``(first, stop)`` of horizontal strips of ``rows`` pixels from ``start``.
+
+    Raises:
+        ValueError: On a non-positive strip height.
+    """
+    if int(rows) != rows or rows < 1:
+        raise ValueError(f"strip height should be a positive integer number of pixels, got {rows!r}")
+    return [(r, min(r + rows, height)) for r in range(start, height, rows)]

@@ -1,0 +1,246 @@
+"""Write polygons to GeoPackage (with a QGIS default style), GeoJSON, FlatGeobuf or Shapefile.
+
+The format follows the output's extension. Polygons of several scenes go into
+one layer (``rooftops``) with a ``scene`` attribute, reprojected to the first
+scene's CRS where CRSs differ. Every write is atomic: the file appears at its
+final path only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from geoseg.errors import OutputError, file_error
+from geoseg.raster_io import atomic_output, check_output
+
+if TYPE_CHECKING:
+    import geopandas
+
+log = logging.getLogger(__name__)
+
+#: Layer name in a GeoPackage (and FlatGeobuf/GeoJSON layer name).
+LAYER = "rooftops"
+#: Output drivers by file extension.
+DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".fgb": "FlatGeobuf",
+           ".shp": "ESRI Shapefile"}
+#: Shapefile field names are at most 10 characters.
+SHAPEFILE_FIELDS = {"perimeter_m": "perim_m"}
+#: Files that make up a shapefile.
+SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+#: The default QGIS style shipped with geoseg.
+STYLE_FILE = "rooftops.qml"
+STYLE_NAME = "geoseg rooftops"
+#: GeoPackage version written (readable without warnings by older GDAL/QGIS).
+GPKG_VERSION = "1.2"
+
+
+def driver_for(path: str | os.PathLike[str]) -> str:
+    """OGR driver for an output path, from its extension.
+
+    Raises:
+        OutputError: An extension geoseg cannot write.
+    """
+    p = Path(path)
+    driver = DRIVERS.get(p.suffix.lower())
+    if driver is None:
+        raise file_error(
+            OutputError, p, f"has an unknown vector extension {p.suffix!r}",
+            "use .gpkg (GeoPackage), .geojson, .fgb (FlatGeobuf) or .shp (Shapefile)",
+        )
+    return driver
+
+
+def check_vector_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse a vector output that exists (any shapefile part too) or cannot be written.
+
+    Raises:
+        OutputError: Unknown extension, existing file without ``overwrite``, unwritable folder.
+    """
+    p = Path(path)
+    driver = driver_for(p)
+    check_output(p, overwrite=overwrite)
+    if driver == "ESRI Shapefile" and not overwrite:
+        for ext in SHAPEFILE_PARTS:
+            check_output(p.with_suffix(ext), overwrite=False)
+    return p
+
+
+def default_style() -> str:
+    """The QML text of geoseg's default rooftop style (outlined roofs)."""
+    return resources.files("geoseg").joinpath(STYLE_FILE).read_text(encoding="utf-8")
+
+
+def combine_frames(frames: Sequence["geopandas.GeoDataFrame"]) -> "geopandas.GeoDataFrame":
+    """One GeoDataFrame from several scenes' polygons, in the first scene's CRS.
+
+    ``id`` is renumbered 1..n over the combined layer.
+
+    Raises:
+        ValueError: If ``frames`` is empty.
+    """
+    import geopandas as gpd
+    import pandas as pd
+
+    if not frames:
+        raise ValueError("no polygons to combine")
+    target = frames[0].crs
+    parts = []
+    for frame in frames:
+        if frame.crs is not None and target is not None and not frame.crs.equals(target):
+            scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
+            log.info(
+                "reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
+                scenes, frame.crs.to_string(), target.to_string(),
+            )
+            frame = frame.to_crs(target)
+        parts.append(frame)
+    combined = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=target)
+    if "id" in combined:
+        combined["id"] = range(1, len(combined) + 1)
+    return combined
+
+
+def write_polygons(
+    frames: "geopandas.GeoDataFrame | Sequence[geopandas.GeoDataFrame]",
+    path: str | os.PathLike[str],
+    *,
+    layer: str = LAYER,
+    overwrite: bool = False,
+    style: bool = True,
+) -> Path:
+    """Write polygons atomically; the format follows the extension.
+
+    GeoPackage: layer ``layer`` with a spatial index and, with ``style``, the
+    default QGIS style as the layer's default in ``layer_styles`` (the table
+    QGIS itself writes), so it opens as outlined roofs. Shapefile: field names
+    shortened to 10 characters (``perimeter_m`` -> ``perim_m``).
+
+    Args:
+        frames: One GeoDataFrame or several (combined with :func:`combine_frames`).
+        path: Output file (.gpkg, .geojson, .json, .fgb, .shp).
+        layer: Layer name.
+        overwrite: Replace an existing output.
+        style: Store the default QGIS style (GeoPackage only).
+
+    Returns:
+        The output path.
+
+    Raises:
+        OutputError: Unknown extension, output exists without ``overwrite``, unwritable folder.
+    """
+    import geopandas as gpd
+    import pyogrio
+
+    p = check_vector_output(path, overwrite=overwrite)
+    driver = driver_for(p)
+    frame = frames if isinstance(frames, gpd.GeoDataFrame) else combine_frames(list(frames))
+    kinds = set(frame.geom_type.dropna()) if len(frame) else set()
+    geometry_type = "MultiPolygon" if "MultiPolygon" in kinds else "Polygon"
+    options: dict[str, object] = {}
+    dataset_options: dict[str, object] = {}
+    if driver == "GPKG":
+        options["SPATIAL_INDEX"] = "YES"
+        # GeoPackage 1.2: GDAL 3.10 would write 1.4, which the GDAL of many QGIS installs
+        # (e.g. Debian 12's 3.6) opens only with a warning.
+        dataset_options["VERSION"] = GPKG_VERSION
+    elif driver == "FlatGeobuf":
+        options["SPATIAL_INDEX"] = "YES"
+    if driver == "ESRI Shapefile":
+        frame = frame.rename(columns=SHAPEFILE_FIELDS)
+        _write_shapefile(frame, p, layer=layer, geometry_type=geometry_type, overwrite=overwrite)
+        return p
+    with atomic_output(p, overwrite=overwrite) as tmp:
+        pyogrio.write_dataframe(
+            frame, tmp, layer=layer, driver=driver, geometry_type=geometry_type,
+            promote_to_multi=geometry_type == "MultiPolygon", layer_options=options,
+            dataset_options=dataset_options,
+        )
+        if driver == "GPKG" and style:
+            add_layer_style(tmp, layer=layer, qml=default_style())
+    log.info("wrote %d polygons to %s (%s)", len(frame), p, driver)
+    return p
+
+
+def _write_shapefile(
+    frame: "geopandas.GeoDataFrame", path: Path, *, layer: str, geometry_type: str, overwrite: bool
+) -> None:
+    """A shapefile is several files: write them in a temporary folder, then move them in, .shp last."""
+    import pyogrio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=path.parent))
+    try:
+        target = tmpdir / path.name
+        pyogrio.write_dataframe(
+            frame, target, layer=layer, driver="ESRI Shapefile", geometry_type=geometry_type,
+            promote_to_multi=geometry_type == "MultiPolygon",
+        )
+        if overwrite:
+            for ext in SHAPEFILE_PARTS:
+                with contextlib.suppress(FileNotFoundError):
+                    path.with_suffix(ext).unlink()
+        written = sorted(tmpdir.iterdir(), key=lambda f: f.suffix.lower() == ".shp")
+        for f in written:
+            os.replace(f, path.with_suffix(f.suffix))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def add_layer_style(
+    gpkg: str | os.PathLike[str],
+    *,
+    layer: str = LAYER,
+    qml: str,
+    name: str = STYLE_NAME,
+    description: str = "Rooftop outlines (geoseg default)",
+) -> None:
+    """Store ``qml`` as the default QGIS style of ``layer`` in a GeoPackage.
+
+    The ``layer_styles`` table has the layout QGIS writes itself and is
+    registered as an attribute table, so QGIS applies the style when the layer
+    is opened.
+
+    Raises:
+        OutputError: If the GeoPackage cannot be updated.
+    """
+    import pandas as pd
+    import pyogrio
+
+    geom_col = "geom"
+    with contextlib.suppress(Exception):
+        geom_col = pyogrio.read_info(gpkg, layer=layer).get("geometry_name") or "geom"
+    if "layer_styles" not in [n for n, _ in pyogrio.list_layers(gpkg)]:
+        # An empty table through OGR: registered in gpkg_contents with the column types QGIS uses.
+        empty = pd.DataFrame({
+            "f_table_catalog": pd.Series([], dtype=str), "f_table_schema": pd.Series([], dtype=str),
+            "f_table_name": pd.Series([], dtype=str), "f_geometry_column": pd.Series([], dtype=str),
+            "styleName": pd.Series([], dtype=str), "styleQML": pd.Series([], dtype=str),
+            "styleSLD": pd.Series([], dtype=str), "useAsDefault": pd.Series([], dtype=bool),
+            "description": pd.Series([], dtype=str), "owner": pd.Series([], dtype=str),
+            "ui": pd.Series([], dtype=str), "update_time": pd.Series([], dtype="datetime64[ms, UTC]"),
+        })
+        pyogrio.write_dataframe(empty, gpkg, layer="layer_styles", driver="GPKG")
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    try:
+        with contextlib.closing(sqlite3.connect(os.fspath(gpkg))) as con, con:
+            con.execute(
+                "UPDATE layer_styles SET useAsDefault = 0 WHERE f_table_name = ? AND f_geometry_column = ?",
+                (layer, geom_col),
+            )
+            con.execute(
+                "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
+                "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner, "
+                "ui, update_time) VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', NULL, ?)",
+                (layer, geom_col, name, qml, description, now),
+            )
+    except sqlite3.Error as exc:
+        raise file_error(OutputError, gpkg, f"cannot store the QGIS style ({exc})", "check the file") from None

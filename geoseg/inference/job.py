@@ -1,0 +1,230 @@
+"""``geoseg predict`` as a library call: scenes in, one polygon layer (and rasters) out.
+
+Everything that can be checked is checked before any work (checkpoint,
+every output path, every scene's CRS and bands), and every output of a run
+appears only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from geoseg.errors import CheckpointError, ConfigError, InputFileError, OutputError, file_error
+from geoseg.inference.outputs import ProbDtype
+from geoseg.inference.pipeline import PredictionResult, predict_scene, scene_bands
+from geoseg.raster_io import atomic_output, check_output, open_scene
+
+log = logging.getLogger(__name__)
+
+#: Default checkpoint, as written by ``geoseg train``.
+DEFAULT_MODEL = Path("saved_models") / "best_iou.pt"
+#: Raster extensions picked up from a scene folder.
+SCENE_EXTENSIONS = (".tif", ".tiff")
+#: Placeholder for the scene name in ``--mask-out``/``--prob-out`` templates.
+SCENE_FIELD = "{scene}"
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a ``predict`` run wrote.
+
+    Attributes:
+        out: The polygon file.
+        features: Polygons written.
+        results: One result per scene (timings, chip counts, raster paths).
+    """
+
+    out: Path
+    features: int
+    results: tuple[PredictionResult, ...]
+
+
+def resolve_scenes(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files, folders (their .tif/.tiff files) and glob patterns -> scene files, in order, no repeats.
+
+    Raises:
+        InputFileError: A path that does not exist, a glob or folder with no rasters, or no scene at all.
+    """
+    found: list[Path] = []
+    for spec in specs:
+        text = os.fspath(spec)
+        p = Path(text)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in SCENE_EXTENSIONS and f.is_file())
+            if not files:
+                raise file_error(InputFileError, p, "folder holds no .tif/.tiff scenes", "pass scene files")
+            found.extend(files)
+        elif p.exists():
+            found.append(p)
+        elif glob.has_magic(text):
+            files = sorted(Path(f) for f in glob.glob(text) if Path(f).is_file())
+            if not files:
+                raise file_error(InputFileError, text, "matches no files", "check the pattern")
+            found.extend(files)
+        else:
+            raise file_error(InputFileError, p, "file does not exist", "check the path")
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for f in found:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    if not unique:
+        raise InputFileError("no scenes given; pass one or more GeoTIFFs, folders or globs")
+    return unique
+
+
+def raster_output_paths(
+    spec: str | os.PathLike[str] | None, scenes: Sequence[Path], *, kind: str
+) -> list[Path | None]:
+    """Where each scene's mask/probability raster goes.
+
+    ``spec`` is a file (one scene only), a template containing ``{scene}``
+    (e.g. ``out/{scene}_mask.tif``), or a folder (no .tif extension), which
+    gets ``<scene>_<kind>.tif`` files.
+
+    Raises:
+        OutputError: A single file for several scenes, or two scenes with the same name.
+    """
+    if spec is None:
+        return [None] * len(scenes)
+    text = os.fspath(spec)
+    names = [s.stem for s in scenes]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise OutputError(
+            f"two scenes are named {dup!r}; their --{kind}-out files would collide; rename one"
+        )
+    if SCENE_FIELD in text:
+        return [Path(text.replace(SCENE_FIELD, n)) for n in names]
+    p = Path(text)
+    if p.suffix.lower() in SCENE_EXTENSIONS:
+        if len(scenes) > 1:
+            raise file_error(
+                OutputError, p, f"is one file for {len(scenes)} scenes",
+                f"pass a folder or a template such as {p.parent / ('{scene}_' + kind + p.suffix)}",
+            )
+        return [p]
+    return [p / f"{n}_{kind}.tif" for n in names]
+
+
+def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
+    """Load a checkpoint (default ``saved_models/best_iou.pt``).
+
+    Raises:
+        CheckpointError: No checkpoint (with the hint to train one), or a corrupt one.
+    """
+    from geoseg.models import load_checkpoint
+
+    path = Path(model_path) if model_path is not None else DEFAULT_MODEL
+    if not path.exists():
+        raise file_error(
+            CheckpointError, path, "no checkpoint there",
+            "run `geoseg train` first or pass --model CKPT",
+        )
+    return load_checkpoint(path, map_location="cpu")
+
+
+def predict_files(
+    scenes: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str],
+    model_path: str | os.PathLike[str] | None = None,
+    mask_out: str | os.PathLike[str] | None = None,
+    prob_out: str | os.PathLike[str] | None = None,
+    prob_dtype: ProbDtype = "uint8",
+    batch_size: int | None = None,
+    overlap: int | None = None,
+    block_size: int = 2048,
+    tta: bool = False,
+    threshold: float = 0.5,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    regularize: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+    bands: Sequence[int] | None = None,
+    assume_crs: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PredictSummary:
+    """Predict scenes and write all their polygons into one layer (and rasters if asked).
+
+    Args:
+        scenes: Files, folders or globs.
+        out: Polygon output (.gpkg, .geojson, .fgb, .shp).
+        model_path: Checkpoint (default ``saved_models/best_iou.pt``).
+        mask_out: Class-mask output: a file (one scene), a folder, or a
+            template with ``{scene}``.
+        prob_out: Probability output, like ``mask_out``.
+        prob_dtype: ``"uint8"`` or ``"float16"``.
+        batch_size: Chips per batch (None: device default).
+        overlap: Chip overlap in pixels (None: chip/4).
+        block_size: Block size in pixels.
+        tta: Flip test-time augmentation.
+        threshold: Rooftop probability threshold.
+        min_area: Smallest polygon in m².
+        simplify: Simplification tolerance in metres.
+        regularize: Regularise outlines.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        precision: ``"auto"``, ``"32"``, ``"bf16"``, ``"16"``.
+        bands: Scene bands to use instead of the checkpoint's.
+        assume_crs: CRS for scenes without one.
+        overwrite: Replace existing outputs.
+        progress: Called with (scene name, chips done, chips total).
+
+    Returns:
+        What was written.
+
+    Raises:
+        GeosegError: Any bad input, before anything is written.
+    """
+    from geoseg.export import check_vector_output, write_polygons
+
+    scene_paths = resolve_scenes(scenes)
+    out_path = check_vector_output(out, overwrite=overwrite)
+    masks = raster_output_paths(mask_out, scene_paths, kind="mask")
+    probs = raster_output_paths(prob_out, scene_paths, kind="prob")
+    rasters = [p for p in masks + probs if p is not None]
+    resolved = [p.resolve() for p in rasters] + [out_path.resolve()]
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError("two outputs are the same file; give --out, --mask-out and --prob-out distinct paths")
+    for p in rasters:
+        check_output(p, overwrite=overwrite)
+    model, meta = load_model(model_path)
+    chosen_bands = []
+    for path in scene_paths:
+        info = open_scene(path, assume_crs=assume_crs)
+        chosen_bands.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
+
+    results: list[PredictionResult] = []
+    with contextlib.ExitStack() as stack:
+        # Raster outputs stay at temporary paths until the polygons are written too.
+        tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in rasters}
+        for path, mpath, ppath, use in zip(scene_paths, masks, probs, chosen_bands):
+            cb = None
+            if progress is not None:
+                name = path.stem
+                cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
+            res = predict_scene(
+                path, model, meta,  # type: ignore[arg-type]
+                mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
+                polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta,
+                threshold=threshold, device=device, precision=precision, prob_dtype=prob_dtype,
+                min_area=min_area, simplify=simplify, regularize=regularize, bands=use,
+                assume_crs=assume_crs, scene_name=path.stem, temp_dir=out_path.parent if
+                out_path.parent.exists() else None, progress=cb, overwrite=True,
+            )
+            res.mask_path, res.prob_path = mpath, ppath
+            results.append(res)
+        frames = [r.polygons for r in results if r.polygons is not None]
+        write_polygons(frames, out_path, overwrite=overwrite)
+    features = sum(len(f) for f in frames)
+    return PredictSummary(out=out_path, features=features, results=tuple(results))

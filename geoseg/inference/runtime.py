@@ -1,0 +1,316 @@
+"""Run a segmentation model on batches of chips: device, precision, threads, TTA.
+
+Everything here is shared by the streamed scene prediction and by the
+model-only throughput measurement, so that both run the model the same way:
+eval mode, ``torch.inference_mode``, channels_last, autocast to bf16 (CPUs
+with native bf16, and GPUs) or fp16 (GPUs, when asked), fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from geoseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "32", "bf16", "16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+#: Flips averaged by test-time augmentation: (flip rows, flip columns).
+TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+
+#: Name of the class whose probability is written to ``--prob-out``.
+ROOFTOP_CLASS = "rooftop"
+
+#: CPUs with more logical cores than this keep one core free for reading and writing.
+_RESERVE_CORE_ABOVE = 4
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn ``"auto" | "cpu" | "cuda" | "cuda:N"`` into a torch device.
+
+    Raises:
+        ConfigError: Unknown name, or CUDA asked for where there is none.
+    """
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for but no CUDA GPU is available; use --device cpu")
+        return torch.device(name)
+    raise ConfigError(f"device should be one of 'auto', 'cpu', 'cuda', got {name!r}")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for name in checks:
+        fn = getattr(torch.cpu, name, None)
+        if fn is not None:
+            with contextlib.suppress(Exception):
+                if fn():
+                    return True
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``"auto"`` is bf16 on a GPU that supports it (fp16 on older GPUs) and on a CPU
+    with native bf16, fp32 elsewhere.
+
+    Raises:
+        ConfigError: Unknown precision, or fp16 asked for on a CPU.
+    """
+    p = str(precision)
+    if p not in ("auto", "32", "bf16", "16"):
+        raise ConfigError(f"precision should be one of 'auto', '32', 'bf16', '16', got {p!r}")
+    if p == "32":
+        return None
+    if device.type == "cuda":
+        if p == "16":
+            return torch.float16
+        if p == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if p == "16":
+        raise ConfigError("precision '16' (fp16) is for GPUs; on a CPU use 'bf16' or '32'")
+    if p == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"32"``, ``"bf16"`` or ``"16"`` for an autocast dtype."""
+    return {None: "32", torch.bfloat16: "bf16", torch.float16: "16"}[dtype]
+
+
+def default_cpu_threads() -> int:
+    """Intra-op threads for CPU inference: every core on small machines, one spare on larger ones.
+
+    On 2-4 cores the model needs them all (reading and writing are a few per cent
+    of its time and run between its parallel regions); on more cores one is left
+    to the reader and writer threads so that they never stall the model.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores if cores <= _RESERVE_CORE_ABOVE else cores - 1
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Set torch's intra-op thread count for a block of work, then restore it.
+
+    Args:
+        threads: Threads to use; None picks :func:`default_cpu_threads`.
+
+    Yields:
+        The thread count in effect.
+    """
+    before = torch.get_num_threads()
+    n = default_cpu_threads() if threads is None else max(1, int(threads))
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+def rooftop_index(class_names: Sequence[str], classes: int) -> int:
+    """Index of the class whose probability goes to the probability raster."""
+    names = [n.lower() for n in class_names]
+    if ROOFTOP_CLASS in names:
+        return names.index(ROOFTOP_CLASS)
+    return 1 if classes > 1 else 0
+
+
+class ChipPredictor:
+    """Normalise raw pixels and turn batches of chips into class probabilities.
+
+    The model is put in eval mode, moved to ``device`` and converted to
+    channels_last (in place: the caller's module is changed).
+
+    Attributes:
+        device: Where the model runs.
+        autocast_dtype: bf16/fp16 autocast dtype, or None for fp32.
+        channels: Probability channels returned per chip: 1 (rooftop
+            probability) for a binary model, else one per class.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        classes: int,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        tta: bool = False,
+        channels_last: bool = True,
+    ) -> None:
+        """Prepare the model.
+
+        Args:
+            model: Segmentation model returning logits (N, classes, H, W).
+            mean: Per-band mean in raw pixel units.
+            std: Per-band standard deviation in raw pixel units.
+            classes: Number of classes the model outputs.
+            device: Device to run on.
+            autocast_dtype: Autocast dtype, or None for fp32.
+            tta: Average the predictions of the four flips of each chip.
+            channels_last: Use the channels_last memory format (faster convolutions).
+
+        Raises:
+            ConfigError: A zero standard deviation.
+        """
+        if any(float(s) == 0 for s in std):
+            raise ConfigError(f"normalisation std {tuple(std)} has a zero; the checkpoint is broken")
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.classes = int(classes)
+        self.binary = self.classes == 2
+        self.channels = 1 if self.classes <= 2 else self.classes
+        self.tta = bool(tta)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(device=device, memory_format=self.memory_format)
+        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device)
+        self.inv_std = 1.0 / torch.tensor([float(s) for s in std], dtype=torch.float32, device=device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _probabilities(self, chips: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(chips)
+        logits = logits.float()
+        if self.classes == 1:
+            return torch.sigmoid(logits)
+        if self.binary:  # softmax of two logits = sigmoid of their difference; one channel kept
+            return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
+        return torch.softmax(logits, dim=1)
+
+    def __call__(self, chips: torch.Tensor) -> torch.Tensor:
+        """Probabilities for a batch of normalised chips.
+
+        Args:
+            chips: (N, C, H, W) float32 on ``device``, ideally channels_last.
+
+        Returns:
+            (N, channels, H, W) float32 probabilities.
+        """
+        if not self.tta:
+            return self._probabilities(chips)
+        total = self._probabilities(chips)  # TTA_FLIPS[0] is the identity
+        for flip_rows, flip_cols in TTA_FLIPS[1:]:
+            dims = [d for d, on in ((2, flip_rows), (3, flip_cols)) if on]
+            x = chips.flip(dims).contiguous(memory_format=self.memory_format)
+            total.add_(self._probabilities(x).flip(dims))
+        return total.mul_(1.0 / len(TTA_FLIPS))
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Model-only throughput measured on pre-loaded tensors.
+
+    Attributes:
+        chips_per_s: Median chips per second over the timed repeats.
+        seconds: Median seconds per batch.
+        batch_size: Chips per batch.
+        repeats: Number of timed batches.
+        device: Device name.
+        precision: ``"32"``, ``"bf16"`` or ``"16"``.
+        threads: Torch intra-op threads (CPU).
+    """
+
+    chips_per_s: float
+    seconds: float
+    batch_size: int
+    repeats: int
+    device: str
+    precision: str
+    threads: int
+
+
+def model_throughput(
+    model: nn.Module,
+    *,
+    in_channels: int,
+    chip_size: int,
+    classes: int,
+    batch_size: int = 16,
+    device: str = "auto",
+    precision: str = "auto",
+    tta: bool = False,
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+) -> Throughput:
+    """Model-only throughput: chips/s of :class:`ChipPredictor` on tensors already on the device.
+
+    Same settings as :func:`geoseg.inference.predict_scene` (eval, inference
+    mode, channels_last, autocast, thread count), so the two numbers compare.
+
+    Args:
+        model: The model.
+        in_channels: Input bands.
+        chip_size: Chip size in pixels.
+        classes: Classes the model outputs.
+        batch_size: Chips per batch.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        precision: ``"auto"``, ``"32"``, ``"bf16"`` or ``"16"``.
+        tta: Include flip test-time augmentation.
+        repeats: Timed batches (the median is reported).
+        warmup: Untimed batches first.
+        threads: CPU threads (None: :func:`default_cpu_threads`).
+        seed: Seed of the random input.
+
+    Returns:
+        The measurement.
+
+    Raises:
+        ConfigError: Bad device or precision.
+    """
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    predictor = ChipPredictor(
+        model, mean=[0.0] * in_channels, std=[1.0] * in_channels, classes=classes,
+        device=dev, autocast_dtype=dtype, tta=tta,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    chips = torch.randn((batch_size, in_channels, chip_size, chip_size), generator=gen)
+    chips = chips.to(dev).contiguous(memory_format=predictor.memory_format)
+    times = []
+    with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()) as n, torch.inference_mode():
+        for i in range(warmup + repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            predictor(chips)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    return Throughput(
+        chips_per_s=batch_size / med, seconds=med, batch_size=batch_size, repeats=repeats,
+        device=str(dev), precision=precision_name(dtype), threads=n,
+    )

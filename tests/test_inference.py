@@ -1,0 +1,389 @@
+"""Tests for geoseg.inference (and the block maths it adds to geoseg.tiling).
+
+Stand-in models: the oracle reproduces the label carried in the scene's last
+band, so the stitched mask must equal the label exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.enums import Compression
+from shapely.geometry import box
+
+from _prediction_helpers import Constant, Oracle, draw_rectangles, geodesic_area, oracle_meta, write_scene
+from geoseg.errors import CheckpointError, ConfigError, OutputError
+from geoseg.inference import (
+    MASK_NODATA,
+    PROB_NODATA,
+    PROB_SCALE,
+    WEIGHT_FLOOR,
+    axis_weight_sum,
+    model_throughput,
+    predict_scene,
+    resolve_precision,
+    taper_window,
+)
+from geoseg.tiling import axis_starts, block_grid, chip_grid
+
+CPU = dict(device="cpu", precision="32")
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def _rects_for(height: int, width: int, seed: int) -> list[tuple[int, int, int, int]]:
+    rng = np.random.default_rng(seed)
+    rects = []
+    for _ in range(14):
+        h, w = int(rng.integers(3, 70)), int(rng.integers(3, 70))
+        rects.append((int(rng.integers(0, height - 3)), int(rng.integers(0, width - 3)), h, w))
+    return rects
+
+
+# --- block maths (geoseg.tiling) ----------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    width=st.integers(1, 700), height=st.integers(1, 700), chip=st.sampled_from([16, 32, 48]),
+    overlap_frac=st.floats(0, 0.9), block_mult=st.integers(1, 5),
+)
+def test_block_grid_partitions_scene_and_assigns_each_chip_once(width, height, chip, overlap_frac, block_mult):
+    stride = max(1, chip - int(chip * overlap_frac))
+    block = chip * block_mult
+    blocks = block_grid(width, height, block_size=block, chip_size=chip, stride=stride)
+    cover = np.zeros((height, width), dtype=np.int32)
+    cores = {(b.row, b.col): b.core for b in blocks}
+    for b in blocks:
+        c = b.core
+        assert c.col_off % block == 0 and c.row_off % block == 0
+        cover[c.row_off:c.row_off + c.height, c.col_off:c.col_off + c.width] += 1
+        e = b.extent
+        assert (e.col_off, e.row_off) == (c.col_off, c.row_off)
+        for chip_ in b.chips:
+            w = chip_.window
+            assert c.col_off <= w.col_off < c.col_off + c.width
+            assert c.row_off <= w.row_off < c.row_off + c.height
+            assert w.col_off + w.width <= e.col_off + e.width
+            assert w.row_off + w.height <= e.row_off + e.height
+        # The halo reaches only into the right, lower and lower-right neighbours' cores.
+        right_end = min(e.col_off + e.width, width)
+        bottom_end = min(e.row_off + e.height, height)
+        if right_end > c.col_off + c.width:
+            nb = cores[(b.row, b.col + 1)]
+            assert right_end <= nb.col_off + nb.width
+        if bottom_end > c.row_off + c.height:
+            nb = cores[(b.row + 1, b.col)]
+            assert bottom_end <= nb.row_off + nb.height
+    assert (cover == 1).all()
+    assigned = [ch for b in blocks for ch in b.chips]
+    assert assigned and sorted(assigned, key=lambda k: (k.window.row_off, k.window.col_off)) == \
+        chip_grid(width, height, size=chip, stride=stride)
+
+
+def test_block_grid_refuses_blocks_smaller_than_a_chip():
+    with pytest.raises(ValueError, match="at least the chip size"):
+        block_grid(500, 500, block_size=64, chip_size=128, stride=96)
+
+
+# --- blending weights ---------------------------------------------------------------------------
+
+
+def test_taper_window_is_smooth_symmetric_and_never_zero():
+    w = taper_window(64, 16)
+    assert w.shape == (64,)
+    np.testing.assert_array_equal(w, w[::-1])
+    assert w.min() >= WEIGHT_FLOOR and w[0] < 0.02 and w[15] > 0.99
+    np.testing.assert_array_equal(w[16:48], 1.0)
+    assert np.all(np.diff(w[:16]) > 0)
+    np.testing.assert_array_equal(taper_window(64, 0), 1.0)
+
+
+def test_axis_weight_sum_counts_every_chip_touching_a_pixel():
+    win = taper_window(8, 2)
+    starts = axis_starts(21, 8, 6)  # 0, 6, 12, 13
+    total = axis_weight_sum(starts, win, 0, 21)
+    manual = np.zeros(21)
+    for s in starts:
+        manual[s:s + 8] += win
+    np.testing.assert_allclose(total, manual)
+    np.testing.assert_allclose(axis_weight_sum(starts, win, 5, 15), manual[5:15])
+
+
+# --- exact stitching with the oracle ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height,width", [(300, 517), (1000, 777)])
+@pytest.mark.parametrize("overlap", [0, 32, 64, 100])
+def test_oracle_mask_equals_label_exactly(tmp_path, height, width, overlap):
+    label = draw_rectangles(height, width, _rects_for(height, width, seed=height + overlap))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    model = Oracle()
+    res = predict_scene(
+        scene, model, oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif",
+        prob_out=tmp_path / "prob.tif", polygons=False, overlap=overlap, block_size=256,
+        batch_size=8, **CPU,
+    )
+    np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
+    prob = _read(tmp_path / "prob.tif")
+    np.testing.assert_array_equal(prob >= PROB_SCALE // 2, label == 1)
+    n_chips = len(chip_grid(width, height, size=128, stride=128 - overlap))
+    assert res.chips_total == res.chips_predicted == model.chips == n_chips
+    assert res.blocks == -(-height // 256) * -(-width // 256) > 1
+    assert res.chips_skipped == 0
+
+
+@pytest.mark.parametrize("height,width", [(50, 90), (40, 300), (200, 30)])
+def test_scene_smaller_than_a_chip_along_an_axis(tmp_path, height, width):
+    label = draw_rectangles(height, width, [(5, 5, 20, 20), (height - 10, width - 10, 10, 10)])
+    scene = write_scene(tmp_path / "small.tif", label)
+    predict_scene(scene, Oracle(), oracle_meta(chip_size=64), mask_out=tmp_path / "m.tif",
+                  polygons=False, block_size=64, overlap=16, **CPU)
+    np.testing.assert_array_equal(_read(tmp_path / "m.tif"), label)
+
+
+def test_multiclass_oracle_and_class_attribute(tmp_path):
+    label = draw_rectangles(300, 517, [(10, 10, 50, 60), (100, 200, 80, 40)], value=1)
+    label[200:260, 300:420] = 2
+    scene = write_scene(tmp_path / "mc.tif", label)
+    res = predict_scene(scene, Oracle(classes=3), oracle_meta(classes=3), mask_out=tmp_path / "m.tif",
+                        block_size=128, overlap=16, **CPU)
+    np.testing.assert_array_equal(_read(tmp_path / "m.tif"), label)
+    gdf = res.polygons
+    assert sorted(gdf["class"]) == ["class1", "class1", "class2"]
+
+
+def test_polygons_equal_drawn_rectangles_and_cross_blocks_as_one(tmp_path):
+    # The second rectangle straddles the block boundaries at x=128 and y=128.
+    rects = [(10, 10, 30, 40), (100, 90, 70, 80), (200, 400, 60, 50)]
+    label = draw_rectangles(300, 517, rects)
+    scene = write_scene(tmp_path / "s.tif", label)
+    with rasterio.open(scene) as src:
+        t = src.transform
+    res = predict_scene(scene, Oracle(), oracle_meta(), block_size=128, overlap=16, **CPU)
+    gdf = res.polygons
+    assert res.blocks == 3 * 5
+    assert len(gdf) == 3 and gdf.is_valid.all()
+    assert gdf.crs == rasterio.crs.CRS.from_string("EPSG:32633")
+    expected = [box(*(t @ (c, r + h)), *(t @ (c + w, r))) for r, c, h, w in rects]
+    for geom in gdf.geometry:
+        match = [e for e in expected if e.intersects(geom)]
+        assert len(match) == 1
+        assert geom.symmetric_difference(match[0]).area == 0
+    assert list(gdf["id"]) == [1, 2, 3]
+    assert set(gdf["scene"]) == {"s"}
+    # True ground area: UTM grid metres are 0.9996 ground metres on the central meridian.
+    truth = [geodesic_area(e, "EPSG:32633") for e in expected]
+    np.testing.assert_allclose(sorted(gdf["area_m2"]), sorted(truth), rtol=1e-4)
+    assert sorted(truth)[0] == pytest.approx(30 * 40 * 0.25 / 0.9996**2, rel=1e-4)
+    np.testing.assert_allclose(gdf["confidence"], 1.0, atol=1e-3)
+
+
+# --- seams, TTA, precision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prob_dtype", ["uint8", "float16"])
+def test_constant_model_gives_exactly_constant_probability(tmp_path, prob_dtype):
+    scene = write_scene(tmp_path / "c.tif", np.zeros((300, 517), np.uint8))
+    predict_scene(scene, Constant((0.0, 0.7)), oracle_meta(chip_size=64), prob_out=tmp_path / "p.tif",
+                  mask_out=tmp_path / "m.tif", polygons=False, overlap=24, block_size=128,
+                  prob_dtype=prob_dtype, **CPU)
+    prob = _read(tmp_path / "p.tif")
+    expected = 1 / (1 + np.exp(-0.7))
+    assert np.unique(prob).size == 1
+    if prob_dtype == "uint8":
+        assert prob[0, 0] == round(expected * PROB_SCALE)
+    else:
+        assert abs(float(prob[0, 0]) - expected) < 1e-3
+    np.testing.assert_array_equal(_read(tmp_path / "m.tif"), 1)
+
+
+class _ColumnRamp(torch.nn.Module):
+    """Rooftop logit grows with the column: not flip-invariant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ramp = (torch.arange(w, dtype=torch.float32) - (w - 1) / 2) / 8
+        return torch.stack([torch.zeros(n, h, w), ramp.expand(n, h, w)], dim=1)
+
+
+def test_tta_averages_flips(tmp_path):
+    scene = write_scene(tmp_path / "t.tif", np.zeros((150, 200), np.uint8))
+    meta = oracle_meta(chip_size=64)
+    predict_scene(scene, _ColumnRamp(), meta, prob_out=tmp_path / "plain.tif", polygons=False, **CPU)
+    predict_scene(scene, _ColumnRamp(), meta, prob_out=tmp_path / "tta.tif", polygons=False, tta=True, **CPU)
+    assert np.unique(_read(tmp_path / "plain.tif")).size > 10
+    # sigmoid(a) + sigmoid(-a) = 1: the flipped pairs average to exactly 1/2.
+    np.testing.assert_array_equal(_read(tmp_path / "tta.tif"), round(0.5 * PROB_SCALE))
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision("16", cpu)
+    with pytest.raises(ConfigError, match="precision should be one of"):
+        resolve_precision("64", cpu)
+
+
+def test_bf16_matches_fp32_for_the_oracle(tmp_path):
+    label = draw_rectangles(200, 300, _rects_for(200, 300, seed=3))
+    scene = write_scene(tmp_path / "b.tif", label)
+    predict_scene(scene, Oracle(), oracle_meta(), mask_out=tmp_path / "m.tif", polygons=False,
+                  device="cpu", precision="bf16")
+    np.testing.assert_array_equal(_read(tmp_path / "m.tif"), label)
+
+
+# --- georeference and file format ----------------------------------------------------------------
+
+
+def test_outputs_share_the_scene_grid_and_are_tiled_compressed_with_overviews(tmp_path):
+    label = draw_rectangles(600, 700, [(10, 10, 100, 100)])
+    scene = write_scene(tmp_path / "g.tif", label)
+    predict_scene(scene, Oracle(), oracle_meta(), mask_out=tmp_path / "m.tif", prob_out=tmp_path / "p.tif",
+                  polygons=False, block_size=256, **CPU)
+    with rasterio.open(scene) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    for name, nodata in (("m.tif", MASK_NODATA), ("p.tif", PROB_NODATA)):
+        with rasterio.open(tmp_path / name) as out:
+            assert out.crs == crs and out.transform == transform and out.shape == shape
+            assert out.dtypes[0] == "uint8" and out.nodata == nodata
+            assert out.profile["tiled"] and out.block_shapes[0] == (256, 256)
+            assert out.compression == Compression.deflate
+            assert out.overviews(1) == [2]
+    assert sorted(os.listdir(tmp_path)) == ["g.tif", "m.tif", "p.tif"]
+
+
+# --- nodata -------------------------------------------------------------------------------------
+
+
+def test_nodata_is_not_predicted_and_all_nodata_chips_are_skipped(tmp_path):
+    h, w = 300, 517
+    label = draw_rectangles(h, w, [(20, 20, 60, 60), (150, 300, 60, 80)])
+    nodata = np.zeros((h, w), dtype=bool)
+    nodata[:, 380:] = True  # a wide nodata band on the right
+    nodata[130:170, 320:360] = True  # a hole inside a roof
+    scene = write_scene(tmp_path / "n.tif", label, nodata_mask=nodata)
+    model = Oracle()
+    res = predict_scene(scene, model, oracle_meta(), mask_out=tmp_path / "m.tif", prob_out=tmp_path / "p.tif",
+                        overlap=16, block_size=128, **CPU)
+    mask, prob = _read(tmp_path / "m.tif"), _read(tmp_path / "p.tif")
+    np.testing.assert_array_equal(mask == MASK_NODATA, nodata)
+    np.testing.assert_array_equal(prob == PROB_NODATA, nodata)
+    np.testing.assert_array_equal(mask[~nodata], label[~nodata])
+    chips = chip_grid(w, h, size=64, stride=48)
+    empty = sum(bool(nodata[c.window.row_off:c.window.row_off + 64, c.window.col_off:c.window.col_off + 64].all())
+                for c in chips)
+    assert empty > 0
+    assert res.chips_skipped == empty and model.chips == len(chips) - empty == res.chips_predicted
+    gdf = res.polygons
+    assert len(gdf) == 2
+    with rasterio.open(scene) as src:
+        t = src.transform
+    hole = box(*(t @ (320, 170)), *(t @ (360, 130)))
+    assert all(g.intersection(hole).area == 0 for g in gdf.geometry)
+
+
+def test_all_nodata_scene_gives_empty_polygons_and_a_warning(tmp_path, caplog):
+    label = np.zeros((100, 150), np.uint8)
+    scene = write_scene(tmp_path / "e.tif", label, nodata_mask=np.ones_like(label, dtype=bool))
+    model = Oracle()
+    with caplog.at_level(logging.WARNING):
+        res = predict_scene(scene, model, oracle_meta(), mask_out=tmp_path / "m.tif", **CPU)
+    assert model.calls == 0 and res.chips_predicted == 0 and res.chips_skipped == res.chips_total
+    assert len(res.polygons) == 0
+    assert (_read(tmp_path / "m.tif") == MASK_NODATA).all()
+    assert "every pixel is nodata" in caplog.text
+
+
+# --- checks before any work ----------------------------------------------------------------------
+
+
+def test_band_mismatch_names_the_bands(tmp_path):
+    scene = write_scene(tmp_path / "four.tif", np.zeros((80, 90), np.uint8))  # 4 bands
+    meta = oracle_meta(bands=(1, 2, 3))
+    with pytest.raises(CheckpointError) as err:
+        predict_scene(scene, Oracle(), meta, **CPU)
+    assert str(err.value) == (
+        f"{scene}: scene has 4 bands, model expects bands 1,2,3 (3 bands); pass --bands with 3 band "
+        "numbers to choose the scene's bands (e.g. --bands 1,2,3) or use a model trained on 4-band imagery"
+    )
+    # Explicit band choices work: from the user, or from the checkpoint's training config.
+    predict_scene(scene, Constant(), meta, bands=(2, 3, 4), polygons=False, **CPU)
+    explicit = oracle_meta(bands=(1, 2, 3), config={"data": {"bands": [1, 2, 3]}})
+    predict_scene(scene, Constant(), explicit, polygons=False, **CPU)
+    with pytest.raises(CheckpointError, match="has 4 bands, no band 5"):
+        predict_scene(scene, Constant(), meta, bands=(1, 2, 5), **CPU)
+
+
+def test_resolution_far_from_training_warns_with_both(tmp_path, caplog):
+    scene = write_scene(tmp_path / "r.tif", np.zeros((80, 90), np.uint8))  # 0.5 m pixels (UTM)
+    with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
+        predict_scene(scene, Constant(), oracle_meta(resolution=0.3), polygons=False, **CPU)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert caplog.records[0].getMessage() == (
+        f"{scene}: ground resolution 0.5 m/px differs from the model's training data (0.3 m/px) by more "
+        "than 25%; predictions may be poor (resample the scene to the training resolution)"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
+        predict_scene(scene, Constant(), oracle_meta(resolution=0.45), polygons=False, **CPU)
+    assert caplog.records == []
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path):
+    scene = write_scene(tmp_path / "x.tif", np.zeros((80, 90), np.uint8))
+    (tmp_path / "m.tif").write_bytes(b"old")
+    model = Oracle()
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        predict_scene(scene, model, oracle_meta(), mask_out=tmp_path / "p_new.tif", prob_out=tmp_path / "m.tif",
+                      **CPU)
+    assert model.calls == 0
+    assert sorted(os.listdir(tmp_path)) == ["m.tif", "x.tif"]
+    assert (tmp_path / "m.tif").read_bytes() == b"old"
+
+
+class _Explodes(Oracle):
+    def forward(self, x):
+        if self.calls >= 3:
+            raise RuntimeError("boom")
+        return super().forward(x)
+
+
+def test_failure_midway_leaves_no_output(tmp_path):
+    scene = write_scene(tmp_path / "f.tif", draw_rectangles(300, 517, [(10, 10, 40, 40)]))
+    with pytest.raises(RuntimeError, match="boom"):
+        predict_scene(scene, _Explodes(), oracle_meta(), mask_out=tmp_path / "out" / "m.tif",
+                      prob_out=tmp_path / "p.tif", block_size=128, batch_size=2, **CPU)
+    leftovers = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert leftovers == ["f.tif"]
+
+
+def test_bad_overlap_is_a_config_error(tmp_path):
+    scene = write_scene(tmp_path / "o.tif", np.zeros((80, 90), np.uint8))
+    with pytest.raises(ConfigError, match="overlap should be from 0 to 63 pixels"):
+        predict_scene(scene, Oracle(), oracle_meta(), overlap=64, **CPU)
+
+
+# --- throughput hook ----------------------------------------------------------------------------
+
+
+def test_model_throughput_runs_the_predictor_on_preloaded_chips():
+    model = Oracle()
+    tp = model_throughput(model, in_channels=4, chip_size=32, classes=2, batch_size=4, repeats=3, warmup=1,
+                          device="cpu", precision="32")
+    assert model.calls == 4 and model.chips == 16
+    assert tp.chips_per_s > 0 and tp.batch_size == 4 and tp.precision == "32" and tp.device == "cpu"
