@@ -202,6 +202,107 @@ def train_command(
                    f"{result.last.name}; history.csv, learning_curves.png")
 
 
+@cli.command("predict")
+@click.argument("scenes", nargs=-1, required=True, metavar="SCENE...")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Polygon output; the format follows the extension: .gpkg (layer 'rooftops', QGIS "
+                   "style included), .geojson, .fgb, .shp.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
+              help="Checkpoint [default: saved_models/best_iou.pt].")
+@click.option("--mask-out", default=None, metavar="PATH",
+              help="Also write the uint8 class mask (255 = nodata). One scene: a .tif file. Several "
+                   "scenes: a folder (gets SCENE_mask.tif files) or a template with {scene}, "
+                   "e.g. masks/{scene}.tif.")
+@click.option("--prob-out", default=None, metavar="PATH",
+              help="Also write the rooftop probability (uint8: value/254, 255 = nodata; or float16 "
+                   "with --prob-dtype). File, folder or {scene} template as for --mask-out.")
+@click.option("--prob-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
+              help="Storage of --prob-out.")
+@click.option("--config", "config_path", default=None, metavar="FILE",
+              help="YAML config whose 'predict' section gives the defaults of the options below.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Chips per model call [default: predict.batch_size; 128 on a GPU].")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="Overlap between chips in pixels [default: a quarter of the chip].")
+@click.option("--block-size", type=click.IntRange(min=16), default=None,
+              help="Pixels per block processed at once (memory) [default: 2048].")
+@click.option("--tta/--no-tta", default=None, help="Average the predictions of flipped chips.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Rooftop probability threshold [default: 0.5].")
+@click.option("--min-area", type=click.FloatRange(min=0), default=None,
+              help="Drop polygons smaller than this, in m² [default: 4].")
+@click.option("--simplify", type=click.FloatRange(min=0), default=None,
+              help="Simplification tolerance in metres, 0 for none [default: 0.25].")
+@click.option("--regularize/--no-regularize", default=None,
+              help="Square building outlines to their dominant directions [default: no].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where the model runs [default: auto].")
+@click.option("--precision", type=click.Choice(["auto", "32", "bf16", "16"]), default=None,
+              help="auto: bf16 where the CPU/GPU has it, else fp32 [default: auto].")
+@click.option("--bands", default=None, metavar="B1,B2,...",
+              help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
+@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+def predict_command(
+    scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
+    prob_out: str | None, prob_dtype: str, config_path: str | None, batch_size: int | None,
+    overlap: int | None, block_size: int | None, tta: bool | None, threshold: float | None,
+    min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
+    precision: str | None, bands: str | None, assume_crs: str | None, overwrite: bool,
+) -> None:
+    """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
+
+    All scenes go into one layer with a 'scene' attribute (reprojected to the
+    first scene's CRS if they differ). Nothing is written unless the whole run
+    succeeds.
+    """
+    from tqdm import tqdm
+
+    from geoseg.config import PredictConfig, load_config
+    from geoseg.inference.job import predict_files
+
+    cfg = load_config(config_path).predict if config_path else PredictConfig()
+    band_list = None
+    if bands is not None:
+        try:
+            band_list = [int(b) for b in bands.split(",") if b.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{bands!r} should be band numbers like 1,2,3", param_hint="--bands")
+    bars: dict[str, Any] = {}
+
+    def progress(name: str, done: int, total: int) -> None:
+        bar = bars.get(name)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bar = bars[name] = tqdm(total=total, desc=name, unit="chip", leave=False, disable=None)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    summary = predict_files(
+        scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
+        prob_dtype=prob_dtype,  # type: ignore[arg-type]
+        batch_size=batch_size if batch_size is not None else (cfg.batch_size if config_path else None),
+        overlap=overlap if overlap is not None else cfg.overlap,
+        block_size=block_size if block_size is not None else cfg.block_size,
+        tta=cfg.tta if tta is None else tta,
+        threshold=cfg.threshold if threshold is None else threshold,
+        min_area=cfg.min_area if min_area is None else min_area,
+        simplify=cfg.simplify if simplify is None else simplify,
+        regularize=cfg.regularize if regularize is None else regularize,
+        device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
+        assume_crs=assume_crs, overwrite=overwrite, progress=progress,
+    )
+    for bar in bars.values():
+        bar.close()
+    for res in summary.results:
+        n = len(res.polygons) if res.polygons is not None else 0
+        extra = "".join(f", {kind} {p}" for kind, p in (("mask", res.mask_path), ("prob", res.prob_path)) if p)
+        click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
+                   f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}){extra}")
+    click.echo(f"wrote {summary.features} polygons to {summary.out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="geoseg")
