@@ -223,6 +223,25 @@ def test_object_scores_from_masks_batch_with_ignore_and_min_area() -> None:
         object_scores_from_masks(pred[0], true, transform=t)
 
 
+def test_mask_scores_by_pixel_counts_equal_polygon_matching() -> None:
+    rng = np.random.default_rng(5)
+    true = np.zeros((4, 96, 80), dtype=np.uint8)
+    for n in range(4):
+        for _ in range(10):
+            (r, c), (h, w) = rng.integers(0, 80, 2), rng.integers(3, 16, 2)
+            true[n, r:r + h, c:c + w] = 1
+    pred = true.copy()
+    pred[:, :, ::9] = 0          # cuts some buildings in two
+    pred[:, 40:42, :] = 1        # and merges others
+    s = object_scores_from_masks(pred, true, transform=GRID)
+    tp = fp = fn = 0
+    for p, t in zip(pred, true):
+        m = match_objects(mask_polygons(p == 1, transform=GRID), mask_polygons(t == 1, transform=GRID))
+        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+    assert (s["tp"], s["fp"], s["fn"]) == (tp, fp, fn)
+    assert tp > 0 and fp > 0 and fn > 0
+
+
 # ----------------------------------------------------------------- evaluate: pixels and objects
 
 

@@ -222,8 +222,21 @@ def match_objects(
         return ObjectMatch((), len(pred), len(true), iou_threshold)
     inter = shapely.area(shapely.intersection(pred[pi], true[ti]))
     union = shapely.area(pred[pi]) + shapely.area(true[ti]) - inter
+    return _greedy_match(pi, ti, inter, union, len(pred), len(true), iou_threshold)
+
+
+def _greedy_match(
+    pi: np.ndarray,
+    ti: np.ndarray,
+    inter: np.ndarray,
+    union: np.ndarray,
+    n_pred: int,
+    n_true: int,
+    iou_threshold: float,
+) -> ObjectMatch:
+    """One-to-one matching of candidate pairs: descending IoU, then lower truth, lower prediction."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
+        iou = np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
     keep = iou >= iou_threshold - IOU_TOLERANCE
     pi, ti, iou = pi[keep], ti[keep], iou[keep]
     # Quantise so that IoUs equal up to rounding sort as equal and the tie rule applies.
@@ -239,7 +252,41 @@ def match_objects(
         used_pred.add(p)
         used_true.add(t)
         pairs.append((p, t, float(iou[k])))
-    return ObjectMatch(tuple(pairs), len(pred), len(true), iou_threshold)
+    return ObjectMatch(tuple(pairs), n_pred, n_true, iou_threshold)
+
+
+def _components(mask: np.ndarray, min_area_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """4-connected components: labels (0 background, 1..n) and pixel areas of labels 1..n."""
+    import cv2
+
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    areas = np.bincount(labels.ravel(), minlength=n)[1:]
+    if min_area_px > 0:
+        keep = areas >= min_area_px
+        remap = np.zeros(n, dtype=np.int32)
+        remap[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+        labels, areas = remap[labels], areas[keep]
+    return labels, areas
+
+
+def _match_masks(
+    pred: np.ndarray, true: np.ndarray, *, min_area_px: float, iou_threshold: float
+) -> ObjectMatch:
+    """:func:`match_objects` of the 4-connected regions of two boolean masks, by pixel counts.
+
+    A region's polygon (``rasterio.features.shapes``) is exactly the union of
+    its pixels, so IoUs from pixel counts equal the polygon IoUs; counting is
+    much faster than polygon intersections on many small chips.
+    """
+    pl, pa = _components(pred, min_area_px)
+    tl, ta = _components(true, min_area_px)
+    both = (pl > 0) & (tl > 0)
+    code = pl[both].astype(np.int64) * (len(ta) + 1) + tl[both]
+    uniq, inter = np.unique(code, return_counts=True)
+    pi, ti = uniq // (len(ta) + 1) - 1, uniq % (len(ta) + 1) - 1
+    union = pa[pi] + ta[ti] - inter
+    return _greedy_match(pi, ti, inter.astype(float), union.astype(float), len(pa), len(ta),
+                         iou_threshold)
 
 
 def mask_polygons(mask: np.ndarray, *, transform: Affine = Affine.identity()) -> np.ndarray:
@@ -330,8 +377,10 @@ def object_scores_from_masks(
 ) -> dict[str, Any]:
     """Object precision, recall and F1 of class-id masks, for training validation.
 
-    Polygons are the 4-connected regions of ``class_id`` in each mask; pixels
-    where the truth is ``ignore_index`` are ignored on both sides. A batch
+    Objects are the 4-connected regions of ``class_id`` in each mask (the
+    polygons :func:`mask_polygons` makes; their IoUs are computed from pixel
+    counts, which is exact for pixel polygons and fast); pixels where the
+    truth is ``ignore_index`` are ignored on both sides. A batch
     (N, H, W) is matched chip by chip (objects never match across chips) and
     the counts are summed; sum ``tp``, ``fp``, ``fn`` over batches yourself and
     call :func:`object_scores` for an epoch score.
@@ -339,8 +388,8 @@ def object_scores_from_masks(
     Args:
         pred_mask: Predicted class ids (H, W) or (N, H, W): numpy array or tensor.
         true_mask: True class ids of the same shape.
-        transform: Pixel-to-CRS transform of the chips (polygons are built in
-            its units; IoU is a ratio of areas, so only its scale matters).
+        transform: Pixel-to-CRS transform of the chips (not needed: IoU is a
+            ratio of areas; accepted so that callers pass the georeference).
         crs: The masks' CRS; not needed (IoU is unitless), accepted for symmetry.
         min_area_px: Polygons smaller than this many pixels are dropped on both sides.
         class_id: The class whose objects are matched (rooftop = 1).
@@ -364,15 +413,11 @@ def object_scores_from_masks(
         )
     if pred.ndim == 2:
         pred, true = pred[None], true[None]
-    min_area = min_area_px * abs(transform.determinant)
+    del transform  # regions are matched by pixel counts: same IoUs as their polygons
     tp = fp = fn = 0
     for p, t in zip(pred, true):
         valid = np.ones(t.shape, dtype=bool) if ignore_index is None else t != ignore_index
-        pp = mask_polygons((p == class_id) & valid, transform=transform)
-        tt = mask_polygons((t == class_id) & valid, transform=transform)
-        if min_area > 0:
-            pp = pp[shapely.area(pp) >= min_area]
-            tt = tt[shapely.area(tt) >= min_area]
-        m = match_objects(pp, tt, iou_threshold=iou_threshold)
+        m = _match_masks((p == class_id) & valid, (t == class_id) & valid,
+                         min_area_px=min_area_px, iou_threshold=iou_threshold)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
     return object_scores(tp, fp, fn)
