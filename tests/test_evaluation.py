@@ -557,6 +557,30 @@ def test_points_are_not_buildings(tmp_path: Path) -> None:
                               "layer (building outlines)")
 
 
+def test_layer_choice_in_multi_layer_files(tmp_path: Path, caplog) -> None:
+    import pandas
+    import pyogrio
+
+    truth = write_mask(tmp_path / "truth.tif", draw([A, C]))
+    gpkg = tmp_path / "layers.gpkg"
+    pyogrio.write_dataframe(pandas.DataFrame({"x": [1]}), gpkg, layer="aaa_styles")  # no geometry
+    geopandas.GeoDataFrame(geometry=[px_box(*A)], crs=UTM).to_file(gpkg, layer="roofs")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(gpkg, truth).objects.n_pred == 1
+    assert caplog.records == []
+    geopandas.GeoDataFrame(geometry=[px_box(*A), px_box(*C)], crs=UTM).to_file(gpkg, layer="rooftops")
+    geopandas.GeoDataFrame(geometry=[px_box(*D)], crs=UTM).to_file(gpkg, layer="zzz")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(gpkg, truth).objects.tp == 2   # the layer geoseg predict writes
+    assert caplog.records == []
+    gpkg2 = tmp_path / "two.gpkg"
+    geopandas.GeoDataFrame(geometry=[px_box(*D)], crs=UTM).to_file(gpkg2, layer="first")
+    geopandas.GeoDataFrame(geometry=[px_box(*A)], crs=UTM).to_file(gpkg2, layer="second")
+    with caplog.at_level(logging.WARNING):
+        assert evaluate(gpkg2, truth).objects.fp == 1
+    assert f"{gpkg2}: has 2 layers, reading the first one (first)" in caplog.text
+
+
 def test_shapefile_without_crs_needs_assume_crs(tmp_path: Path) -> None:
     truth = write_mask(tmp_path / "truth.tif", draw([A]))
     shp = tmp_path / "roofs.shp"

@@ -192,8 +192,9 @@ def read_vector(
 ) -> VectorLayer:
     """Read the polygons of a vector file (GeoPackage, GeoJSON, Shapefile, ...).
 
-    A file with several layers is read from its ``rooftops`` layer if it has
-    one, else from its first layer (with a warning). Geometries are made
+    A file with several layers is read from its ``rooftops`` layer (the
+    layer ``geoseg predict`` writes) if it has one, else from its first layer
+    with geometries (with a warning when there are several). Geometries are made
     valid; features without polygonal parts become empty polygons and are
     dropped.
 
@@ -215,16 +216,18 @@ def read_vector(
     p = Path(path)
     _check_exists(p, fix)
     try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(p)]
+        listed = [(str(name), kind) for name, kind in pyogrio.list_layers(p)]
     except Exception as exc:  # pyogrio raises DataSourceError and plain errors alike
         detail = str(exc).split("\n")[0]
         raise file_error(
             InputFileError, p, f"is not a vector file GDAL can read ({detail})", fix
         ) from None
     layer = None
-    if len(layers) > 1:
+    if len(listed) > 1:
+        # tables without geometry (e.g. a GeoPackage's layer_styles) are not candidates
+        layers = [name for name, kind in listed if kind is not None] or [listed[0][0]]
         layer = "rooftops" if "rooftops" in layers else layers[0]
-        if layer != "rooftops":
+        if layer != "rooftops" and len(layers) > 1:
             logger.warning("%s: has %d layers, reading the first one (%s)", p, len(layers), layer)
     try:
         gdf = geopandas.read_file(p, layer=layer, engine="pyogrio")
