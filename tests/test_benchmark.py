@@ -1,0 +1,72 @@
+"""Tests for geoseg.benchmark and `geoseg benchmark` (correctness of the report, not speed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+import cli
+from geoseg.benchmark import make_large_scene, parse_size, run_benchmark
+from geoseg.errors import ConfigError
+
+
+def test_parse_size() -> None:
+    assert parse_size("2048x1024") == (2048, 1024)
+    assert parse_size("300") == (300, 300)
+    with pytest.raises(ConfigError, match=r"size should look like WIDTHxHEIGHT in pixels .* got 'ax2'"):
+        parse_size("ax2")
+    with pytest.raises(ConfigError):
+        parse_size("0x10")
+
+
+def test_make_large_scene_repeats_the_tile_exactly(tmp_path) -> None:
+    path = make_large_scene(tmp_path / "big.tif", 700, 450, tile=256, seed=3)
+    with rasterio.open(path) as src:
+        assert (src.width, src.height, src.count, src.dtypes[0]) == (700, 450, 3, "uint8")
+        assert src.crs is not None and src.block_shapes[0] == (256, 256)
+        data = src.read()
+    tile = data[:, :256, :256]
+    assert np.array_equal(data[:, 256:450, 512:700], tile[:, : 450 - 256, : 700 - 512])
+    assert np.array_equal(data[:, :256, 256:512], tile)
+    assert tile.std() > 5  # a real generated texture, not a constant
+
+
+def test_run_benchmark_reports_consistent_numbers(tmp_path) -> None:
+    res = run_benchmark(
+        encoder="resnet18", size=(300, 280), batch_size=4, repeats=1, precision="32",
+        threads=1, baseline_chips=2,
+    )
+    d = res.to_dict()
+    for key in ("model_chips_per_s", "e2e_chips_per_s", "ratio", "baseline_chips_per_s",
+                "peak_rss_mb", "peak_gpu_mb", "mfu", "stages"):
+        assert key in d
+    assert d["peak_gpu_mb"] is None
+    assert d["chips"] == 4  # 300x280 with 256-px chips and 64-px overlap: 2 x 2
+    assert d["ratio"] == pytest.approx(d["e2e_chips_per_s"] / d["model_chips_per_s"], rel=1e-2)
+    assert set(d["stages"]) >= {"read", "preprocess", "model", "blend_write", "vectorise"}
+    # DeepLabV3+ ResNet18 on one 256-px chip: torch's counter gives about 9 GFLOP.
+    assert 5e9 < d["flops_per_chip"] < 15e9
+    assert d["mfu"] == pytest.approx(
+        d["model_chips_per_s"] * d["flops_per_chip"] / (d["matmul_tflops"] * 1e12), rel=0.02)
+    assert d["precision"] == "32"
+
+
+def test_benchmark_cli_json_and_errors(tmp_path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli.cli, ["benchmark", "--encoder", "resnet18", "--size", "260x260",
+                                  "--batch-size", "2", "--repeats", "1", "--precision", "32",
+                                  "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["scene_size"] == [260, 260] and out["batch_size"] == 2
+    bad = runner.invoke(cli.cli, ["benchmark", "--size", "big"])
+    assert bad.exit_code == 1
+    assert bad.output.strip().splitlines()[-1] == (
+        "Error: size should look like WIDTHxHEIGHT in pixels (e.g. 2048x2048), got 'big'"
+    )
+    missing = runner.invoke(cli.cli, ["benchmark", "--model", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 1 and "nope.pt" in missing.output and "Traceback" not in missing.output
