@@ -96,44 +96,6 @@ def evaluate_command(
             click.echo(f"\npanels      {panels}")
 
 
-@cli.command("chip")
-@click.argument("scenes", nargs=-1, type=click.Path())
-@click.option("--labels", multiple=True, type=click.Path(),
-              help="One vector label file for all scenes, or one label raster per scene "
-                   "(repeat the option, same order as SCENE).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder: images/, labels/ and index.gpkg.")
-@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Chip side in pixels.")
-@click.option("--stride", type=click.IntRange(min=1), default=None,
-              help="Step between chips in pixels [default: --size, no overlap].")
-@click.option("--overwrite", is_flag=True, help="Replace existing chips and index.")
-@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
-@click.option("--demo", "demo_dir", type=click.Path(file_okay=False), default=None,
-              help="Generate a synthetic scene in this folder and chip it into DIR/chips.")
-def chip_command(
-    scenes: tuple[str, ...], labels: tuple[str, ...], out_dir: str | None, size: int,
-    stride: int | None, overwrite: bool, assume_crs: str | None, demo_dir: str | None,
-) -> None:
-    """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips."""
-    from geoseg.chipping import chip_demo, chip_scenes
-
-    if demo_dir is not None:
-        if scenes or out_dir:
-            raise click.UsageError("--demo takes no SCENE and no --out")
-        image, result = chip_demo(demo_dir, size=size, overwrite=overwrite)
-        click.echo(f"generated {image}")
-    else:
-        if not scenes:
-            raise click.UsageError("give at least one SCENE (or --demo DIR)")
-        if out_dir is None:
-            raise click.UsageError("missing option '--out'")
-        result = chip_scenes(scenes, out_dir=out_dir, labels=labels, size=size, stride=stride,
-                             overwrite=overwrite, assume_crs=assume_crs)
-    click.echo(f"wrote {len(result.images)} chips from {result.scenes} scene(s) to "
-               f"{result.out_dir} (index: {result.index}, layer 'chips')")
-
-
 @cli.command("train")
 @click.option("--config", "config_path", default=None, metavar="FILE",
               help="YAML config or preset name in configs/ (default: configs/default.yaml).")
@@ -200,6 +162,44 @@ def train_command(
             click.echo(f"best {where} rooftop IoU {best[f'{where}_iou']:.4f} at epoch {best['epoch']}")
         click.echo(f"checkpoints in {result.out_dir}: {result.best_iou.name}, {result.best_loss.name}, "
                    f"{result.last.name}; history.csv, learning_curves.png")
+
+
+@cli.command("chip")
+@click.argument("scenes", nargs=-1, type=click.Path())
+@click.option("--labels", multiple=True, type=click.Path(),
+              help="One vector label file for all scenes, or one label raster per scene "
+                   "(repeat the option, same order as SCENE).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Output folder: images/, labels/ and index.gpkg.")
+@click.option("--size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Chip side in pixels.")
+@click.option("--stride", type=click.IntRange(min=1), default=None,
+              help="Step between chips in pixels [default: --size, no overlap].")
+@click.option("--overwrite", is_flag=True, help="Replace existing chips and index.")
+@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@click.option("--demo", "demo_dir", type=click.Path(file_okay=False), default=None,
+              help="Generate a synthetic scene in this folder and chip it into DIR/chips.")
+def chip_command(
+    scenes: tuple[str, ...], labels: tuple[str, ...], out_dir: str | None, size: int,
+    stride: int | None, overwrite: bool, assume_crs: str | None, demo_dir: str | None,
+) -> None:
+    """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips."""
+    from geoseg.chipping import chip_demo, chip_scenes
+
+    if demo_dir is not None:
+        if scenes or out_dir:
+            raise click.UsageError("--demo takes no SCENE and no --out")
+        image, result = chip_demo(demo_dir, size=size, overwrite=overwrite)
+        click.echo(f"generated {image}")
+    else:
+        if not scenes:
+            raise click.UsageError("give at least one SCENE (or --demo DIR)")
+        if out_dir is None:
+            raise click.UsageError("missing option '--out'")
+        result = chip_scenes(scenes, out_dir=out_dir, labels=labels, size=size, stride=stride,
+                             overwrite=overwrite, assume_crs=assume_crs)
+    click.echo(f"wrote {len(result.images)} chips from {result.scenes} scene(s) to "
+               f"{result.out_dir} (index: {result.index}, layer 'chips')")
 
 
 @cli.command("predict")
@@ -301,6 +301,81 @@ def predict_command(
         click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
                    f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}){extra}")
     click.echo(f"wrote {summary.features} polygons to {summary.out}")
+
+
+@cli.command("benchmark")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
+              help="Checkpoint to benchmark (default: --encoder with random weights).")
+@click.option("--encoder", default="resnet50", show_default=True,
+              help="smp encoder of the DeepLabV3+ benchmarked when no --model is given.")
+@click.option("--scene", type=click.Path(dir_okay=False), default=None,
+              help="Scene to predict (default: a generated scene of --size).")
+@click.option("--size", default="2048x2048", show_default=True, metavar="WxH",
+              help="Size in pixels of the generated scene.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="Chip overlap in pixels [default: a quarter of the chip].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "32", "bf16", "16"]), default="auto",
+              show_default=True, help="auto: bf16 where the hardware has it.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed repeats (medians are reported).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--scaling", default=None, metavar="N,N,...",
+              help="Also predict square scenes of these sizes, each in a fresh process "
+                   "(time and peak memory per size), e.g. 1000,5000,10000,20000.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def benchmark_command(
+    model_path: str | None, encoder: str, scene: str | None, size: str, batch_size: int,
+    overlap: int | None, device: str, precision: str, repeats: int, threads: int | None,
+    scaling: str | None, as_json: bool,
+) -> None:
+    """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
+    import json
+
+    from geoseg.benchmark import parse_size, run_benchmark, scaling as run_scaling
+    from geoseg.errors import ConfigError
+
+    say = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
+    sizes: list[int] = []
+    if scaling:
+        try:
+            sizes = [int(x) for x in scaling.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--scaling should be sizes in pixels like 1000,5000, got {scaling!r}") from None
+    result = run_benchmark(
+        model_path=model_path, encoder=encoder, scene=scene, size=parse_size(size),
+        batch_size=batch_size, device=device, precision=precision, overlap=overlap,
+        repeats=repeats, threads=threads, progress=say,
+    )
+    out = result.to_dict()
+    points = []
+    if sizes:
+        points = run_scaling(
+            sizes, model_path=model_path, encoder=encoder, batch_size=batch_size, device=device,
+            precision=precision, progress=say,
+        )
+        out["scaling"] = [p.__dict__ for p in points]
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    r = result
+    click.echo(f"model      {r.model} on {r.device} ({r.precision}, {r.threads} threads, batch {r.batch_size})")
+    click.echo(f"scene      {r.scene} {r.scene_size[0]}x{r.scene_size[1]} px, {r.chips} chips of "
+               f"{r.chip_size} px, overlap {r.overlap} px")
+    click.echo(f"model only {r.model_chips_per_s:8.2f} chips/s")
+    click.echo(f"end to end {r.e2e_chips_per_s:8.2f} chips/s   ratio {r.ratio:.3f} (e2e / model)")
+    click.echo(f"baseline   {r.baseline_chips_per_s:8.2f} chips/s   (fp32 per-chip loop); "
+               f"geoseg is {r.speedup_vs_baseline:.2f}x faster")
+    click.echo("stages     " + ", ".join(f"{k} {v:.2f} s" for k, v in r.stages.items())
+               + f"  (wall {r.e2e_seconds:.2f} s; stages overlap in threads)")
+    gpu = "" if r.peak_gpu_mb is None else f", GPU {r.peak_gpu_mb:.0f} MB"
+    click.echo(f"memory     peak RSS {r.peak_rss_mb:.0f} MB{gpu}")
+    click.echo(f"FLOPs      {r.flops_per_chip / 1e9:.1f} GFLOP/chip, matmul {r.matmul_tflops * 1000:.0f} GFLOP/s, "
+               f"MFU {r.mfu:.1%}")
+    for p in points:
+        click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
+                   f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB")
 
 
 def main() -> None:
