@@ -445,15 +445,16 @@ def _object_scorer() -> Callable[[np.ndarray, np.ndarray, dict[str, Any]], tuple
 # ----------------------------------------------------------------------------- outputs
 
 
-def _row(epoch: int, lr: float, train: _EpochStats, val: _EpochStats | None, seconds: float) -> dict[str, Any]:
+def _row(epoch: int, lr: float, train: _EpochStats, val: _EpochStats | None, seconds: float,
+         train_seconds: float) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": train.loss}
     row.update({f"train_{k}": float(train.metrics[k]) for k in METRIC_KEYS})
     row["val_loss"] = val.loss if val else None
     row.update({f"val_{k}": (float(val.metrics[k]) if val else None) for k in METRIC_KEYS})
     row["val_object_f1"] = val.object_f1 if val else None
     row.update({
-        "skipped_steps": train.skipped, "seconds": round(seconds, 3),
-        "train_chips_per_s": round(train.chips / seconds, 3) if seconds > 0 else None,
+        "skipped_steps": train.skipped, "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3),
+        "train_chips_per_s": round(train.chips / train_seconds, 3) if train_seconds > 0 else None,
     })
     return row
 
@@ -469,7 +470,7 @@ def _summary(row: dict[str, Any], epochs: int) -> str:
     )
     if row.get("val_object_f1") is not None:
         text += f" object F1 {fmt(row['val_object_f1'])}"
-    text += f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s ({row['train_chips_per_s']} chips/s)"
+    text += f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s (training {row['train_chips_per_s']:.1f} chips/s)"
     if row.get("skipped_steps"):
         text += f" | {row['skipped_steps']} steps skipped (non-finite)"
     return text
@@ -696,6 +697,7 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
         if hasattr(train_ds, "set_epoch"):
             train_ds.set_epoch(epoch)
         train_stats = loop.train_epoch(train_loader, epoch)
+        train_seconds = time.perf_counter() - began
         if train_stats.metrics["pixels"] == 0:
             raise DatasetError(
                 f"{', '.join(d.root)}: zero usable training chips: every training pixel is nodata, "
@@ -704,7 +706,7 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
         want_obj = bool(t.object_f1_every) and epoch % t.object_f1_every == 0
         val_stats = loop.val_epoch(val_loader, epoch, object_f1=want_obj) if val_loader is not None else None
         seconds = time.perf_counter() - began
-        row = _row(epoch, optimizer.param_groups[0]["lr"], train_stats, val_stats, seconds)
+        row = _row(epoch, optimizer.param_groups[0]["lr"], train_stats, val_stats, seconds, train_seconds)
         history.append(row)
         epochs_run += 1
         ref = val_stats or train_stats

@@ -31,7 +31,7 @@ TINY = [
     "train.epochs=1", "train.device=cpu", "train.precision=32",
 ]
 #: History columns that must repeat exactly between identical runs (not the timings).
-TIMING = {"seconds", "train_chips_per_s"}
+TIMING = {"seconds", "train_seconds", "train_chips_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +164,21 @@ def test_early_stopping_and_best_checkpoint(tiny_data, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "out" / BEST_IOU)[1].epoch == 2
 
 
-def test_dataset_normalisation_and_augmentation(tiny_data, tmp_path):
+def test_dataset_normalisation_augmentation_and_object_f1(tiny_data, tmp_path):
+    from geoseg.augment import dataset_stats
+    from geoseg.datasets import ChipDataset, find_pairs
+
     result = fit(_config(tiny_data, tmp_path / "out", "data.normalization=dataset", "augment.enabled=true",
-                         "augment.shift_scale_rotate=1.0"))
+                         "augment.shift_scale_rotate=1.0", "train.object_f1_every=1"))
     meta = read_checkpoint(result.last).meta
-    assert all(20 < m < 235 for m in meta.mean) and meta.mean != pytest.approx(imagenet_stats(3)[0])
-    assert all(5 < s < 128 for s in meta.std)
+    train = [p for p in find_pairs(tiny_data) if p.name in ("scene_001", "scene_002")]
+    expected = dataset_stats(ChipDataset(train, chip_size=64))
+    assert meta.mean == pytest.approx(expected[0]) and meta.std == pytest.approx(expected[1])
+    assert meta.mean != pytest.approx(imagenet_stats(3)[0])
     assert math.isfinite(result.history[0]["train_loss"])
+    f1 = result.history[0]["val_object_f1"]
+    assert f1 is not None and 0.0 <= f1 <= 1.0
+    assert read_checkpoint(tmp_path / "out" / "best_object_f1.pt").meta.metrics["val_object_f1"] == f1
 
 
 def test_last_batch_of_one_is_dropped_and_batch_of_one_refused(tiny_data, tmp_path):
