@@ -183,7 +183,12 @@ def chip_command(
     scenes: tuple[str, ...], labels: tuple[str, ...], out_dir: str | None, size: int,
     stride: int | None, overwrite: bool, assume_crs: str | None, demo_dir: str | None,
 ) -> None:
-    """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips."""
+    """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips.
+
+    Writes OUT/images/<scene>_<row>_<col>.tif (row, col: pixel offsets in the
+    scene), OUT/labels/... when labels are given (class ids, 255 = ignore), and
+    OUT/index.gpkg (layer 'chips': footprints, scene, window, file paths).
+    """
     from geoseg.chipping import chip_demo, chip_scenes
 
     if demo_dir is not None:
