@@ -510,9 +510,31 @@ class _Tracker:
     def state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    def update(self, stats: _EpochStats, row: dict[str, Any], *, monitor: str) -> list[str]:
+        """Record an epoch; return the names of the best-checkpoints it improves."""
+        improved: list[str] = []
+        if stats.metrics["iou"] > self.best_iou:
+            self.best_iou, self.best_row = stats.metrics["iou"], row
+            improved.append(BEST_IOU)
+        if stats.loss < self.best_loss:
+            self.best_loss = stats.loss
+            improved.append(BEST_LOSS)
+        if stats.object_f1 is not None and stats.object_f1 > self.best_object_f1:
+            self.best_object_f1 = stats.object_f1
+            improved.append(BEST_OBJECT_F1)
+        # early stopping counts only epochs where the monitored value was measured
+        monitored = stats.object_f1 if monitor == "object_f1" else stats.metrics["iou"]
+        if monitored is not None:
+            if monitored > self.best_monitor:
+                self.best_monitor, self.bad_epochs = monitored, 0
+            else:
+                self.bad_epochs += 1
+        return improved
 
-def _check_resume(data: Any, path: str, config: Config, in_channels: int) -> None:
+
+def _check_resume(data: Any, path: str, config: Config, bands: tuple[int, ...]) -> None:
     meta = data.meta
+    in_channels = len(bands)
     want = (config.model.arch.lower(), config.model.encoder, in_channels, config.data.classes)
     have = (meta.arch.lower(), meta.encoder, meta.in_channels, meta.classes)
     if want != have:
@@ -521,6 +543,11 @@ def _check_resume(data: Any, path: str, config: Config, in_channels: int) -> Non
             f"{meta.classes} classes, the config asks for {config.model.arch}/{config.model.encoder} "
             f"with {in_channels} bands and {config.data.classes} classes; resume with the same model "
             "settings or start a new run without --resume"
+        )
+    if tuple(meta.bands) != tuple(bands):
+        raise CheckpointError(
+            f"{path}: was trained on bands {list(meta.bands)}, the data gives bands {list(bands)}; "
+            "set data.bands to the checkpoint's bands or start a new run without --resume"
         )
     if not data.extra or "optimizer" not in data.extra:
         raise CheckpointError(
@@ -566,8 +593,42 @@ def fit(
             dist.destroy_process_group()
 
 
-def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progress: ProgressCallback | None) -> FitResult:
+def _datasets(
+    config: Config, splits: dict[str, list[Any]], *, bands: tuple[int, ...], dtype: str,
+    stats: tuple[Sequence[float], Sequence[float]] | None,
+) -> tuple[Any, Any | None, Any, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Training and validation datasets with their transforms, and the normalisation used.
+
+    ``stats`` (mean, std) are reused when given (resume), else computed as
+    ``data.normalization`` says.
+    """
     from geoseg.augment import build_transform, normalization_stats, value_scale
+
+    d = config.data
+    zero = DatasetError(f"{', '.join(d.root)}: zero usable training chips; check the images, masks and nodata")
+    if stats is None:
+        raw = None
+        if d.normalization == "dataset":
+            raw = _dataset(splits["train"], config, bands=bands, train=False, transform=None)
+            if len(raw) == 0:
+                raise zero
+        stats = normalization_stats(d.normalization, num_bands=len(bands), dtype=dtype, dataset=raw)
+    mean, std = tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])
+    scale = value_scale(dtype)
+    train_tf = build_transform(mean=mean, std=std, augment=config.augment, scale=scale, seed=config.train.seed)
+    val_tf = build_transform(mean=mean, std=std, augment=None, scale=scale)
+    train_ds = _dataset(splits["train"], config, bands=bands, train=True, transform=train_tf)
+    if len(train_ds) == 0:
+        raise zero
+    val_items = splits.get("val") or []
+    val_ds = _dataset(val_items, config, bands=bands, train=False, transform=val_tf) if val_items else None
+    if val_ds is None or len(val_ds) == 0:
+        logger.warning("no validation chips: best checkpoints, scheduler and early stopping follow the training metrics")
+        val_ds = None
+    return train_ds, val_ds, train_tf, (mean, std)
+
+
+def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progress: ProgressCallback | None) -> FitResult:
     from geoseg.datasets import collate_samples
     from geoseg.losses import SegmentationLoss
     from geoseg.plots import plot_learning_curves
@@ -580,11 +641,11 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
     amp_dtype, use_scaler = resolve_precision(t.precision, device)
     _seed_everything(t.seed)
 
-    pairs, splits, bands, dtype, resolution = _discover(config)
+    _, splits, bands, dtype, resolution = _discover(config)
     in_channels = len(bands)
     resumed = read_checkpoint(resume, map_location="cpu") if resume is not None else None
     if resumed is not None:
-        _check_resume(resumed, str(resume), config, in_channels)
+        _check_resume(resumed, str(resume), config, bands)
 
     model = create_model(arch=config.model.arch, encoder=config.model.encoder,
                          encoder_weights=None if resumed else config.model.encoder_weights,
@@ -596,31 +657,13 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
             f"data.batch_size {d.batch_size} cannot train {config.model.arch} (BatchNorm needs at least 2 chips per batch); use 2 or more"
         )
 
-    if resumed is not None:
-        mean, std = resumed.meta.mean, resumed.meta.std
-    else:
-        raw = _dataset(splits["train"], config, bands=bands, train=False, transform=None) if d.normalization == "dataset" else None
-        if raw is not None and len(raw) == 0:
-            raise DatasetError(f"{', '.join(d.root)}: zero usable training chips; check the images, masks and nodata")
-        mean, std = normalization_stats(d.normalization, num_bands=in_channels, dtype=dtype, dataset=raw)
-    scale = value_scale(dtype)
-    train_tf = build_transform(mean=mean, std=std, augment=config.augment, scale=scale, seed=t.seed)
-    val_tf = build_transform(mean=mean, std=std, augment=None, scale=scale)
-    train_ds = _dataset(splits["train"], config, bands=bands, train=True, transform=train_tf)
-    val_items = splits.get("val") or []
-    val_ds = _dataset(val_items, config, bands=bands, train=False, transform=val_tf) if val_items else None
-    per_rank = len(train_ds) // ctx.world
-    if len(train_ds) == 0:
-        raise DatasetError(f"{', '.join(d.root)}: zero usable training chips; check the images, masks and nodata")
-    if per_rank < d.batch_size:
+    stats = (resumed.meta.mean, resumed.meta.std) if resumed is not None else None
+    train_ds, val_ds, train_tf, (mean, std) = _datasets(config, splits, bands=bands, dtype=dtype, stats=stats)
+    if len(train_ds) // ctx.world < d.batch_size:
         raise DatasetError(
             f"{', '.join(d.root)}: only {len(train_ds)} training chips for {ctx.world} process(es), fewer than "
             f"data.batch_size {d.batch_size} per process; lower data.batch_size or add data"
         )
-    if val_ds is None or len(val_ds) == 0:
-        logger.warning("no validation chips: best checkpoints, scheduler and early stopping follow the training metrics")
-        val_ds = None
-
     cuda = device.type == "cuda"
     train_sampler = torch.utils.data.DistributedSampler(
         train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=t.seed, drop_last=True)
@@ -712,22 +755,7 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
         ref = val_stats or train_stats
         scheduler.step(ref.loss)
 
-        improved: list[str] = []
-        if ref.metrics["iou"] > tracker.best_iou:
-            tracker.best_iou, tracker.best_row = ref.metrics["iou"], row
-            improved.append(BEST_IOU)
-        if ref.loss < tracker.best_loss:
-            tracker.best_loss = ref.loss
-            improved.append(BEST_LOSS)
-        if ref.object_f1 is not None and ref.object_f1 > tracker.best_object_f1:
-            tracker.best_object_f1 = ref.object_f1
-            improved.append(BEST_OBJECT_F1)
-        monitored = ref.object_f1 if t.monitor == "object_f1" else ref.metrics["iou"]
-        if monitored is not None:
-            if monitored > tracker.best_monitor:
-                tracker.best_monitor, tracker.bad_epochs = monitored, 0
-            else:
-                tracker.bad_epochs += 1
+        improved = tracker.update(ref, row, monitor=t.monitor)
         stopped = bool(t.early_stopping) and tracker.bad_epochs >= t.early_stopping
 
         if ctx.main:

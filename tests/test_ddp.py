@@ -81,7 +81,7 @@ def _rank_main(rank: int, world: int, port: int, config: Config, report: str) ->
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp") / "ds"
-    make_dataset(root, layout="seed", n_scenes=3, width=160, height=128, seed=5)  # 12 train chips, 6 val
+    make_dataset(root, layout="seed", n_scenes=3, width=128, height=128, seed=5)  # 8 train chips, 4 val
     return root
 
 

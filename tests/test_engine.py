@@ -36,9 +36,9 @@ TIMING = {"seconds", "train_seconds", "train_chips_per_s"}
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    """3 scenes of 160 x 128 px: by scene 2 train (12 chips of 64 px) and 1 val (6 chips)."""
+    """3 scenes of 128 x 128 px: by scene 2 train (8 chips of 64 px) and 1 val (4 chips)."""
     root = tmp_path_factory.mktemp("engine") / "ds"
-    make_dataset(root, layout="seed", n_scenes=3, width=160, height=128, seed=5)
+    make_dataset(root, layout="seed", n_scenes=3, width=128, height=128, seed=5)
     return root
 
 
@@ -96,7 +96,7 @@ def test_fit_writes_self_describing_checkpoints_history_and_curves(two_epochs):
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 64, 64)
 
     batches = [e for e in events if e.kind == "batch"]
-    assert [(e.stage, e.step, e.steps) for e in batches[:4]] == [("train", i, 3) for i in (1, 2, 3)] + [("val", 1, 2)]
+    assert [(e.stage, e.step, e.steps) for e in batches[:3]] == [("train", 1, 2), ("train", 2, 2), ("val", 1, 1)]
     summaries = [e.message for e in events if e.kind == "epoch"]
     assert len(summaries) == 2 and summaries[0].startswith("epoch 1/2: train loss ")
     assert " | val loss " in summaries[0] and " IoU " in summaries[0]
@@ -183,12 +183,12 @@ def test_dataset_normalisation_augmentation_and_object_f1(tiny_data, tmp_path):
 
 def test_last_batch_of_one_is_dropped_and_batch_of_one_refused(tiny_data, tmp_path):
     events: list[FitEvent] = []
-    fit(_config(tiny_data, tmp_path / "a", "data.batch_size=11"), progress=events.append)  # 12 chips: 11 + 1
+    fit(_config(tiny_data, tmp_path / "a", "data.batch_size=7"), progress=events.append)  # 8 chips: 7 + 1
     assert {e.steps for e in events if e.kind == "batch" and e.stage == "train"} == {1}
     with pytest.raises(ConfigError, match=r"data.batch_size 1 cannot train deeplabv3plus \(BatchNorm needs at least 2"):
         fit(_config(tiny_data, tmp_path / "b", "data.batch_size=1"))
-    with pytest.raises(DatasetError, match=r"only 12 training chips for 1 process\(es\), fewer than data.batch_size 13"):
-        fit(_config(tiny_data, tmp_path / "c", "data.batch_size=13"))
+    with pytest.raises(DatasetError, match=r"only 8 training chips for 1 process\(es\), fewer than data.batch_size 9"):
+        fit(_config(tiny_data, tmp_path / "c", "data.batch_size=9"))
 
 
 def test_bad_model_settings_fail_before_training(tiny_data, tmp_path):

@@ -27,7 +27,7 @@ def _sets(*items: str) -> list[str]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli") / "ds"
-    make_dataset(root, layout="seed", n_scenes=3, width=160, height=128, seed=5)
+    make_dataset(root, layout="seed", n_scenes=3, width=128, height=128, seed=5)
     return root
 
 
@@ -126,6 +126,10 @@ def test_resume_checkpoint_of_another_architecture(data, tmp_path):
     _one_line_error(
         _run("--data", str(data), "--resume", str(last), *_sets(*TINY, "model.arch=unet")),
         f"{last}: was trained as deeplabv3plus/resnet18 with 3 bands and 2 classes, the config asks for unet/resnet18",
+    )
+    _one_line_error(
+        _run("--data", str(data), "--resume", str(last), *_sets(*TINY, "data.bands=[3, 2, 1]")),
+        f"{last}: was trained on bands [1, 2, 3], the data gives bands [3, 2, 1]; set data.bands",
     )
     _one_line_error(_run("--data", str(data), "--resume", str(tmp_path / "gone.pt"), *_sets(*TINY)),
                     f"{tmp_path / 'gone.pt'}: checkpoint does not exist")
