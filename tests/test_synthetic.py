@@ -113,10 +113,10 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_render_is_independent_of_block_size(tmp_path, monkeypatch):
-    import geoseg.synthetic as synthetic
+    import geoseg.synthetic.scenes as scenes_module
 
     a = make_scene(tmp_path / "a", width=300, height=270, seed=3)
-    monkeypatch.setattr(synthetic, "RENDER_BLOCK", 128)
+    monkeypatch.setattr(scenes_module, "RENDER_BLOCK", 128)
     b = make_scene(tmp_path / "b", width=300, height=270, seed=3)
     assert np.array_equal(_read(a.image)[0], _read(b.image)[0])
     assert np.array_equal(_read(a.mask)[0], _read(b.mask)[0])
