@@ -139,7 +139,7 @@ def train_command(
     bars: dict[str, Any] = {}
 
     def progress(event: Any) -> None:
-        if event.kind == "epoch":
+        if event.kind in ("start", "epoch"):
             tqdm.write(event.message)
             return
         bar = bars.get("bar")

@@ -54,12 +54,13 @@ ProgressCallback = Callable[["FitEvent"], None]
 class FitEvent:
     """What ``fit`` reports to its progress callback (rank 0 only).
 
-    ``kind`` is ``"batch"`` after every batch of a stage (``step`` of
+    ``kind`` is ``"start"`` once before training (``message`` says what is
+    trained where), ``"batch"`` after every batch of a stage (``step`` of
     ``steps``, running ``loss`` and ``iou``), ``"epoch"`` after each epoch
     (``message`` is the one-line summary, ``row`` the history row).
     """
 
-    kind: Literal["batch", "epoch"]
+    kind: Literal["start", "batch", "epoch"]
     epoch: int
     epochs: int
     stage: Literal["train", "val"] | None = None
@@ -718,11 +719,15 @@ def _fit(config: Config, *, ctx: _Dist, device: torch.device, resume: Any, progr
         if resumed is None and paths[LAST].exists():
             logger.warning("%s: replacing the checkpoints of an earlier run", out_dir)
         (out_dir / SPLIT).write_text(json.dumps(_split_record(splits), indent=1))
-    logger.info(
-        "training %s/%s on %s (%s): %d train chips, %d val chips, batch %d x %d process(es)",
-        config.model.arch, config.model.encoder, device, amp_dtype or "fp32", len(train_ds),
-        len(val_ds) if val_ds is not None else 0, d.batch_size, ctx.world,
+    precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")  # type: ignore[arg-type]
+    start_message = (
+        f"training {config.model.arch}/{config.model.encoder} on {device} ({precision_name}): "
+        f"{len(train_ds)} train chips, {len(val_ds) if val_ds is not None else 0} val chips, "
+        f"batch {d.batch_size} x {ctx.world} process(es), epochs {start}-{t.epochs}; outputs in {out_dir}"
     )
+    logger.info(start_message)
+    if progress is not None and ctx.main:
+        progress(FitEvent(kind="start", epoch=start, epochs=t.epochs, message=start_message))
     meta = CheckpointMeta(
         arch=config.model.arch, encoder=config.model.encoder, in_channels=in_channels, classes=d.classes,
         class_names=tuple(d.class_names), bands=bands, mean=tuple(mean), std=tuple(std),

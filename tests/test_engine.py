@@ -95,6 +95,9 @@ def test_fit_writes_self_describing_checkpoints_history_and_curves(two_epochs):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 64, 64)
 
+    assert events[0].kind == "start" and events[0].message == (
+        f"training deeplabv3plus/resnet18 on cpu (fp32): 8 train chips, 4 val chips, batch 4 x 1 process(es), "
+        f"epochs 1-2; outputs in {out}")
     batches = [e for e in events if e.kind == "batch"]
     assert [(e.stage, e.step, e.steps) for e in batches[:3]] == [("train", 1, 2), ("train", 2, 2), ("val", 1, 1)]
     summaries = [e.message for e in events if e.kind == "epoch"]

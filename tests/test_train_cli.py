@@ -48,6 +48,7 @@ def test_train_command_trains_and_reports(data, tmp_path):
     out = tmp_path / "models"
     result = _run("--config", "quickstart", "--data", str(data), "--out-dir", str(out), "--device", "cpu", *_sets(*TINY))
     assert result.exit_code == 0, result.output
+    assert "training deeplabv3plus/resnet18 on cpu (fp32): 8 train chips, 4 val chips" in result.output
     assert "epoch 1/1: train loss " in result.output
     assert "best val rooftop IoU " in result.output and "at epoch 1" in result.output
     assert f"checkpoints in {out}: best_iou.pt, best_loss.pt, last.pt" in result.output
