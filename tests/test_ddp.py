@@ -63,7 +63,7 @@ def _rank_main(rank: int, world: int, port: int, config: Config, report: str) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import geoseg.engine as engine
+    import geoseg.engine.training as engine
 
     saved: list[str] = []
     real_save = engine.save_checkpoint
@@ -90,7 +90,7 @@ def test_two_gloo_ranks_match_one_process(data, tmp_path, monkeypatch):
     mp.spawn(_rank_main, args=(2, _free_port(), _config(data, tmp_path / "ddp", 2), report), nprocs=2, join=True)
     ranks = [json.loads(Path(report.format(rank=r)).read_text()) for r in (0, 1)]
 
-    import geoseg.engine as engine
+    import geoseg.engine.training as engine
 
     monkeypatch.setattr(engine, "create_model", _stand_in)
     single = engine.fit(_config(data, tmp_path / "single", 4))

@@ -14,14 +14,8 @@ import torch
 
 from geoseg.augment import imagenet_stats
 from geoseg.config import Config, load_config
-from geoseg.engine import (
-    BEST_IOU,
-    FitEvent,
-    _Loop,
-    fit,
-    resolve_device,
-    resolve_precision,
-)
+from geoseg.engine import BEST_IOU, FitEvent, fit, resolve_device, resolve_precision
+from geoseg.engine.loop import EpochLoop
 from geoseg.errors import CheckpointError, ConfigError, DatasetError, ModelError
 from geoseg.models import load_checkpoint, read_checkpoint
 from geoseg.synthetic import make_dataset
@@ -153,14 +147,14 @@ def test_non_finite_loss_skips_the_step_and_warns(tiny_data, tmp_path, monkeypat
 
 def test_early_stopping_and_best_checkpoint(tiny_data, tmp_path, monkeypatch):
     scripted = iter([0.5, 0.6, 0.55, 0.9])
-    original = _Loop.val_epoch
+    original = EpochLoop.val_epoch
 
     def scripted_iou(self, loader, epoch, *, object_f1):
         stats = original(self, loader, epoch, object_f1=object_f1)
         stats.metrics["iou"] = next(scripted)
         return stats
 
-    monkeypatch.setattr(_Loop, "val_epoch", scripted_iou)
+    monkeypatch.setattr(EpochLoop, "val_epoch", scripted_iou)
     result = fit(_config(tiny_data, tmp_path / "out", "train.epochs=4", "train.early_stopping=1"))
     assert result.stopped_early and result.epochs_run == 3
     assert [r["val_iou"] for r in result.history] == [0.5, 0.6, 0.55]
@@ -208,7 +202,7 @@ def test_missing_data_folder(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'nowhere'}: training data folder does not exist; put scenes in ")
 
 
-def test_all_nodata_training_data_has_zero_usable_chips(tmp_path):
+def test_all_nodata_training_data_has_zero_usable_chips(tmp_path, monkeypatch):
     import numpy as np
     from rasterio.transform import from_origin
 
@@ -220,17 +214,22 @@ def test_all_nodata_training_data_has_zero_usable_chips(tmp_path):
         write_geotiff(root / "images" / f"{name}.tif", np.zeros((3, 64, 64), np.uint8), crs="EPSG:32633",
                       transform=tf, nodata=0)
         write_geotiff(root / "labels" / f"{name}.tif", np.zeros((64, 64), np.uint8), crs="EPSG:32633", transform=tf)
+    config = _config(root, tmp_path / "out", "data.batch_size=2", "data.split=[1.0, 0.0, 0.0]")
     with pytest.raises(DatasetError, match="zero usable training chips: every training pixel is nodata"):
-        fit(_config(root, tmp_path / "out", "data.batch_size=2", "data.split=[1.0, 0.0, 0.0]"))
+        fit(config)  # found before training: the sample of chips read up front is the whole dataset
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr("geoseg.engine.data.USABLE_SAMPLE", 1)  # a sample too small to decide
+    with pytest.raises(DatasetError, match="zero usable training chips: every training pixel is nodata"):
+        fit(config)  # found from the confusion counts of the first epoch
 
 
 def test_precision_and_device_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("32", cpu) == (None, False)
     assert resolve_precision("bf16", cpu) == (torch.bfloat16, False)
-    monkeypatch.setattr("geoseg.engine.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("geoseg.engine.devices.cpu_supports_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == (torch.bfloat16, False)
-    monkeypatch.setattr("geoseg.engine.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("geoseg.engine.devices.cpu_supports_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == (None, False)
     with pytest.raises(ConfigError, match=r"train.precision '16' \(fp16\) needs a CUDA GPU"):
         resolve_precision("16", cpu)

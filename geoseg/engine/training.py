@@ -1,0 +1,287 @@
+"""fit(): the training run — model, optimiser, schedule, early stopping, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geoseg import __version__
+from geoseg.config import Config
+from geoseg.engine.data import ShardSampler, build_datasets, discover, split_record, zero_usable_error
+from geoseg.engine.devices import DistContext, resolve_precision, seed_everything, setup_distributed
+from geoseg.engine.loop import EpochLoop, FitEvent, ProgressCallback
+from geoseg.engine.records import (
+    BEST_IOU,
+    BEST_LOSS,
+    BEST_OBJECT_F1,
+    CURVES,
+    HISTORY,
+    LAST,
+    SPLIT,
+    Tracker,
+    epoch_summary,
+    history_row,
+    write_history,
+)
+from geoseg.errors import CheckpointError, ConfigError, DatasetError
+from geoseg.models import CheckpointMeta, check_chip_size, create_model, read_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of a training run.
+
+    Attributes:
+        out_dir: Folder with checkpoints, history.csv and learning_curves.png.
+        best_iou: Checkpoint with the best validation rooftop IoU.
+        best_loss: Checkpoint with the lowest validation loss.
+        last: Checkpoint of the last epoch (with the state to resume).
+        history: One row per epoch (as in history.csv).
+        best_metrics: The history row of the best-IoU epoch.
+        epochs_run: Epochs trained in this call.
+        stopped_early: Whether early stopping ended the run.
+    """
+
+    out_dir: Path
+    best_iou: Path
+    best_loss: Path
+    last: Path
+    history: list[dict[str, Any]]
+    best_metrics: dict[str, Any]
+    epochs_run: int
+    stopped_early: bool
+
+
+def check_resume(data: Any, path: str, config: Config, bands: tuple[int, ...]) -> None:
+    """Refuse a resume checkpoint of another model, other bands, or without training state.
+
+    Raises:
+        CheckpointError: Naming what differs.
+    """
+    meta = data.meta
+    in_channels = len(bands)
+    want = (config.model.arch.lower(), config.model.encoder, in_channels, config.data.classes)
+    have = (meta.arch.lower(), meta.encoder, meta.in_channels, meta.classes)
+    if want != have:
+        raise CheckpointError(
+            f"{path}: was trained as {meta.arch}/{meta.encoder} with {meta.in_channels} bands and "
+            f"{meta.classes} classes, the config asks for {config.model.arch}/{config.model.encoder} "
+            f"with {in_channels} bands and {config.data.classes} classes; resume with the same model "
+            "settings or start a new run without --resume"
+        )
+    if tuple(meta.bands) != tuple(bands):
+        raise CheckpointError(
+            f"{path}: was trained on bands {list(meta.bands)}, the data gives bands {list(bands)}; "
+            "set data.bands to the checkpoint's bands or start a new run without --resume"
+        )
+    if not data.extra or "optimizer" not in data.extra:
+        raise CheckpointError(
+            f"{path}: holds no training state to resume from; resume from the run's {LAST}"
+        )
+
+
+def fit(
+    config: Config,
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> FitResult:
+    """Train a segmentation model as ``config`` says and write its checkpoints.
+
+    Under torchrun (RANK / WORLD_SIZE set) this joins the process group (NCCL
+    on GPUs, gloo on CPU) and trains with DistributedDataParallel; only rank 0
+    writes files, and metrics are summed over all ranks.
+
+    Args:
+        config: The resolved configuration (data, model, augment, train).
+        resume: A ``last.pt`` of an earlier run with the same model settings:
+            continue from its epoch with its optimizer, scheduler, scaler and
+            early-stopping state.
+        progress: Called on rank 0 after every batch and epoch (see FitEvent).
+
+    Returns:
+        Paths of the checkpoints and the per-epoch history.
+
+    Raises:
+        DatasetError: Missing data folder, no pairs, no usable chips.
+        ModelError: Unknown architecture/encoder, bad weights file, chips too small.
+        CheckpointError: A resume checkpoint that does not fit this run.
+        ConfigError: Invalid combinations (fp16 on CPU, batch size 1 with BatchNorm, ...).
+    """
+    ctx, device = setup_distributed(config.train.device)
+    try:
+        return _fit(config, ctx=ctx, device=device, resume=resume, progress=progress)
+    finally:
+        if ctx.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any, progress: ProgressCallback | None) -> FitResult:
+    from geoseg.datasets import collate_samples
+    from geoseg.losses import SegmentationLoss
+    from geoseg.plots import plot_learning_curves
+
+    t, d = config.train, config.data
+    if t.monitor == "object_f1" and not t.object_f1_every:
+        raise ConfigError("train.monitor 'object_f1' needs train.object_f1_every >= 1")
+    if len(d.class_names) != d.classes:
+        raise ConfigError(f"data.class_names has {len(d.class_names)} names for data.classes {d.classes}; give one per class")
+    amp_dtype, use_scaler = resolve_precision(t.precision, device)
+    seed_everything(t.seed)
+
+    _, splits, bands, dtype, resolution = discover(config)
+    in_channels = len(bands)
+    resumed = read_checkpoint(resume, map_location="cpu") if resume is not None else None
+    if resumed is not None:
+        check_resume(resumed, str(resume), config, bands)
+
+    model = create_model(arch=config.model.arch, encoder=config.model.encoder,
+                         encoder_weights=None if resumed else config.model.encoder_weights,
+                         in_channels=in_channels, classes=d.classes)
+    check_chip_size(model, d.chip_size, arch=config.model.arch)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and d.batch_size < 2:
+        raise ConfigError(
+            f"data.batch_size {d.batch_size} cannot train {config.model.arch} (BatchNorm needs at least 2 chips per batch); use 2 or more"
+        )
+
+    stats = (resumed.meta.mean, resumed.meta.std) if resumed is not None else None
+    train_ds, val_ds, train_tf, (mean, std) = build_datasets(config, splits, bands=bands, dtype=dtype, stats=stats)
+    if len(train_ds) // ctx.world < d.batch_size:
+        raise DatasetError(
+            f"{', '.join(d.root)}: only {len(train_ds)} training chips for {ctx.world} process(es), fewer than "
+            f"data.batch_size {d.batch_size} per process; lower data.batch_size or add data"
+        )
+    cuda = device.type == "cuda"
+    train_sampler = torch.utils.data.DistributedSampler(
+        train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=t.seed, drop_last=True)
+    loader_kw: dict[str, Any] = {
+        "batch_size": d.batch_size, "num_workers": d.num_workers, "collate_fn": collate_samples,
+        "pin_memory": cuda,
+    }
+    # drop_last: a last batch of one chip would crash BatchNorm (and skews its statistics)
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=train_sampler, drop_last=True, **loader_kw)
+    val_loader = (torch.utils.data.DataLoader(val_ds, sampler=ShardSampler(len(val_ds), ctx.rank, ctx.world), **loader_kw)
+                  if val_ds is not None else None)
+
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    criterion = SegmentationLoss(ce_weight=t.ce_weight, dice_weight=t.dice_weight).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    tracker = Tracker()
+    history: list[dict[str, Any]] = []
+    start = 1
+    if resumed is not None:
+        extra = resumed.extra
+        model.load_state_dict(resumed.state_dict)
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        if extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
+        tracker = Tracker(**extra["tracker"])
+        history = list(extra.get("history") or [])
+        start = int(extra["epoch"]) + 1
+        if extra.get("rng_torch") is not None:
+            torch.set_rng_state(extra["rng_torch"].cpu())
+        logger.info("resuming from %s at epoch %d", resume, start)
+
+    train_model: nn.Module = model
+    if ctx.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if t.compile:
+        train_model = torch.compile(train_model)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    out_dir = Path(t.out_dir)
+    paths = {name: out_dir / name for name in (BEST_IOU, BEST_LOSS, BEST_OBJECT_F1, LAST, HISTORY, CURVES, SPLIT)}
+    if ctx.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if resumed is None and paths[LAST].exists():
+            logger.warning("%s: replacing the checkpoints of an earlier run", out_dir)
+        (out_dir / SPLIT).write_text(json.dumps(split_record(splits), indent=1))
+    precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")  # type: ignore[arg-type]
+    start_message = (
+        f"training {config.model.arch}/{config.model.encoder} on {device} ({precision_name}): "
+        f"{len(train_ds)} train chips, {len(val_ds) if val_ds is not None else 0} val chips, "
+        f"batch {d.batch_size} x {ctx.world} process(es), epochs {start}-{t.epochs}; outputs in {out_dir}"
+    )
+    logger.info(start_message)
+    if progress is not None and ctx.main:
+        progress(FitEvent(kind="start", epoch=start, epochs=t.epochs, message=start_message))
+    meta = CheckpointMeta(
+        arch=config.model.arch, encoder=config.model.encoder, in_channels=in_channels, classes=d.classes,
+        class_names=tuple(d.class_names), bands=bands, mean=tuple(mean), std=tuple(std),
+        chip_size=d.chip_size, resolution=resolution, config=config.to_dict(), version=__version__,
+    )
+    loop = EpochLoop(model=train_model, criterion=criterion, optimizer=optimizer, scaler=scaler, device=device,
+                 amp_dtype=amp_dtype, ctx=ctx, classes=d.classes, grad_clip=t.grad_clip,
+                 channels_last=t.channels_last, epochs=t.epochs, progress=progress)
+
+    epochs_run, stopped = 0, False
+    for epoch in range(start, t.epochs + 1):
+        began = time.perf_counter()
+        train_sampler.set_epoch(epoch)
+        train_tf.set_epoch(epoch)
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
+        train_stats = loop.train_epoch(train_loader, epoch)
+        train_seconds = time.perf_counter() - began
+        if train_stats.metrics["pixels"] == 0:
+            raise zero_usable_error(config)
+        want_obj = bool(t.object_f1_every) and epoch % t.object_f1_every == 0
+        val_stats = loop.val_epoch(val_loader, epoch, object_f1=want_obj) if val_loader is not None else None
+        seconds = time.perf_counter() - began
+        row = history_row(epoch, optimizer.param_groups[0]["lr"], train_stats, val_stats, seconds, train_seconds)
+        history.append(row)
+        epochs_run += 1
+        ref = val_stats or train_stats
+        scheduler.step(ref.loss)
+
+        improved = tracker.update(ref, row, monitor=t.monitor)
+        stopped = bool(t.early_stopping) and tracker.bad_epochs >= t.early_stopping
+
+        if ctx.main:
+            epoch_meta = replace(meta, epoch=epoch, metrics={k: v for k, v in row.items() if v is not None})
+            for name in improved:
+                save_checkpoint(paths[name], model, epoch_meta)
+            save_checkpoint(paths[LAST], model, epoch_meta, extra_state={
+                "epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "tracker": tracker.state(), "history": history,
+                "rng_torch": torch.get_rng_state(),
+            })
+            write_history(history, paths[HISTORY])
+            plot_learning_curves(history, paths[CURVES])
+            message = epoch_summary(row, t.epochs)
+            logger.info(message)
+            if progress is not None:
+                progress(FitEvent(kind="epoch", epoch=epoch, epochs=t.epochs, message=message, row=row))
+        if stopped:
+            logger.info("early stopping: no improvement of %s for %d epochs", t.monitor, tracker.bad_epochs)
+            break
+    if ctx.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return FitResult(
+        out_dir=out_dir, best_iou=paths[BEST_IOU], best_loss=paths[BEST_LOSS], last=paths[LAST],
+        history=history, best_metrics=dict(tracker.best_row), epochs_run=epochs_run, stopped_early=stopped,
+    )
