@@ -97,7 +97,7 @@ def combine_frames(frames: Sequence["geopandas.GeoDataFrame"]) -> "geopandas.Geo
     for frame in frames:
         if frame.crs is not None and target is not None and not frame.crs.equals(target):
             scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
-            log.info(
+            log.warning(
                 "reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
                 scenes, frame.crs.to_string(), target.to_string(),
             )

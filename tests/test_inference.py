@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import shapely
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -387,3 +386,13 @@ def test_model_throughput_runs_the_predictor_on_preloaded_chips():
                           device="cpu", precision="32")
     assert model.calls == 4 and model.chips == 16
     assert tp.chips_per_s > 0 and tp.batch_size == 4 and tp.precision == "32" and tp.device == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_gpu_path_stitches_exactly(tmp_path):
+    label = draw_rectangles(1000, 777, _rects_for(1000, 777, seed=9))
+    scene = write_scene(tmp_path / "gpu.tif", label)
+    res = predict_scene(scene, Oracle(), oracle_meta(chip_size=128), mask_out=tmp_path / "m.tif",
+                        prob_out=tmp_path / "p.tif", overlap=32, block_size=256, device="cuda", precision="bf16")
+    np.testing.assert_array_equal(_read(tmp_path / "m.tif"), label)
+    assert res.device.startswith("cuda") and res.precision == "bf16" and len(res.polygons) > 0

@@ -194,3 +194,20 @@ def test_polygons_to_frame_makes_invalid_input_valid():
         width=10, height=10, scene="s",
     )
     assert gdf.is_valid.all() and shapely.area(gdf.geometry[0]) > 0
+
+
+def test_speck_prefilter_changes_nothing_but_speed(tmp_path):
+    rng = np.random.default_rng(5)
+    mask = (rng.random((90, 120)) < 0.45).astype(np.uint8)  # noise: many specks, some large blobs
+    mask[30:60, 40:90] = 1
+    path = _write(tmp_path / "noise.tif", mask)
+    fast = mask_to_polygons(path, min_area=3.0, strip_pixels=120 * 16)
+    poly = StripPolygonizer(width=120, height=90)  # no prefilter
+    for r0 in range(0, 90, 16):
+        poly.add_strip(r0, mask[r0:r0 + 16])
+    slow = polygons_to_frame(poly.finish(), transform=T_UTM, crs=rasterio.crs.CRS.from_string(UTM), width=120,
+                             height=90, scene="noise", min_area=3.0)
+    assert 0 < len(fast) == len(slow) < len(mask_to_polygons(path)) / 3
+    key = lambda g: (g.bounds, g.area)  # noqa: E731
+    for a, b in zip(sorted(fast.geometry, key=key), sorted(slow.geometry, key=key)):
+        assert a.equals_exact(b, 0)

@@ -2,13 +2,8 @@
 
 from geoseg.inference.blending import WEIGHT_FLOOR, axis_weight_sum, taper_window
 from geoseg.inference.outputs import MASK_NODATA, PROB_NODATA, PROB_SCALE, stored_to_probability
-from geoseg.inference.pipeline import (
-    PredictionResult,
-    check_resolution,
-    effective_block_size,
-    predict_scene,
-    scene_bands,
-)
+from geoseg.inference.checks import check_resolution, effective_block_size, scene_bands
+from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inference.runtime import (
     ChipPredictor,
     Throughput,

@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 from geoseg.errors import CheckpointError, ConfigError, InputFileError, OutputError, file_error
 from geoseg.inference.outputs import ProbDtype
-from geoseg.inference.pipeline import PredictionResult, predict_scene, scene_bands
+from geoseg.inference.checks import scene_bands
+from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.raster_io import atomic_output, check_output, open_scene
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,11 @@ from geoseg.raster_io import GTIFF_PROFILE
 
 log = logging.getLogger(__name__)
 
+#: GDAL block cache (bytes) while reading or writing scene-sized rasters. GDAL keeps
+#: every tile it touches up to its cache limit (5% of RAM by default); capping it
+#: keeps memory flat in raster size. The limit is process-wide: set it once, in the
+#: thread that drives the work (``rasterio.Env(GDAL_CACHEMAX=...)`` takes bytes).
+GDAL_CACHE_BYTES = 64 << 20
 #: Mask value of pixels that were not predicted (input nodata); the labels' ignore index.
 MASK_NODATA = 255
 #: A uint8 probability raster stores ``round(p * PROB_SCALE)``; PROB_NODATA marks nodata.

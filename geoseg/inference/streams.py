@@ -1,0 +1,219 @@
+"""Background threads around the model: block readers ahead of it, a writer (and polygoniser) behind it."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from geoseg.inference.outputs import RasterSink, stored_to_probability
+from geoseg.raster_io import read_window
+from geoseg.tiling import Block
+
+if TYPE_CHECKING:
+    from geoseg.vectorize import PolygonBuilder, StripPolygonizer
+
+#: Finished block cores queued for the writer.
+WRITE_QUEUE = 2
+
+
+@dataclass
+class BlockData:
+    """One block's pixels, read ahead of the model."""
+
+    block: Block
+    data: torch.Tensor  # (H, W, C) raw pixels of the block extent (pixel-interleaved)
+    valid: torch.Tensor  # (H, W) bool
+    all_valid: bool
+    chip_ok: list[bool]  # chip has at least one valid pixel
+    seconds: float
+
+
+class BlockReader:
+    """Read block extents in worker threads (one dataset handle per thread), in order, ahead of use."""
+
+    def __init__(
+        self, path: Path, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool
+    ) -> None:
+        self.path, self.bands, self.pin = path, list(bands), pin
+        self.prefetch = max(1, prefetch)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="geoseg-read")
+        self._local = threading.local()
+        self._handles: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _src(self) -> Any:
+        src = getattr(self._local, "src", None)
+        if src is None:
+            src = rasterio.open(self.path)
+            self._local.src = src
+            with self._lock:
+                self._handles.append(src)
+        return src
+
+    def _read(self, block: Block) -> BlockData:
+        t0 = time.perf_counter()
+        src = self._src()
+        data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+        r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
+        chip_ok = []
+        for chip in block.chips:
+            w = chip.window
+            r, c = int(w.row_off) - r0, int(w.col_off) - c0
+            chip_ok.append(bool(valid[r:r + int(w.height), c:c + int(w.width)].any()))
+        # Pixel-interleaved here, off the model's thread: a gather of chip pixels from an
+        # (H, W, C) block is already channels_last.
+        data_t = torch.from_numpy(np.ascontiguousarray(data.transpose(1, 2, 0)))
+        valid_t = torch.from_numpy(valid)
+        if self.pin:
+            data_t, valid_t = data_t.pin_memory(), valid_t.pin_memory()
+        return BlockData(block, data_t, valid_t, bool(valid.all()), chip_ok, time.perf_counter() - t0)
+
+    def iterate(self, blocks: Sequence[Block]) -> Iterator[BlockData]:
+        """Yield the blocks' data in order, reading up to ``prefetch`` blocks ahead."""
+        ahead: deque[Future[BlockData]] = deque()
+        it = iter(blocks)
+        for block in it:
+            ahead.append(self._pool.submit(self._read, block))
+            if len(ahead) >= self.prefetch:
+                break
+        while ahead:
+            item = ahead.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                ahead.append(self._pool.submit(self._read, nxt))
+            yield item
+
+    def close(self) -> None:
+        """Stop the workers and close their datasets."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for src in self._handles:
+            src.close()
+        self._handles.clear()
+
+
+# --- the writer --------------------------------------------------------------------------------
+
+
+@dataclass
+class FinishedCore:
+    """A block's final class mask and stored probability, for the writer."""
+
+    block: Block
+    mask: np.ndarray
+    prob: np.ndarray
+    row_done: bool  # last block of its row: rows up to the core's bottom are complete
+
+
+class CoreWriter(threading.Thread):
+    """Write finished cores; polygonise complete rows of blocks while the model runs on."""
+
+    def __init__(
+        self,
+        *,
+        mask_sink: RasterSink | None,
+        prob_sink: RasterSink | None,
+        polygonizer: "StripPolygonizer | None",
+        builder: "PolygonBuilder | None",
+        strip_rows: int,
+        width: int,
+    ) -> None:
+        """Prepare the thread (not started).
+
+        Args:
+            mask_sink: Class-mask raster, or None.
+            prob_sink: Probability raster, or None.
+            polygonizer: Polygonises complete rows (needs ``mask_sink``), or None.
+            builder: Turns finished components into polygons as they complete, or None.
+            strip_rows: Rows per polygonisation strip.
+            width: Scene width in pixels.
+        """
+        super().__init__(name="geoseg-write", daemon=True)
+        self.queue: queue.Queue[FinishedCore | None] = queue.Queue(maxsize=WRITE_QUEUE)
+        self.mask_sink, self.prob_sink = mask_sink, prob_sink
+        self.polygonizer, self.builder = polygonizer, builder
+        self.strip_rows, self.width = strip_rows, width
+        self.error: BaseException | None = None
+        self.abort = threading.Event()  # set by the main thread on failure: stop without writing
+        self.write_s = 0.0
+        self.vector_s = 0.0
+        self._next_row = 0
+
+    def run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None or self.abort.is_set():
+                    return
+                t0 = time.perf_counter()
+                core = item.block.core
+                if self.mask_sink is not None:
+                    self.mask_sink.write(core, item.mask)
+                if self.prob_sink is not None:
+                    self.prob_sink.write(core, item.prob)
+                t1 = time.perf_counter()
+                self.write_s += t1 - t0
+                if item.row_done and self.polygonizer is not None:
+                    self._polygonise(int(core.row_off + core.height))
+                    self.vector_s += time.perf_counter() - t1
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self.error = exc
+            with contextlib.suppress(queue.Empty):
+                while True:  # unblock a main thread waiting on a full queue
+                    self.queue.get_nowait()
+
+    def _polygonise(self, stop: int) -> None:
+        if self.mask_sink is None:  # polygons always come with a mask sink
+            return
+        while self._next_row < stop:
+            r0 = self._next_row
+            h = min(self.strip_rows, stop - r0)
+            win = Window(0, r0, self.width, h)
+            mask = self.mask_sink.read(win)
+            prob = None
+            if self.prob_sink is not None:
+                prob, _ = stored_to_probability(self.prob_sink.read(win))
+            self.polygonizer.add_strip(r0, mask, prob)
+            if self.builder is not None:  # finished polygons leave pixel space at once
+                self.builder.add(self.polygonizer.take_finished())
+            self._next_row = r0 + h
+
+    def stop(self) -> None:
+        """Abandon the work (after a failure elsewhere): drop queued cores and wait for the thread."""
+        self.abort.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)  # wakes a writer waiting for work
+        if self.is_alive():
+            self.join()
+
+    def finish(self) -> None:
+        """Wait for every queued core to be written; raise the writer's error if it failed."""
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+    def put(self, item: FinishedCore | None) -> None:
+        """Queue an item; raise the writer's error if it has died."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
