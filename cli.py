@@ -247,13 +247,17 @@ def chip_command(
 @click.option("--bands", default=None, metavar="B1,B2,...",
               help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
 @click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@click.option("--preview", default=None, metavar="PATH",
+              help="Also draw the scene (downsampled) with its polygons into a PNG. Several scenes: "
+                   "a folder (gets SCENE_preview.png files) or a template with {scene}.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def predict_command(
     scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
     prob_out: str | None, prob_dtype: str, config_path: str | None, batch_size: int | None,
     overlap: int | None, block_size: int | None, tta: bool | None, threshold: float | None,
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
-    precision: str | None, bands: str | None, assume_crs: str | None, overwrite: bool,
+    precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
+    overwrite: bool,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -284,6 +288,13 @@ def predict_command(
         bar.total = total
         bar.update(done - bar.n)
 
+    previews = []
+    if preview is not None:  # refuse before any work, so that a refused run writes nothing
+        from geoseg.inference.job import resolve_scenes
+        from geoseg.preview import preview_paths
+        from geoseg.raster_io import check_output
+
+        previews = [check_output(p, overwrite=overwrite) for p in preview_paths(preview, resolve_scenes(scenes))]
     summary = predict_files(
         scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
         prob_dtype=prob_dtype,  # type: ignore[arg-type]
@@ -306,6 +317,12 @@ def predict_command(
         click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
                    f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}){extra}")
     click.echo(f"wrote {summary.features} polygons to {summary.out}")
+    if previews:
+        from geoseg.preview import write_preview
+
+        for res, png in zip(summary.results, previews):
+            write_preview(res.scene, res.polygons, png, overwrite=overwrite)
+            click.echo(f"preview {png}")
 
 
 @cli.command("benchmark")
