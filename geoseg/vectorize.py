@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: Pixels per strip when reading a mask for vectorisation (bounds memory; the
 #: strip height is this divided by the width).
-STRIP_PIXELS = 1 << 22
+STRIP_PIXELS = 1 << 21
 #: Mask value that is never vectorised (nodata / ignore).
 MASK_NODATA = 255
 #: 4-connectivity: diagonal neighbours are separate objects (as in rasterio.features.shapes).
@@ -148,9 +148,11 @@ class StripPolygonizer:
                     cls_of.extend([k] * int(n))
         n_comp = len(cls_of) - 1
         flat = labels.ravel()
-        counts = np.bincount(flat, minlength=n_comp + 1)
+        fg = np.flatnonzero(flat)  # statistics over object pixels only: memory follows the objects
+        fg_labels = flat[fg]
+        counts = np.bincount(fg_labels, minlength=n_comp + 1)
         if prob is not None:
-            sums = np.bincount(flat, weights=prob.ravel().astype(np.float64), minlength=n_comp + 1)
+            sums = np.bincount(fg_labels, weights=prob.ravel()[fg], minlength=n_comp + 1)
         else:  # no probability: confidence unknown
             sums = np.full(n_comp + 1, np.nan)
         keep = labels > 0

@@ -33,6 +33,7 @@ from geoseg.inference.checks import check_resolution, effective_block_size, scen
 from geoseg.inference.outputs import GDAL_CACHE_BYTES, ProbDtype, RasterSink, output_tile
 from geoseg.inference.runtime import (
     ChipPredictor,
+    keep_heap_flat,
     precision_name,
     resolve_device,
     resolve_precision,
@@ -191,6 +192,7 @@ def predict_scene(
         ConfigError: Bad overlap, batch size, device or precision.
     """
     t_start = time.perf_counter()
+    keep_heap_flat()
     scene_path = Path(scene_path)
     info = open_scene(scene_path, assume_crs=assume_crs)
     use_bands = scene_bands(info, meta, bands)
