@@ -202,7 +202,7 @@ def run_quickstart(
         data=dataclasses.replace(config.data, root=(str(data_dir),), layout="seed"),
         train=dataclasses.replace(config.train, out_dir=str(model_dir), device=device),
     )
-    resolve_device(device)  # "cuda" without a GPU fails here, before anything is written
+    where = resolve_device(device).type  # "cuda" without a GPU fails here, before anything is written
     _check_out_dir(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"geoseg": __version__}) + "\n")
@@ -221,7 +221,7 @@ def run_quickstart(
 
     t0 = time.perf_counter()
     _report(progress, f"training {config.model.arch}/{config.model.encoder} for {config.train.epochs} epochs "
-                      f"on {config.data.chip_size} px chips ({device})")
+                      f"on {config.data.chip_size} px chips ({where})")
     def on_epoch(event: Any) -> None:  # fit logs the epoch summary itself
         if progress is not None and event.kind == "epoch":
             progress(event.message)
