@@ -333,7 +333,15 @@ def test_split_file(seed_dataset, tmp_path):
     with pytest.raises(DatasetError) as err:
         split_pairs(pairs, split_file={"val": ["scene_009"]})
     assert str(err.value) == (
-        "split: scene(s) 'scene_009' are not in the dataset; check the names (scene names are the image file stems)"
+        "split: scene(s) 'scene_009' are not in the dataset; check the names (scene names are "
+        "the image file stems; globs like 'city_*' work)"
     )
+    # Globs name many scenes at once (a whole city held out); a glob that matches nothing is unknown.
+    split = split_pairs(pairs, split_file={"val": ["scene_00[12]"], "test": ["scene_000*"]})
+    assert [[p.name for p in split[k]] for k in ("train", "val", "test")] == [
+        [], ["scene_001", "scene_002"], ["scene_000"]
+    ]
+    with pytest.raises(DatasetError, match=r"scene\(s\) 'town_\*' are not in the dataset"):
+        split_pairs(pairs, split_file={"val": ["town_*"]})
     with pytest.raises(DatasetError, match=r"unknown split\(s\) 'validation'"):
         split_pairs(pairs, split_file={"validation": ["scene_000"]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
@@ -92,6 +93,17 @@ def _read_split_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     return out
 
 
+def _match_names(
+    name: str, by_name: Mapping[str, ScenePair], pairs: Sequence[ScenePair]
+) -> list[ScenePair]:
+    """The scenes a split-file entry names: an exact scene name, or a glob such as ``kampala_*``."""
+    if name in by_name:
+        return [by_name[name]]
+    if not any(ch in name for ch in "*?["):
+        return []
+    return [p for p in sorted(pairs, key=lambda p: p.name) if fnmatch.fnmatchcase(p.name, name)]
+
+
 def _split_from_lists(
     pairs: Sequence[ScenePair], lists: Mapping[str, Sequence[str]], source: str
 ) -> dict[str, list[PairItem]]:
@@ -110,22 +122,23 @@ def _split_from_lists(
     unknown: list[str] = []
     for split in SPLITS:
         for name in lists.get(split, []):
-            pair = by_name.get(name)
-            if pair is None:
+            matched = _match_names(name, by_name, pairs)
+            if not matched:
                 unknown.append(name)
                 continue
-            if pair.name in placed and placed[pair.name] != split:
-                raise DatasetError(
-                    f"{source}: scene {pair.name!r} is listed in both {placed[pair.name]!r} and "
-                    f"{split!r}; list each scene once"
-                )
-            if pair.name not in placed:
-                placed[pair.name] = split
-                out[split].append(pair)
+            for pair in matched:
+                if pair.name in placed and placed[pair.name] != split:
+                    raise DatasetError(
+                        f"{source}: scene {pair.name!r} is listed in both {placed[pair.name]!r} "
+                        f"and {split!r}; list each scene once"
+                    )
+                if pair.name not in placed:
+                    placed[pair.name] = split
+                    out[split].append(pair)
     if unknown:
         raise DatasetError(
             f"{source}: scene(s) {', '.join(map(repr, unknown[:10]))} are not in the dataset; "
-            "check the names (scene names are the image file stems)"
+            "check the names (scene names are the image file stems; globs like 'city_*' work)"
         )
     rest = [p for p in pairs if p.name not in placed]
     if rest:
