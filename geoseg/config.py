@@ -19,8 +19,12 @@ import yaml
 
 from geoseg.errors import ConfigError
 
-#: Folder of the YAML presets shipped with geoseg (``configs/`` in the source tree).
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+#: Folder of the YAML presets shipped with geoseg: ``geoseg/presets`` in an installed wheel,
+#: the top-level ``configs/`` folder in a source tree or an editable install.
+PRESETS_DIR = (
+    _PACKAGE_DIR / "presets" if (_PACKAGE_DIR / "presets").is_dir() else _PACKAGE_DIR.parent / "configs"
+)
 
 Precision = Literal["auto", "32", "bf16", "16"]
 

@@ -55,3 +55,37 @@ def test_overrides_and_wrong_types():
     assert (c.train.epochs, c.model.encoder) == (3, "resnet34")
     with pytest.raises(ConfigError, match=r"config key 'train.epochs' should be int, got 'many'"):
         load_config("default", ["train.epochs=many"])
+
+
+def test_presets_and_splits_ship_inside_the_package():
+    """setup.cfg maps configs/ to geoseg.presets and lists every package, so a wheel carries them."""
+    import configparser
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    on_disk = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "geoseg").rglob("__init__.py")
+    }
+    assert listed == on_disk | {"geoseg.presets"}
+    assert cfg["options"]["package_dir"].split() == ["geoseg.presets", "=", "configs"]
+    patterns = cfg["options.package_data"]["geoseg.presets"].replace(",", " ").split()
+    shipped = {p for pat in patterns for p in (root / "configs").glob(pat)}
+    assert shipped == set((root / "configs").rglob("*.yaml")) and PRESETS_DIR == root / "configs"
+
+
+def test_split_files_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from geoseg.datasets.splits import _read_split_file
+    from geoseg.errors import InputFileError
+
+    monkeypatch.chdir(tmp_path)  # not the repository root: the relative path in oam.yaml still works
+    assert _read_split_file("oam_val_zanzibar") == {"val": ["zanzibar_*"]}
+    assert _read_split_file("configs/splits/oam_val_zanzibar.yaml") == {"val": ["zanzibar_*"]}
+    assert _read_split_file(load_config("oam").data.split_file)["val"][0] == "kampala_z20_619212_523272"
+    with pytest.raises(InputFileError) as err:
+        _read_split_file("oam_val_nairobi")
+    assert str(err.value) == (
+        "oam_val_nairobi: split file does not exist; check the path, or name a shipped split "
+        "(oam_val_catanduanes, oam_val_kampala, oam_val_zanzibar)"
+    )

@@ -61,12 +61,28 @@ def split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:
     return counts[0], counts[1], counts[2]
 
 
+def _shipped_splits() -> list[Path]:
+    from geoseg.config import PRESETS_DIR
+
+    return sorted((PRESETS_DIR / "splits").glob("*.yaml"))
+
+
 def _read_split_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     import yaml
 
     p = Path(path)
+    if not p.is_file() and not p.is_absolute():
+        # A split file shipped with the presets: "oam_val_kampala" or "configs/splits/oam_val_kampala.yaml".
+        from geoseg.config import PRESETS_DIR
+
+        for name in (p.name, f"{p.name}.yaml"):
+            if (PRESETS_DIR / "splits" / name).is_file():
+                p = PRESETS_DIR / "splits" / name
+                break
     if not p.is_file():
-        raise file_error(InputFileError, p, "split file does not exist", "check the path")
+        shipped = ", ".join(sorted(q.stem for q in _shipped_splits()))
+        raise file_error(InputFileError, p, "split file does not exist",
+                         f"check the path, or name a shipped split ({shipped})")
     text = p.read_text()
     if p.suffix.lower() in (".yaml", ".yml", ".json"):
         try:
