@@ -346,11 +346,14 @@ def predict_command(
 @click.option("--scaling", default=None, metavar="N,N,...",
               help="Also predict square scenes of these sizes, each in a fresh process "
                    "(time and peak memory per size), e.g. 1000,5000,10000,20000.")
+@click.option("--train", "train_mode", is_flag=True,
+              help="Measure training throughput instead: the real training step in fp32 and each "
+                   "mixed precision the device has (or fp32 and --precision), from one run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def benchmark_command(
     model_path: str | None, encoder: str, scene: str | None, size: str, batch_size: int,
     overlap: int | None, device: str, precision: str, repeats: int, threads: int | None,
-    scaling: str | None, as_json: bool,
+    scaling: str | None, train_mode: bool, as_json: bool,
 ) -> None:
     """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
     import json
@@ -359,6 +362,9 @@ def benchmark_command(
     from geoseg.errors import ConfigError
 
     say = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
+    if train_mode:
+        _benchmark_training(encoder, batch_size, device, precision, repeats, threads, as_json, say)
+        return
     sizes: list[int] = []
     if scaling:
         try:
@@ -398,6 +404,29 @@ def benchmark_command(
     for p in points:
         click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
                    f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB")
+
+
+def _benchmark_training(
+    encoder: str, batch_size: int, device: str, precision: str, repeats: int,
+    threads: int | None, as_json: bool, say: Any,
+) -> None:
+    import json
+
+    from geoseg.benchmark_train import train_throughput
+
+    precisions = None if precision == "auto" else list(dict.fromkeys(["32", precision]))
+    result = train_throughput(encoder=encoder, batch_size=batch_size, device=device,
+                              precisions=precisions, repeats=repeats, threads=threads, progress=say)
+    out = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"training   {result.model} on {result.device} ({result.threads} threads, batch "
+               f"{result.batch_size}, {result.chip_size} px chips, {result.steps} steps x {result.repeats})")
+    for p in result.points:
+        gpu = "" if p.peak_gpu_mb is None else f", peak GPU {p.peak_gpu_mb:.0f} MB"
+        click.echo(f"{'fp' + p.precision if p.precision in ('32', '16') else p.precision:10} "
+                   f"{p.chips_per_s:8.2f} chips/s  ({out['speedup_vs_fp32'].get(p.precision, 1):.2f}x fp32{gpu})")
 
 
 @cli.command("quickstart")
