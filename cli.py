@@ -263,7 +263,9 @@ def predict_command(
 
     All scenes go into one layer with a 'scene' attribute (reprojected to the
     first scene's CRS if they differ). Nothing is written unless the whole run
-    succeeds.
+    succeeds. Under torchrun (torchrun --nproc_per_node N -m geoseg predict ...)
+    each process predicts a share of the scenes on its own GPU and rank 0
+    merges them into the one layer.
     """
     from tqdm import tqdm
 
@@ -316,11 +318,18 @@ def predict_command(
         extra = "".join(f", {kind} {p}" for kind, p in (("mask", res.mask_path), ("prob", res.prob_path)) if p)
         click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
                    f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}){extra}")
-    click.echo(f"wrote {summary.features} polygons to {summary.out}")
+    if summary.shard.rank == 0:
+        ranks = f" (merged from {summary.shard.world} ranks)" if summary.shard.active else ""
+        click.echo(f"wrote {summary.features} polygons to {summary.out}{ranks}")
     if previews:
+        from pathlib import Path
+
+        from geoseg.inference.job import resolve_scenes
         from geoseg.preview import write_preview
 
-        for res, png in zip(summary.results, previews):
+        by_scene = dict(zip((p.resolve() for p in resolve_scenes(scenes)), previews))
+        for res in summary.results:  # under torchrun: this rank's scenes
+            png = by_scene[Path(res.scene).resolve()]
             write_preview(res.scene, res.polygons, png, overwrite=overwrite)
             click.echo(f"preview {png}")
 

@@ -18,6 +18,10 @@ from typing import Callable, Sequence
 from geoseg.errors import CheckpointError, ConfigError, InputFileError, OutputError, file_error
 from geoseg.inference.outputs import ProbDtype
 from geoseg.inference.checks import scene_bands
+from geoseg.inference.distributed import (
+    RankGroup, Shard, assign_scenes, rank_device, read_partials, remove_partials, shard_from_env,
+    write_partials,
+)
 from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.raster_io import atomic_output, check_output, open_scene
 
@@ -38,12 +42,15 @@ class PredictSummary:
     Attributes:
         out: The polygon file.
         features: Polygons written.
-        results: One result per scene (timings, chip counts, raster paths).
+        results: One result per scene this process predicted (timings, chip counts, raster paths):
+            every scene, or under torchrun this rank's share.
+        shard: This process's rank among the prediction processes.
     """
 
     out: Path
     features: int
     results: tuple[PredictionResult, ...]
+    shard: Shard = Shard()
 
 
 def resolve_scenes(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
@@ -200,32 +207,62 @@ def predict_files(
     for p in rasters:
         check_output(p, overwrite=overwrite)
     model, meta = load_model(model_path)
-    chosen_bands = []
+    chosen_bands, sizes = [], []
     for path in scene_paths:
         info = open_scene(path, assume_crs=assume_crs)
         chosen_bands.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
+        sizes.append(info.width * info.height)
 
+    # Under torchrun each rank predicts its share of the scenes; alone, a process predicts them all.
+    shard = shard_from_env()
+    mine = [i for i, r in enumerate(assign_scenes(sizes, shard.world)) if r == shard.rank]
+    run_device = rank_device(device, shard)
+    own_rasters = [p for i in mine for p in (masks[i], probs[i]) if p is not None]
     results: list[PredictionResult] = []
-    with contextlib.ExitStack() as stack:
-        # Raster outputs stay at temporary paths until the polygons are written too.
-        tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in rasters}
-        for path, mpath, ppath, use in zip(scene_paths, masks, probs, chosen_bands):
-            cb = None
-            if progress is not None:
-                name = path.stem
-                cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
-            res = predict_scene(
-                path, model, meta,  # type: ignore[arg-type]
-                mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
-                polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta,
-                threshold=threshold, device=device, precision=precision, prob_dtype=prob_dtype,
-                min_area=min_area, simplify=simplify, regularize=regularize, bands=use,
-                assume_crs=assume_crs, scene_name=path.stem, temp_dir=out_path.parent if
-                out_path.parent.exists() else None, progress=cb, overwrite=True,
-            )
-            res.mask_path, res.prob_path = mpath, ppath
-            results.append(res)
-        frames = [r.polygons for r in results if r.polygons is not None]
-        write_polygons(frames, out_path, overwrite=overwrite)
-    features = sum(len(f) for f in frames)
-    return PredictSummary(out=out_path, features=features, results=tuple(results))
+    with RankGroup(shard) as group, contextlib.ExitStack() as stack:
+        error: Exception | None = None
+        frames: list[object] = []
+        try:
+            # Raster outputs stay at temporary paths until the polygons are written too.
+            tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in own_rasters}
+            for i in mine:
+                path, mpath, ppath = scene_paths[i], masks[i], probs[i]
+                cb = None
+                if progress is not None:
+                    name = path.stem
+                    cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
+                res = predict_scene(
+                    path, model, meta,  # type: ignore[arg-type]
+                    mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
+                    polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size,
+                    tta=tta, threshold=threshold, device=run_device, precision=precision,
+                    prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
+                    regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
+                    scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
+                    else None, progress=cb, overwrite=True,
+                )
+                res.mask_path, res.prob_path = mpath, ppath
+                results.append(res)
+            frames = [r.polygons for r in results if r.polygons is not None]
+            if shard.active:
+                write_partials(list(zip(mine, frames)), out_path)
+        except Exception as exc:  # every rank must reach the agreement, or the others wait forever
+            error = exc
+        try:
+            group.agree(error)
+            if shard.rank == 0:  # alone: this process's frames; under torchrun: every rank's partials
+                if shard.active:
+                    frames = read_partials(out_path, range(len(scene_paths)))
+                write_polygons(frames, out_path, overwrite=overwrite)
+        except Exception as exc:
+            error = exc
+        finally:
+            if shard.active:
+                try:
+                    group.agree(error)  # rasters are committed only if the merged layer was written
+                finally:
+                    remove_partials(out_path, mine)
+            elif error is not None:
+                raise error
+        features = group.gather(sum(len(f) for f in frames) if shard.rank == 0 else None)[0]
+    return PredictSummary(out=out_path, features=features, results=tuple(results), shard=shard)
