@@ -27,7 +27,7 @@ from geoseg.evaluation import (
 )
 from geoseg.evaluation.panels import select_windows
 from geoseg.metrics import ConfusionMatrix
-from geoseg.evaluation.panels import FALSE_COLOUR, MATCHED_COLOUR, MISSED_COLOUR
+from geoseg.plots import FALSE_COLOUR, MATCHED_COLOUR, MISSED_COLOUR
 from geoseg.raster_io import write_geotiff
 
 # Test grid: 40 x 30 px of 1 m in EPSG:32633; pixel (row r, col c) covers

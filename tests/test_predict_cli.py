@@ -59,7 +59,7 @@ def test_real_checkpoint_writes_polygons_mask_and_probability(tmp_path, syntheti
                  "--mask-out", str(out / "mask.tif"), "--prob-out", str(out / "prob.tif"), "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert files(out) == ["mask.tif", "prob.tif", "roofs.gpkg"]
-    assert f"wrote " in result.output and "roofs.gpkg" in result.output
+    assert "wrote " in result.output and "roofs.gpkg" in result.output
     assert [n for n, _ in pyogrio.list_layers(out / "roofs.gpkg")] == ["rooftops", "layer_styles"]
     with rasterio.open(image) as src:
         grid = (src.crs, src.transform, src.shape)

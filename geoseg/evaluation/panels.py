@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
 import numpy as np
 import rasterio.features
 import shapely
@@ -15,7 +14,8 @@ from rasterio.windows import Window
 from geoseg.errors import ConfigError, GeoreferenceError, InputFileError, file_error
 from geoseg.evaluation.core import EvaluationResult, _crs_name, _fmt_bounds, _overlaps
 from geoseg.evaluation.inputs import Grid, _transform_bounds, raster_on_grid
-from geoseg.raster_io import SceneInfo, atomic_output, check_output, open_scene
+from geoseg.plots import plot_evaluation_panels
+from geoseg.raster_io import SceneInfo, check_output, open_scene
 
 logger = logging.getLogger(__name__)
 
@@ -23,16 +23,9 @@ logger = logging.getLogger(__name__)
 PANEL_WINDOW_PX = 512
 #: At most this many windows (rows) in a panel picture.
 MAX_PANEL_WINDOWS = 4
-#: Status values burned into the panel masks.
+#: Status values burned into the panel masks (drawn by geoseg.plots.plot_evaluation_panels,
+#: matched / missed / false in MATCHED_COLOUR / MISSED_COLOUR / FALSE_COLOUR).
 MATCHED, MISSED, FALSE = 1, 2, 3
-#: Colours of matched, missed (false negative) and false (false positive) buildings.
-MATCHED_COLOUR = (0.17, 0.63, 0.17)
-MISSED_COLOUR = (1.0, 0.5, 0.05)
-FALSE_COLOUR = (0.9, 0.1, 0.9)
-STATUS_COLOURS = {MATCHED: MATCHED_COLOUR, MISSED: MISSED_COLOUR, FALSE: FALSE_COLOUR}
-#: Size (inches) of a panel cell and of the legend strip below the panels.
-CELL_INCHES = 3.0
-LEGEND_INCHES = 0.5
 
 
 def select_windows(
@@ -192,7 +185,9 @@ def write_panels(
         f"objects: {m.tp} matched, {m.fn} missed, {m.fp} false "
         f"(IoU >= {m.iou_threshold:g}); rooftop IoU {result.pixel.iou:.3f}"
     )
-    return plot_panels(rows, path, row_labels=labels, title=title)
+    if not rows:
+        raise ConfigError("evaluation panels need at least one window; pass a non-empty list of rows")
+    return plot_evaluation_panels(rows, path, row_labels=labels, title=title)
 
 
 def _display(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -204,78 +199,3 @@ def _display(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return img
 
 
-
-def plot_panels(
-    rows: Sequence[tuple[np.ndarray | None, np.ndarray, np.ndarray]],
-    path: str | os.PathLike[str],
-    *,
-    row_labels: Sequence[str] | None = None,
-    title: str | None = None,
-) -> Path:
-    """Write image / truth / prediction per window, matched, missed and false buildings coloured.
-
-    Drawn here rather than in geoseg.plots (owned by training) with the same
-    figure settings: Agg canvas, ``plots.DPI``, ``plots.display_image``.
-
-    Args:
-        rows: ``(image, truth_status, pred_status)`` per window: raw image
-            (H, W, C) or (C, H, W), or None for no image column (when every row
-            has None); status masks (H, W) with 0 background, 1 matched,
-            2 missed (truth only), 3 false (prediction only). Truth and
-            prediction are drawn over the dimmed grey image, or on white.
-        path: Output PNG (replaced atomically).
-        row_labels: Optional label per row (e.g. the window's position).
-        title: Optional figure title.
-
-    Returns:
-        The path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    from geoseg.plots import DPI, display_image
-
-    if not rows:
-        raise ConfigError("evaluation panels need at least one window; pass a non-empty list of rows")
-    with_image = any(r[0] is not None for r in rows)
-    titles = (("image",) if with_image else ()) + ("truth", "prediction")
-    h, w = np.asarray(rows[0][1]).shape
-    height = CELL_INCHES * h / max(w, 1) * len(rows) + LEGEND_INCHES + (0.3 if title else 0.0)
-    # the same Agg figure, DPI and image stretch as geoseg.plots (learning curves, previews)
-    fig = Figure(figsize=(CELL_INCHES * len(titles), height), dpi=DPI)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_2d(fig.subplots(len(rows), len(titles), squeeze=False))
-    for r, (image, truth, pred) in enumerate(rows):
-        shape = np.asarray(truth).shape
-        if image is not None:
-            shown = display_image(image)
-            base = 0.35 + 0.4 * shown.mean(axis=2, keepdims=True).repeat(3, axis=2)
-        else:
-            shown, base = None, np.ones((*shape, 3))
-        pictures = [shown] if with_image else []
-        for status in (truth, pred):
-            pic = base.copy()
-            for value, colour in STATUS_COLOURS.items():
-                pic[np.asarray(status) == value] = colour
-            pictures.append(pic)
-        for c, (pic, name) in enumerate(zip(pictures, titles)):
-            ax = axes[r, c]
-            if pic is not None:
-                ax.imshow(pic, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name)
-            if c == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[r], fontsize=8)
-    handles = [Patch(color=MATCHED_COLOUR, label="matched"),
-               Patch(color=MISSED_COLOUR, label="missed (truth only)"),
-               Patch(color=FALSE_COLOUR, label="false (prediction only)")]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, LEGEND_INCHES / height, 1, 1))
-    with atomic_output(path, overwrite=True) as tmp:  # the caller checked overwrite
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return Path(path)
