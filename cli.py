@@ -358,11 +358,14 @@ def predict_command(
 @click.option("--train", "train_mode", is_flag=True,
               help="Measure training throughput instead: the real training step in fp32 and each "
                    "mixed precision the device has (or fp32 and --precision), from one run.")
+@click.option("--agreement", default=None, metavar="SCENES",
+              help="Instead: predict these scenes (file, folder or glob) with --model in fp32 and in "
+                   "--precision (default bf16) and report the share of pixels whose class agrees.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def benchmark_command(
     model_path: str | None, encoder: str, scene: str | None, size: str, batch_size: int,
     overlap: int | None, device: str, precision: str, repeats: int, threads: int | None,
-    scaling: str | None, train_mode: bool, as_json: bool,
+    scaling: str | None, train_mode: bool, agreement: str | None, as_json: bool,
 ) -> None:
     """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
     import json
@@ -373,6 +376,9 @@ def benchmark_command(
     say = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
     if train_mode:
         _benchmark_training(encoder, batch_size, device, precision, repeats, threads, as_json, say)
+        return
+    if agreement is not None:
+        _benchmark_agreement(agreement, model_path, batch_size, device, precision, as_json, say)
         return
     sizes: list[int] = []
     if scaling:
@@ -413,6 +419,30 @@ def benchmark_command(
     for p in points:
         click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
                    f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB")
+
+
+def _benchmark_agreement(
+    scenes: str, model_path: str | None, batch_size: int, device: str, precision: str,
+    as_json: bool, say: Any,
+) -> None:
+    import json
+
+    from geoseg.benchmark_agreement import mask_agreement
+    from geoseg.errors import ConfigError
+
+    if model_path is None:
+        raise ConfigError("--agreement compares the masks of a trained model; pass --model CKPT")
+    other = "bf16" if precision in ("auto", "32") else precision
+    result = mask_agreement([scenes], model_path, precision=other, device=device,
+                            batch_size=batch_size, progress=say)
+    out = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    for s in result.scenes:
+        click.echo(f"{s.scene:32} {s.agreement:9.5f}  ({s.pixels - s.agree} of {s.pixels} pixels differ)")
+    click.echo(f"fp32 vs {other} on {len(result.scenes)} scene(s), {result.device}: {out['agreement']:.5f} "
+               f"of {out['pixels']} pixels agree; rooftop IoU between the two masks {out['rooftop_iou']:.5f}")
 
 
 def _benchmark_training(
