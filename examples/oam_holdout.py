@@ -41,13 +41,21 @@ def score_city(data: Path, city: str, out: Path, tiles: list[Path]) -> dict:
     """Pixel counts from the masks, object counts from the GeoPackage, summed over the tiles."""
     from geoseg.evaluation import evaluate
 
+    import tempfile
+
+    import geopandas as gpd
+
     px = dict(tp=0, fp=0, fn=0, tn=0)
     ob = dict(tp=0, fp=0, fn=0)
     raw = dict(tp=0, fp=0, fn=0)  # objects of the raw mask (no min-area, no simplification)
+    polygons = gpd.read_file(out / "roofs.gpkg", layer="rooftops")
+    tmp = Path(tempfile.mkdtemp(prefix="oam-holdout-"))
     for tile in tiles:
         label = data / "labels" / tile.name
         by_mask = evaluate(out / "masks" / f"{tile.stem}_mask.tif", label).to_dict()
-        by_poly = evaluate(out / "roofs.gpkg", label).to_dict()
+        own = tmp / f"{tile.stem}.gpkg"  # this tile's polygons (the layer holds the whole city)
+        polygons[polygons["scene"] == tile.stem].to_file(own, layer="rooftops")
+        by_poly = evaluate(own, label).to_dict()
         for k in px:
             px[k] += by_mask["pixel"][k]
         for k in ob:

@@ -74,6 +74,7 @@ class BenchmarkResult:
     mfu: float
     repeats: int
     e2e_runs: list[float] = field(default_factory=list)
+    compiled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -81,8 +82,21 @@ class BenchmarkResult:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process in MB.
+
+    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's
+    own memory map. ``ru_maxrss`` is not used there: it survives ``exec``, so a
+    fresh child process would report its parent's peak when that is higher.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -233,6 +247,7 @@ def run_benchmark(
     chip_size: int = 256,
     threads: int | None = None,
     baseline_chips: int = BASELINE_CHIPS,
+    compile: bool = False,
     progress: ProgressFn | None = None,
 ) -> BenchmarkResult:
     """Measure model-only and end-to-end throughput and everything around it, in one run.
@@ -251,6 +266,8 @@ def run_benchmark(
         chip_size: Chip size when no checkpoint is given (pixels).
         threads: Torch CPU threads (None: geoseg's default).
         baseline_chips: Chips timed in the fp32 per-chip loop.
+        compile: ``torch.compile`` the model for both measurements (the compile is
+            warm-up: it happens in the first, untimed model-only batch).
         progress: Called with a short description before each stage.
 
     Returns:
@@ -306,14 +323,14 @@ def run_benchmark(
             tp = model_throughput(
                 model, in_channels=len(meta.bands), chip_size=chip, classes=meta.classes,
                 batch_size=batch_size, device=str(dev), precision=precision, repeats=3,
-                warmup=1 if i == 0 else 0, threads=threads,
+                warmup=1 if i == 0 else 0, threads=threads, compile=compile,
             )
             model_runs.append(tp.chips_per_s)
             say(f"end to end, run {i + 1}/{repeats}")
             res = predict_scene(
                 scene_path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True,
                 batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
-                threads=threads, temp_dir=work,
+                threads=threads, temp_dir=work, compile_model=compile,
             )
             e2e_runs.append(res.chips_per_s)
             stage_runs.append(dict(res.stages))
@@ -336,6 +353,7 @@ def run_benchmark(
         peak_gpu_mb=(round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None),
         flops_per_chip=flops, matmul_tflops=round(mm / 1e12, 4),
         mfu=round(model_cps * flops / mm, 4), repeats=repeats, e2e_runs=[round(x, 3) for x in e2e_runs],
+        compiled=compile,
     )
 
 
@@ -360,6 +378,7 @@ def scaling(
     batch_size: int = 16,
     device: str = "auto",
     precision: str = "auto",
+    compile: bool = False,
     progress: ProgressFn | None = None,
 ) -> list[ScalingPoint]:
     """Predict square scenes of each size, each in a fresh process, recording time and peak RSS.
@@ -376,7 +395,7 @@ def scaling(
             args = {
                 "scene": str(scene), "model_path": None if model_path is None else str(model_path),
                 "arch": arch, "encoder": encoder, "batch_size": batch_size, "device": device,
-                "precision": precision, "out": str(Path(tmp) / f"mask_{n}.tif"),
+                "precision": precision, "out": str(Path(tmp) / f"mask_{n}.tif"), "compile": compile,
             }
             say(f"predicting {n}x{n} in a fresh process")
             proc = subprocess.run(
@@ -400,7 +419,7 @@ def _scaling_worker(args: dict[str, Any]) -> dict[str, Any]:
     res = predict_scene(
         args["scene"], model, meta, mask_out=args["out"], polygons=True,
         batch_size=args["batch_size"], device=args["device"], precision=args["precision"],
-        temp_dir=str(Path(args["out"]).parent),
+        temp_dir=str(Path(args["out"]).parent), compile_model=bool(args.get("compile", False)),
     )
     return {
         "width": res.width, "height": res.height, "chips": res.chips_predicted,

@@ -120,6 +120,7 @@ class PredictConfig:
     regularize: bool = False
     precision: Precision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool | None = None  # torch.compile; null: on a CPU for scenes of 2000 chips or more
 
 
 @dataclass(frozen=True)

@@ -396,3 +396,45 @@ def test_gpu_path_stitches_exactly(tmp_path):
                         prob_out=tmp_path / "p.tif", overlap=32, block_size=256, device="cuda", precision="bf16")
     np.testing.assert_array_equal(_read(tmp_path / "m.tif"), label)
     assert res.device.startswith("cuda") and res.precision == "bf16" and len(res.polygons) > 0
+
+
+def test_compiled_model_pads_batches_and_stitches_exactly(tmp_path):
+    """torch.compile path: every batch padded to one shape, the mask still equals the label."""
+    label = draw_rectangles(300, 517, _rects_for(300, 517, seed=7))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    model = Oracle()
+    res = predict_scene(scene, model, oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif", polygons=False,
+                        overlap=32, block_size=256, batch_size=8, compile_model=True, **CPU)
+    assert res.compiled
+    np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
+    n_chips = len(chip_grid(517, 300, size=128, stride=96))
+    assert res.chips_predicted == n_chips and n_chips % 8 != 0  # a partial batch was padded
+
+
+def test_compile_failure_falls_back_to_the_eager_model(tmp_path, monkeypatch, caplog):
+    from geoseg.inference import runtime
+
+    def broken(*_args):
+        def call(_x):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(runtime, "compiled_model", broken)
+    label = draw_rectangles(200, 260, [(10, 10, 50, 60)])
+    scene = write_scene(tmp_path / "scene.tif", label)
+    with caplog.at_level(logging.WARNING):
+        res = predict_scene(scene, Oracle(), oracle_meta(chip_size=64), mask_out=tmp_path / "mask.tif",
+                            polygons=False, batch_size=8, compile_model=True, **CPU)
+    assert not res.compiled
+    np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
+    assert ("torch.compile failed (InvalidCxxCompiler: No working C++ compiler found); "
+            "predicting with the eager model") in caplog.text
+
+
+def test_compile_is_automatic_only_for_big_cpu_scenes():
+    from geoseg.inference.runtime import COMPILE_MIN_CHIPS, compile_wanted
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_wanted(None, cpu, COMPILE_MIN_CHIPS) and not compile_wanted(None, cpu, COMPILE_MIN_CHIPS - 1)
+    assert not compile_wanted(None, cuda, 10**6)  # opt in on GPUs: --compile
+    assert compile_wanted(True, cpu, 1) and not compile_wanted(False, cpu, 10**6)

@@ -161,6 +161,7 @@ def predict_files(
     bands: Sequence[int] | None = None,
     assume_crs: str | None = None,
     overwrite: bool = False,
+    compile: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PredictSummary:
     """Predict scenes and write all their polygons into one layer (and rasters if asked).
@@ -186,6 +187,7 @@ def predict_files(
         bands: Scene bands to use instead of the checkpoint's.
         assume_crs: CRS for scenes without one.
         overwrite: Replace existing outputs.
+        compile: ``torch.compile`` the model (None: on a CPU for scenes of many chips).
         progress: Called with (scene name, chips done, chips total).
 
     Returns:
@@ -239,7 +241,7 @@ def predict_files(
                     prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
                     regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
                     scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
-                    else None, progress=cb, overwrite=True,
+                    else None, progress=cb, overwrite=True, compile_model=compile,
                 )
                 res.mask_path, res.prob_path = mpath, ppath
                 results.append(res)

@@ -33,6 +33,7 @@ from geoseg.inference.checks import check_resolution, effective_block_size, scen
 from geoseg.inference.outputs import GDAL_CACHE_BYTES, ProbDtype, RasterSink, output_tile
 from geoseg.inference.runtime import (
     ChipPredictor,
+    compile_wanted,
     keep_heap_flat,
     precision_name,
     resolve_device,
@@ -91,6 +92,7 @@ class PredictionResult:
         batch_size: Chips per batch.
         overlap: Overlap between chips in pixels.
         block_size: Block core size in pixels.
+        compiled: Whether a ``torch.compile``d model predicted (see ``compile_model``).
     """
 
     scene: Path
@@ -112,6 +114,7 @@ class PredictionResult:
     batch_size: int = 0
     overlap: int = 0
     block_size: int = 0
+    compiled: bool = False
 
     @property
     def chips_per_s(self) -> float:
@@ -144,7 +147,7 @@ def predict_scene(
     threads: int | None = None,
     read_workers: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
-    compile_model: bool = False,
+    compile_model: bool | None = None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
 ) -> PredictionResult:
@@ -177,7 +180,8 @@ def predict_scene(
         threads: Torch CPU threads (None: all cores, one spare above 4).
         read_workers: Reader threads (None: 1 on CPU, up to 8 with a GPU).
         temp_dir: Folder for temporary rasters needed for polygons only.
-        compile_model: ``torch.compile`` the model first.
+        compile_model: ``torch.compile`` the model (static shapes, frozen weights); None:
+            on a CPU for scenes of ``COMPILE_MIN_CHIPS`` chips or more.
         progress: Called with (chips done, chips to predict).
         overwrite: Replace existing outputs.
 
@@ -267,7 +271,7 @@ def _run(
     scene_name: str,
     threads: int | None,
     read_workers: int | None,
-    compile_model: bool,
+    compile_model: bool | None,
     progress: ProgressFn | None,
 ) -> PredictionResult:
     from geoseg import vectorize
@@ -277,11 +281,11 @@ def _run(
     blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
     classes = int(meta.classes)
     names = tuple(meta.class_names) if meta.class_names else ("background", "rooftop")
+    chips_total = sum(len(b.chips) for b in blocks)
     predictor = ChipPredictor(
         model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
+        compile=compile_wanted(compile_model, dev, chips_total), batch_size=batch_size,
     )
-    if compile_model:
-        predictor.model = torch.compile(predictor.model)  # type: ignore[assignment]
     cuda = dev.type == "cuda"
     sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
                      num_threads="ALL_CPUS" if cuda else 1)
@@ -306,7 +310,7 @@ def _run(
         predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
                                  channels=predictor.channels, device=dev),
         writer, batch_size=batch_size, roof=rooftop_index(names, classes), threshold=threshold,
-        prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=sum(len(b.chips) for b in blocks),
+        prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
         progress=progress,
     )
     n_threads = torch.get_num_threads()
@@ -349,7 +353,7 @@ def _run(
         width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
         blocks=len(blocks), seconds=time.perf_counter() - t_start, stages=work.stages, device=str(dev),
         precision=precision_name(dtype), threads=n_threads, batch_size=batch_size, overlap=overlap,
-        block_size=block,
+        block_size=block, compiled=predictor.compiled,
     )
 
 
