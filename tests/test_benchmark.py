@@ -70,3 +70,20 @@ def test_benchmark_cli_json_and_errors(tmp_path) -> None:
     )
     missing = runner.invoke(cli.cli, ["benchmark", "--model", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 1 and "nope.pt" in missing.output and "Traceback" not in missing.output
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc only")
+def test_peak_rss_of_a_fresh_process_is_its_own_not_its_parents() -> None:
+    """ru_maxrss survives exec, so a child spawned by a big parent would report the parent's peak;
+    the scaling runs measure each size in a fresh process and must see only that process."""
+    import subprocess
+    import sys
+
+    from geoseg.benchmark import _peak_rss_mb
+
+    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # 600 MB touched in this process
+    parent = _peak_rss_mb()
+    child = subprocess.run([sys.executable, "-c", "from geoseg.benchmark import _peak_rss_mb; print(_peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert parent > 600 and float(child.stdout) < 300
+    del ballast
