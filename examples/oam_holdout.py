@@ -9,7 +9,7 @@ For each held-out city this runs the same geoseg commands a user would:
 then scores every held-out tile against its label and adds the counts over the city:
 pixel metrics from the masks (confusion counts summed over the tiles), object metrics
 (SpaceNet matching at IoU >= 0.5) from the polygons of roofs.gpkg, the layer users get.
-Writes OUT/summary.json and prints a Markdown table.
+Writes OUT/summary.json (``--summary``) and prints a Markdown table.
 
     python examples/oam_holdout.py --data ../shared/data/hotosm-oam-buildings --out runs/oam
     python examples/oam_holdout.py --cities kampala --set train.epochs=3   # a quick try
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--predict-args", default="", help="extra geoseg predict options, e.g. '--tta'")
     ap.add_argument("--skip-train", action="store_true", help="reuse OUT/CITY/best_iou.pt")
+    ap.add_argument("--summary", default="summary.json", help="results file in OUT (e.g. summary_tta.json)")
     args = ap.parse_args(argv)
 
     geoseg = [sys.executable, "-m", "geoseg"]
     summary: dict[str, dict] = {}
-    summary_path = args.out / "summary.json"
+    summary_path = args.out / args.summary
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
     for city in [c.strip() for c in args.cities.split(",") if c.strip()]:
@@ -102,12 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_train:
             run([*geoseg, "train", "--config", args.config, "--data", str(args.data), "--out-dir", str(out),
                  "--set", f"data.split_file=oam_val_{city}", *[a for s in args.overrides for a in ("--set", s)]])
-        train_s = time.perf_counter() - t0
+        train_s: float | None = round(time.perf_counter() - t0, 1)
         run([*geoseg, "predict", *map(str, tiles), "--model", str(out / "best_iou.pt"), "--mask-out",
              str(out / "masks"), "--out", str(out / "roofs.gpkg"), "--overwrite", *shlex.split(args.predict_args)])
         result = score_city(args.data, city, out, tiles)
         history = (out / "history.csv").read_text().splitlines()
-        result.update(epochs=len(history) - 1, train_seconds=round(train_s, 1) if not args.skip_train else None,
+        if args.skip_train:  # the training time of the run that trained, if this file has it
+            train_s = summary.get(city, {}).get("train_seconds")
+        result.update(epochs=len(history) - 1, train_seconds=train_s,
                       config=args.config, overrides=args.overrides, predict_args=args.predict_args)
         summary[city] = result
         args.out.mkdir(parents=True, exist_ok=True)
