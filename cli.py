@@ -293,13 +293,15 @@ def predict_command(
         bar.total = total
         bar.update(done - bar.n)
 
-    previews = []
+    previews = {}  # scene (resolved) -> its preview PNG
     if preview is not None:  # refuse before any work, so that a refused run writes nothing
         from geoseg.inference.job import resolve_scenes
         from geoseg.preview import preview_paths
         from geoseg.raster_io import check_output
 
-        previews = [check_output(p, overwrite=overwrite) for p in preview_paths(preview, resolve_scenes(scenes))]
+        found = resolve_scenes(scenes)
+        previews = {s.resolve(): check_output(p, overwrite=overwrite)
+                    for s, p in zip(found, preview_paths(preview, found))}
     summary = predict_files(
         scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
         prob_dtype=prob_dtype,  # type: ignore[arg-type]
@@ -329,12 +331,10 @@ def predict_command(
     if previews:
         from pathlib import Path
 
-        from geoseg.inference.job import resolve_scenes
         from geoseg.preview import write_preview
 
-        by_scene = dict(zip((p.resolve() for p in resolve_scenes(scenes)), previews))
         for res in summary.results:  # under torchrun: this rank's scenes
-            png = by_scene[Path(res.scene).resolve()]
+            png = previews[Path(res.scene).resolve()]
             write_preview(res.scene, res.polygons, png, overwrite=overwrite)
             click.echo(f"preview {png}")
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from geoseg.errors import ConfigError, OutputError, file_error
-from geoseg.raster_io import atomic_output, check_output
+from geoseg.errors import ConfigError
+from geoseg.raster_io import atomic_output, check_output, per_scene_paths
 
 if TYPE_CHECKING:
     import geopandas
@@ -35,7 +35,6 @@ MARGIN_BOTTOM_PX = 56
 TITLE_FONTSIZE = 10
 LABEL_FONTSIZE = 8
 #: Placeholder for the scene name in a ``--preview`` template.
-SCENE_FIELD = "{scene}"
 #: Colour of nodata pixels (white, as the figure background).
 NODATA_RGB = (1.0, 1.0, 1.0)
 
@@ -100,19 +99,8 @@ def preview_paths(
     Raises:
         OutputError: One ``.png`` file for several scenes.
     """
-    text = os.fspath(spec)
-    names = [Path(s).stem for s in scenes]
-    if SCENE_FIELD in text:
-        return [Path(text.replace(SCENE_FIELD, n)) for n in names]
-    p = Path(text)
-    if p.suffix.lower() == ".png":
-        if len(names) > 1:
-            raise file_error(
-                OutputError, p, f"is one preview file for {len(names)} scenes",
-                f"pass a folder or a template such as {p.parent / ('{scene}' + p.suffix)}",
-            )
-        return [p]
-    return [p / f"{n}_preview.png" for n in names]
+    return per_scene_paths(spec, [Path(s).stem for s in scenes], kind="preview", extensions=(".png",),
+                           what="preview file", template="{scene}")
 
 
 def _read_scene(

@@ -299,6 +299,38 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
     return p
 
 
+#: Placeholder for the scene name in per-scene output templates (``masks/{scene}.tif``).
+SCENE_FIELD = "{scene}"
+
+
+def per_scene_paths(
+    spec: str | os.PathLike[str], names: Sequence[str], *, kind: str, extensions: Sequence[str],
+    what: str = "file", template: str = "{scene}_{kind}",
+) -> list[Path]:
+    """Where each scene's ``kind`` output goes, from one command-line value.
+
+    ``spec`` is a file with one of ``extensions`` (one scene only), a template
+    containing ``{scene}`` (e.g. ``out/{scene}_mask.tif``), or a folder, which
+    gets ``<scene>_<kind><extensions[0]>`` files.
+
+    Raises:
+        OutputError: One file for several scenes (the hint shows a template built from ``template``).
+    """
+    text = os.fspath(spec)
+    if SCENE_FIELD in text:
+        return [Path(text.replace(SCENE_FIELD, n)) for n in names]
+    p = Path(text)
+    if p.suffix.lower() in extensions:
+        if len(names) > 1:
+            hint = template.replace("{kind}", kind) + p.suffix
+            raise file_error(
+                OutputError, p, f"is one {what} for {len(names)} scenes",
+                f"pass a folder or a template such as {p.parent / hint}",
+            )
+        return [p]
+    return [p / f"{n}_{kind}{extensions[0]}" for n in names]
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place on success.

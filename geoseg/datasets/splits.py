@@ -73,12 +73,8 @@ def _read_split_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     p = Path(path)
     if not p.is_file() and not p.is_absolute():
         # A split file shipped with the presets: "oam_val_kampala" or "configs/splits/oam_val_kampala.yaml".
-        from geoseg.config import PRESETS_DIR
-
-        for name in (p.name, f"{p.name}.yaml"):
-            if (PRESETS_DIR / "splits" / name).is_file():
-                p = PRESETS_DIR / "splits" / name
-                break
+        shipped_by_name = {q.name: q for q in _shipped_splits()}
+        p = shipped_by_name.get(p.name) or shipped_by_name.get(f"{p.name}.yaml") or p
     if not p.is_file():
         shipped = ", ".join(sorted(q.stem for q in _shipped_splits()))
         raise file_error(InputFileError, p, "split file does not exist",

@@ -19,11 +19,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from geoseg.errors import GeosegError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How long a rank waits for the others at a collective (a big scene on one rank takes long).
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=48)
@@ -112,19 +114,25 @@ class RankGroup:
         dist.all_gather_object(out, value)
         return out
 
-    def agree(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank failed (the first failing rank's message).
+    def run(self, step: Callable[..., T], *args: Any) -> T:
+        """``step(*args)`` on this rank, then agree with every rank on how their steps went.
+
+        Every rank reaches the agreement even when its step fails, or the others would wait
+        forever. This rank's own error is raised as it is.
 
         Raises:
-            GeosegError: Another rank failed (this rank's own error is re-raised as it is).
+            GeosegError: Another rank's step failed (named with the first failing rank's message).
         """
-        errors = self.gather(None if error is None else _describe(error))
-        if error is not None:
-            raise error
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        try:
+            value = step(*args)
+        except Exception as exc:
+            self.gather(_describe(exc))
+            raise
+        failed = [(r, e) for r, e in enumerate(self.gather(None)) if e is not None]
         if failed:
             rank, message = failed[0]
             raise GeosegError(f"rank {rank} of {self.shard.world} failed: {message}")
+        return value
 
 
 def _describe(error: BaseException) -> str:

@@ -23,7 +23,7 @@ from geoseg.inference.distributed import (
     write_partials,
 )
 from geoseg.inference.pipeline import PredictionResult, predict_scene
-from geoseg.raster_io import atomic_output, check_output, open_scene
+from geoseg.raster_io import atomic_output, check_output, open_scene, per_scene_paths
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = Path("saved_models") / "best_iou.pt"
 #: Raster extensions picked up from a scene folder.
 SCENE_EXTENSIONS = (".tif", ".tiff")
-#: Placeholder for the scene name in ``--mask-out``/``--prob-out`` templates.
-SCENE_FIELD = "{scene}"
 
 
 @dataclass(frozen=True)
@@ -110,17 +108,7 @@ def raster_output_paths(
         raise OutputError(
             f"two scenes are named {dup!r}; their --{kind}-out files would collide; rename one"
         )
-    if SCENE_FIELD in text:
-        return [Path(text.replace(SCENE_FIELD, n)) for n in names]
-    p = Path(text)
-    if p.suffix.lower() in SCENE_EXTENSIONS:
-        if len(scenes) > 1:
-            raise file_error(
-                OutputError, p, f"is one file for {len(scenes)} scenes",
-                f"pass a folder or a template such as {p.parent / ('{scene}_' + kind + p.suffix)}",
-            )
-        return [p]
-    return [p / f"{n}_{kind}.tif" for n in names]
+    return per_scene_paths(text, names, kind=kind, extensions=SCENE_EXTENSIONS)
 
 
 def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
@@ -221,50 +209,50 @@ def predict_files(
     run_device = rank_device(device, shard)
     own_rasters = [p for i in mine for p in (masks[i], probs[i]) if p is not None]
     results: list[PredictionResult] = []
+
+    def predict_share() -> list[object]:
+        """Predict this process's scenes; under torchrun, leave their polygons in partial layers."""
+        # Raster outputs stay at temporary paths until the polygons are written too.
+        tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in own_rasters}
+        for i in mine:
+            path, mpath, ppath = scene_paths[i], masks[i], probs[i]
+            cb = None
+            if progress is not None:
+                name = path.stem
+                cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
+            res = predict_scene(
+                path, model, meta,  # type: ignore[arg-type]
+                mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
+                polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size,
+                tta=tta, threshold=threshold, device=run_device, precision=precision,
+                prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
+                regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
+                scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
+                else None, progress=cb, overwrite=True, compile_model=compile,
+            )
+            res.mask_path, res.prob_path = mpath, ppath
+            results.append(res)
+        frames = [r.polygons for r in results]
+        if shard.active:
+            write_partials(list(zip(mine, frames)), out_path)
+        return frames
+
+    def merge(frames: list[object]) -> int | None:
+        """Rank 0 (or the only process) writes the one layer; under torchrun from every rank's partials."""
+        if shard.rank != 0:
+            return None
+        if shard.active:
+            frames = read_partials(out_path, range(len(scene_paths)))
+        write_polygons(frames, out_path, overwrite=overwrite)
+        return sum(len(f) for f in frames)  # type: ignore[arg-type]
+
     with RankGroup(shard) as group, contextlib.ExitStack() as stack:
-        error: Exception | None = None
-        frames: list[object] = []
         try:
-            # Raster outputs stay at temporary paths until the polygons are written too.
-            tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in own_rasters}
-            for i in mine:
-                path, mpath, ppath = scene_paths[i], masks[i], probs[i]
-                cb = None
-                if progress is not None:
-                    name = path.stem
-                    cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
-                res = predict_scene(
-                    path, model, meta,  # type: ignore[arg-type]
-                    mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
-                    polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size,
-                    tta=tta, threshold=threshold, device=run_device, precision=precision,
-                    prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
-                    regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
-                    scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
-                    else None, progress=cb, overwrite=True, compile_model=compile,
-                )
-                res.mask_path, res.prob_path = mpath, ppath
-                results.append(res)
-            frames = [r.polygons for r in results if r.polygons is not None]
-            if shard.active:
-                write_partials(list(zip(mine, frames)), out_path)
-        except Exception as exc:  # every rank must reach the agreement, or the others wait forever
-            error = exc
-        try:
-            group.agree(error)
-            if shard.rank == 0:  # alone: this process's frames; under torchrun: every rank's partials
-                if shard.active:
-                    frames = read_partials(out_path, range(len(scene_paths)))
-                write_polygons(frames, out_path, overwrite=overwrite)
-        except Exception as exc:
-            error = exc
+            # Each step ends with every rank agreeing: one failure fails all ranks, and the rasters
+            # (committed when the stack closes normally) appear only after the merged layer.
+            frames = group.run(predict_share)
+            features = group.gather(group.run(merge, frames))[0]
         finally:
             if shard.active:
-                try:
-                    group.agree(error)  # rasters are committed only if the merged layer was written
-                finally:
-                    remove_partials(out_path, mine)
-            elif error is not None:
-                raise error
-        features = group.gather(sum(len(f) for f in frames) if shard.rank == 0 else None)[0]
+                remove_partials(out_path, mine)
     return PredictSummary(out=out_path, features=features, results=tuple(results), shard=shard)
