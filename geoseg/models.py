@@ -25,6 +25,26 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: How many mismatching key names an error message shows.
 _SHOW_KEYS = 3
+#: What a model learns: ``footprint`` (class ids only) or ``instances`` (class ids plus one
+#: sigmoid channel per entry of :data:`INSTANCE_CHANNELS`, used to split touching buildings).
+TARGETS = ("footprint", "instances")
+#: Extra output channels of an ``instances`` model, after the ``classes`` class logits, in order.
+INSTANCE_CHANNELS = ("border", "contact")
+
+
+def output_channels(classes: int, target: str = "footprint") -> int:
+    """Output channels of a model: the class logits, plus the instance channels for ``instances``.
+
+    Layout of an ``instances`` model's output: channels ``0..classes-1`` are class logits
+    (softmax, CE + Dice, exactly as a ``footprint`` model), then one logit per
+    :data:`INSTANCE_CHANNELS` name (sigmoid, multi-label: border and contact overlap the footprint).
+
+    Raises:
+        ValueError: An unknown target.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target should be one of {', '.join(TARGETS)}, got {target!r}")
+    return int(classes) + (len(INSTANCE_CHANNELS) if target == "instances" else 0)
 
 
 def architectures() -> list[str]:
@@ -265,6 +285,10 @@ class CheckpointMeta:
         version: geoseg version that wrote the checkpoint.
         epoch: Epoch the weights come from (1-based).
         metrics: Validation (or training) metrics of that epoch.
+        target: ``"footprint"`` or ``"instances"`` (see :func:`output_channels`); checkpoints
+            written before targets existed are ``footprint``.
+        target_settings: How the instance targets were built: ``border_width`` and
+            ``contact_width`` in ground metres (empty for ``footprint``).
     """
 
     arch: str
@@ -281,6 +305,13 @@ class CheckpointMeta:
     version: str = ""
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    target: str = "footprint"
+    target_settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the model this checkpoint holds."""
+        return output_channels(self.classes, self.target)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists for tuples), as stored in the checkpoint."""
@@ -434,9 +465,9 @@ def load_checkpoint(
     try:
         model = create_model(
             arch=meta.arch, encoder=meta.encoder, encoder_weights=None,
-            in_channels=meta.in_channels, classes=meta.classes,
+            in_channels=meta.in_channels, classes=meta.out_channels,
         )
-    except ModelError as exc:
+    except (ModelError, ValueError) as exc:
         raise file_error(CheckpointError, path, f"names a model this geoseg cannot build ({exc})",
                          "use the geoseg version that wrote it") from None
     try:
