@@ -24,7 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import shapely
@@ -61,12 +61,19 @@ class PixelPolygon:
         cls: Class id.
         prob_sum: Sum of the rooftop probability over its pixels.
         count: Number of pixels.
+        pixels: With ``StripPolygonizer(keep_pixels=...)``: the component's pixels, as
+            arrays ``row``, ``col``, ``prob`` (if given) and each kept value; None otherwise
+            (or when the component had more than ``pixel_limit`` pixels).
+        group: Records of one split component share a group id (> 0): they form a
+            coverage (shared edges); 0 for a record on its own.
     """
 
     pieces: list[shapely.Polygon]
     cls: int
     prob_sum: float
     count: int
+    pixels: dict[str, np.ndarray] | None = None
+    group: int = 0
 
     @property
     def geometry(self) -> shapely.Geometry:
@@ -91,6 +98,8 @@ class StripPolygonizer:
         classes: Sequence[int] = (1,),
         nodata: int = MASK_NODATA,
         min_pixels: int = 0,
+        keep_pixels: Sequence[str] = (),
+        pixel_limit: int = 1 << 25,
     ) -> None:
         """Start an empty polygonisation.
 
@@ -102,6 +111,11 @@ class StripPolygonizer:
             min_pixels: Components with fewer pixels that lie wholly inside one
                 strip are dropped before they are polygonised (speed: a noisy
                 mask has many specks). See :func:`min_pixels_for`.
+            keep_pixels: Names of per-pixel values (passed to :meth:`add_strip`) to keep,
+                with the pixels' rows, columns and probabilities, for every component
+                until it is finished (``PixelPolygon.pixels``), e.g. to split it into
+                buildings (``geoseg.instances``). Memory then holds the open components.
+            pixel_limit: A component with more pixels keeps none (``pixels`` None).
         """
         self.width, self.height = int(width), int(height)
         self.min_pixels = int(min_pixels)
@@ -111,8 +125,17 @@ class StripPolygonizer:
         self._final: list[PixelPolygon] = []
         self._prev_ids = np.zeros(self.width, dtype=np.int64)  # open record id per column of the last row
         self._next_id = 1
+        self.keep_pixels = tuple(keep_pixels)
+        self.pixel_limit = int(pixel_limit)
+        self._chunks: dict[int, list[dict[str, np.ndarray]] | None] = {}  # open record id -> pixel chunks
 
-    def add_strip(self, row_off: int, mask: np.ndarray, prob: np.ndarray | None = None) -> None:
+    def add_strip(
+        self,
+        row_off: int,
+        mask: np.ndarray,
+        prob: np.ndarray | None = None,
+        values: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         """Add the strip of rows ``row_off .. row_off + len(mask) - 1``.
 
         Args:
@@ -120,6 +143,7 @@ class StripPolygonizer:
             mask: (h, width) class ids.
             prob: (h, width) rooftop probability in [0, 1] for the confidence
                 attribute, or None.
+            values: (h, width) arrays named in ``keep_pixels``.
 
         Raises:
             ValueError: A strip out of order or of the wrong width.
@@ -168,6 +192,7 @@ class StripPolygonizer:
             shift = Affine.translation(0, row_off)
             for geom, value in features.shapes(labels, mask=keep, connectivity=4, transform=shift):
                 geoms[int(value)] = _geojson_polygon(geom)
+        chunks = self._strip_chunks(row_off, fg, fg_labels, counts, prob, values) if self.keep_pixels else None
 
         # Links between open records (last row of the previous strip) and new components.
         parent: dict[tuple[str, int], tuple[str, int]] = {}
@@ -205,6 +230,7 @@ class StripPolygonizer:
             pieces: list[shapely.Polygon] = []
             total, count, cls = 0.0, 0, 0
             comps = []
+            kept: list[dict[str, np.ndarray]] | None = []
             for kind, idx in members:
                 if kind == "r":
                     rec = self._open[idx]
@@ -213,6 +239,9 @@ class StripPolygonizer:
                     total += rec.prob_sum
                     count += rec.count
                     cls = rec.cls
+                    if chunks is not None:
+                        old = self._chunks.pop(idx, None)
+                        kept = None if old is None or kept is None else kept + old
                 else:
                     comps.append(idx)
             for comp in comps:
@@ -221,9 +250,13 @@ class StripPolygonizer:
                 count += int(counts[comp])
                 cls = cls_of[comp]
                 grouped_comps.add(comp)
+                if chunks is not None and kept is not None:
+                    kept.append(chunks[comp])
             rid = self._take_id()
             new_records[rid] = PixelPolygon(pieces=pieces, cls=cls, prob_sum=total, count=count)
             comp_record[comps] = rid
+            if chunks is not None:
+                self._chunks[rid] = kept if count <= self.pixel_limit else None
         for comp in (i for i, g in enumerate(geoms) if g is not None):
             if comp not in grouped_comps:
                 rid = self._take_id()
@@ -232,10 +265,12 @@ class StripPolygonizer:
                     prob_sum=float(sums[comp]), count=int(counts[comp]),
                 )
                 comp_record[comp] = rid
+                if chunks is not None:
+                    self._chunks[rid] = [chunks[comp]] if counts[comp] <= self.pixel_limit else None
         # Open records that touched nothing in this strip are finished.
         for rid, rec in self._open.items():
             if rid not in merged_open:
-                self._final.append(rec)
+                self._finalise(rid, rec)
         last_row_ids = comp_record[labels[-1]] if self.next_row < self.height else np.zeros(w, np.int64)
         still_open = set(np.unique(last_row_ids[last_row_ids > 0]).tolist())
         self._open = {}
@@ -243,8 +278,40 @@ class StripPolygonizer:
             if rid in still_open:
                 self._open[rid] = rec
             else:
-                self._final.append(rec)
+                self._finalise(rid, rec)
         self._prev_ids = last_row_ids
+
+    def _strip_chunks(
+        self,
+        row_off: int,
+        fg: np.ndarray,
+        fg_labels: np.ndarray,
+        counts: np.ndarray,
+        prob: np.ndarray | None,
+        values: Mapping[str, np.ndarray] | None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Per component of the strip: its pixels (row, col) and their kept values."""
+        missing = [k for k in self.keep_pixels if values is None or k not in values]
+        if missing:
+            raise ValueError(f"add_strip needs the values {missing} (keep_pixels)")
+        order = np.argsort(fg_labels, kind="stable")
+        idx = fg[order]
+        w = self.width
+        arrays = {"row": (row_off + idx // w).astype(np.int32), "col": (idx % w).astype(np.int32)}
+        if prob is not None:
+            arrays["prob"] = prob.ravel()[idx].astype(np.float32)
+        for k in self.keep_pixels:
+            arrays[k] = values[k].ravel()[idx]  # type: ignore[index]
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        return [{k: a[s:e] for k, a in arrays.items()} for s, e in zip(starts.tolist(), ends.tolist())]
+
+    def _finalise(self, rid: int, rec: PixelPolygon) -> None:
+        if self.keep_pixels:
+            chunks = self._chunks.pop(rid, None)
+            if chunks is not None:
+                rec.pixels = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        self._final.append(rec)
 
     def _take_id(self) -> int:
         rid = self._next_id
@@ -264,8 +331,10 @@ class StripPolygonizer:
         """
         if self.next_row != self.height:
             raise ValueError(f"mask has {self.height} rows but strips stopped at row {self.next_row}")
-        final = self._final + list(self._open.values())
+        for rid, rec in self._open.items():
+            self._finalise(rid, rec)
         self._open = {}
+        final, self._final = self._final, []
         return final
 
 
@@ -433,18 +502,29 @@ class PolygonBuilder:
         if not records:
             return
         pixel = np.array([r.geometry for r in records], dtype=object)
+        group = np.array([r.group for r in records], dtype=np.int64)
+        if self.simplify <= 0 and group.any():  # split buildings carry a vertex per pixel corner
+            pixel[group > 0] = shapely.simplify(pixel[group > 0], 0.0)
         geoms = _affine(pixel, self.transform)
         if self.min_area > 0:
             area, _ = ground_area_perimeter(geoms, self.metric)
             keep = area >= self.min_area
             records = [r for r, k in zip(records, keep) if k]
-            geoms = geoms[keep]
+            geoms, group = geoms[keep], group[keep]
             if not len(geoms):
                 return
         if self.simplify > 0:
-            metric = shapely.simplify(self.metric.to_metres(geoms), self.simplify, preserve_topology=True)
+            metric = self.metric.to_metres(geoms)
+            simple = shapely.simplify(metric, self.simplify, preserve_topology=True)
+            # The buildings of one split component are simplified together (Visvalingam-Whyatt on
+            # the coverage), so a shared wall stays one shared edge with no gap or overlap.
+            for g in np.unique(group[group > 0]).tolist():
+                members = np.flatnonzero(group == g)
+                if len(members) > 1:
+                    simple[members] = shapely.coverage_simplify(metric[members], self.simplify)
+            metric = simple
             back = _affine(self.metric.from_metres(metric), ~self.transform)
-            # Douglas-Peucker keeps a subset of the vertices, all of them pixel corners:
+            # Both simplifications keep a subset of the vertices, all of them pixel corners:
             # rounding undoes the round trip through the projection exactly.
             geoms = _affine(shapely.transform(back, np.rint), self.transform)
         if not self.regularize:
@@ -545,15 +625,20 @@ def _regularize(geoms: np.ndarray, frame: MetricFrame, *, tolerance: float) -> n
     return frame.from_metres(result)
 
 
-def min_pixels_for(min_area: float, *, crs: CRS, transform: Affine, width: int, height: int) -> int:
-    """Pixel count under which a component is certainly smaller than ``min_area`` m² (0: no prefilter)."""
+def min_pixels_for(
+    min_area: float, *, crs: CRS, transform: Affine, width: int, height: int, margin: float = PREFILTER_MARGIN,
+) -> int:
+    """Pixel count under which a component is certainly smaller than ``min_area`` m² (0: no prefilter).
+
+    ``margin`` < 1 leaves room for the change of pixel ground area across the scene.
+    """
     if min_area <= 0:
         return 0
     try:
         area = metric_frame(crs, transform, width, height).pixel_area(transform, width, height)
     except Exception:  # no ground metres: leave it to the exact filter (which will say why)
         return 0
-    return int(PREFILTER_MARGIN * min_area / area) if area > 0 else 0
+    return int(margin * min_area / area) if area > 0 else 0
 
 
 def strip_height(width: int, *, strip_pixels: int = STRIP_PIXELS) -> int:

@@ -92,6 +92,7 @@ class RasterSink:
         prob_dtype: ProbDtype = "uint8",
         num_threads: int | str = 1,
         class_names: tuple[str, ...] = (),
+        band_names: tuple[str, ...] = ("rooftop",),
     ) -> None:
         """Create the file.
 
@@ -106,6 +107,8 @@ class RasterSink:
             prob_dtype: ``"uint8"`` (value / 254, 255 nodata) or ``"float16"`` (NaN nodata).
             num_threads: GDAL compression threads (``"ALL_CPUS"`` or a number).
             class_names: Class names, recorded in the mask's metadata.
+            band_names: ``"prob"``: what each band is the probability of (``rooftop``; an
+                ``instances`` model adds ``border`` and ``contact``).
         """
         self.path = Path(path)
         self.kind = kind
@@ -123,8 +126,9 @@ class RasterSink:
             options["nbits"] = 16
         else:
             raise ValueError(f"probability dtype should be 'uint8' or 'float16', got {prob_dtype!r}")
+        self.bands = len(band_names) if kind == "prob" else 1
         profile = {
-            **GTIFF_PROFILE, "blockxsize": tile, "blockysize": tile, "count": 1,
+            **GTIFF_PROFILE, "blockxsize": tile, "blockysize": tile, "count": self.bands,
             "width": width, "height": height, "dtype": self.dtype.name, "crs": crs,
             "transform": transform, "nodata": self.nodata, "num_threads": num_threads, **options,
         }
@@ -132,23 +136,28 @@ class RasterSink:
         # "w+" so that finished strips can be read back through the same handle.
         self._dst = rasterio.open(self.path, "w+", **profile)
         if kind == "prob" and prob_dtype == "uint8":
-            self._dst.scales = (1.0 / PROB_SCALE,)
-            self._dst.offsets = (0.0,)
-            self._dst.set_band_description(1, "rooftop probability (value / 254)")
+            self._dst.scales = (1.0 / PROB_SCALE,) * self.bands
+            self._dst.offsets = (0.0,) * self.bands
+            for b, name in enumerate(band_names, 1):
+                self._dst.set_band_description(b, f"{name} probability (value / 254)")
         elif kind == "prob":
-            self._dst.set_band_description(1, "rooftop probability")
+            for b, name in enumerate(band_names, 1):
+                self._dst.set_band_description(b, f"{name} probability")
         else:
             self._dst.set_band_description(1, "class id")
             if class_names:
                 self._dst.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(class_names)})
 
     def write(self, window: Window, array: np.ndarray) -> None:
-        """Write a (H, W) array at ``window``."""
-        self._dst.write(array, 1, window=window)
+        """Write a (H, W) array (one band) or a (bands, H, W) array at ``window``."""
+        if array.ndim == 3:
+            self._dst.write(array, window=window)
+        else:
+            self._dst.write(array, 1, window=window)
 
     def read(self, window: Window) -> np.ndarray:
-        """Read back a (H, W) window that has been written."""
-        return self._dst.read(1, window=window)
+        """Read back a window that has been written: (H, W) for one band, else (bands, H, W)."""
+        return self._dst.read(1, window=window) if self.bands == 1 else self._dst.read(window=window)
 
     def finish(self, *, overviews: bool) -> None:
         """Build overviews (after the full-resolution pass) and close the file."""

@@ -42,6 +42,7 @@ from geoseg.inference.runtime import (
     torch_threads,
 )
 from geoseg.inference.stitch import BlockStitcher, finish_core
+from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.streams import BlockData, BlockReader, CoreWriter, FinishedCore
 from geoseg.raster_io import SceneInfo, atomic_output, check_output, open_scene
 from geoseg.tiling import block_grid
@@ -60,6 +61,8 @@ CPU_BATCH = 16
 GPU_BATCH = 128
 #: Most reader threads with a GPU (each decodes whole blocks; GDAL releases the GIL).
 MAX_GPU_READERS = 8
+#: Default smallest building seed (m²) when splitting touching buildings: smaller seeds are noise.
+MIN_SEED_AREA = 0.5
 
 ProgressFn = Callable[[int, int], None]
 
@@ -150,6 +153,9 @@ def predict_scene(
     compile_model: bool | None = None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
+    instances: bool | None = None,
+    seed_threshold: float = 0.5,
+    min_seed_area: float = MIN_SEED_AREA,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -184,6 +190,12 @@ def predict_scene(
             on a CPU for scenes of ``COMPILE_MIN_CHIPS`` chips or more.
         progress: Called with (chips done, chips to predict).
         overwrite: Replace existing outputs.
+        instances: Split touching buildings with a seeded watershed (needs an ``instances``
+            checkpoint; None: whenever the checkpoint is one). With an ``instances``
+            checkpoint ``prob_out`` has three bands: rooftop, border, contact.
+        seed_threshold: A rooftop pixel seeds a building where its border and contact
+            probabilities are below this.
+        min_seed_area: Seeds smaller than this (m²) are ignored.
 
     Returns:
         Paths, polygons, chip counts and stage timings.
@@ -207,6 +219,7 @@ def predict_scene(
         raise ConfigError(f"overlap should be from 0 to {chip - 1} pixels (chip size {chip}), got {overlap}")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold should be a probability in [0, 1], got {threshold}")
+    split = _wants_instances(instances, meta, seed_threshold, min_seed_area)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     if batch_size is None:
@@ -234,7 +247,8 @@ def predict_scene(
             dev=dev, dtype=dtype, prob_dtype=prob_dtype if prob_out else "uint8", min_area=min_area,
             simplify=simplify, regularize=regularize,
             scene_name=scene_name or scene_path.stem, threads=threads, read_workers=read_workers,
-            compile_model=compile_model, progress=progress,
+            compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
+            min_seed_area=min_seed_area,
         )
     result.mask_path = Path(mask_out) if mask_out else None
     result.prob_path = Path(prob_out) if prob_out else None
@@ -273,8 +287,12 @@ def _run(
     read_workers: int | None,
     compile_model: bool | None,
     progress: ProgressFn | None,
+    split: bool,
+    seed_threshold: float,
+    min_seed_area: float,
 ) -> PredictionResult:
     from geoseg import vectorize
+    from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
 
     t_start = time.perf_counter()
     W, H, chip = info.width, info.height, int(meta.chip_size)
@@ -282,28 +300,37 @@ def _run(
     classes = int(meta.classes)
     names = tuple(meta.class_names) if meta.class_names else ("background", "rooftop")
     chips_total = sum(len(b.chips) for b in blocks)
+    extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
     predictor = ChipPredictor(
         model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
         compile=compile_wanted(compile_model, dev, chips_total), batch_size=batch_size,
+        extra_channels=len(extra),
     )
     cuda = dev.type == "cuda"
     sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
                      num_threads="ALL_CPUS" if cuda else 1)
     mask_sink = RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args) if mask_tmp else None
-    prob_sink = RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype, **sink_args) if prob_tmp else None
+    prob_sink = RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype, band_names=("rooftop", *extra),
+                           **sink_args) if prob_tmp else None
     sinks = [s for s in (mask_sink, prob_sink) if s is not None]
-    poly = builder = None
+    poly = builder = splitter = None
     if polygons:
         min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform, width=W, height=H)
+        if split:
+            seed_pixels = vectorize.min_pixels_for(min_seed_area, crs=info.crs, transform=info.transform,
+                                                   width=W, height=H, margin=1.0)
+            splitter = InstanceSplitter(threshold=threshold, seed_threshold=seed_threshold,
+                                        min_seed_pixels=seed_pixels)
         poly = vectorize.StripPolygonizer(
             width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
+            keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
         )
         builder = vectorize.PolygonBuilder(
             transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
             simplify=simplify, regularize=regularize, class_names=names,
         )
     writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=poly, builder=builder,
-                        strip_rows=vectorize.strip_height(W), width=W)
+                        strip_rows=vectorize.strip_height(W), width=W, splitter=splitter)
     workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
     reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda)
     work = _BlockWork(
@@ -311,7 +338,7 @@ def _run(
                                  channels=predictor.channels, device=dev),
         writer, batch_size=batch_size, roof=rooftop_index(names, classes), threshold=threshold,
         prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
-        progress=progress,
+        progress=progress, extra=len(extra),
     )
     n_threads = torch.get_num_threads()
     # One process-wide GDAL cache cap for the whole pass: reader, writer and overviews.
@@ -343,7 +370,8 @@ def _run(
     frame = None
     if poly is not None and builder is not None:
         t1 = time.perf_counter()
-        builder.add(poly.finish())
+        rest = poly.finish()
+        builder.add(splitter(rest) if splitter is not None else rest)
         frame = builder.frame()
         work.stages["vectorise"] += time.perf_counter() - t1
     if work.skipped == work.chips_total:
@@ -355,6 +383,23 @@ def _run(
         precision=precision_name(dtype), threads=n_threads, batch_size=batch_size, overlap=overlap,
         block_size=block, compiled=predictor.compiled,
     )
+
+
+def _wants_instances(
+    instances: bool | None, meta: "CheckpointMeta", seed_threshold: float, min_seed_area: float
+) -> bool:
+    """Whether to split touching buildings; checks the request against the checkpoint."""
+    has = getattr(meta, "target", "footprint") == "instances"
+    if instances and not has:
+        raise ConfigError(
+            "--instances needs a model trained with model.target=instances; this checkpoint learned "
+            "footprints only: retrain with --set model.target=instances, or drop --instances"
+        )
+    if not 0.0 < seed_threshold <= 1.0:
+        raise ConfigError(f"seed threshold should be a probability in (0, 1], got {seed_threshold}")
+    if min_seed_area < 0:
+        raise ConfigError(f"min seed area should be >= 0 m², got {min_seed_area}")
+    return has if instances is None else bool(instances)
 
 
 class _BlockWork:
@@ -373,8 +418,10 @@ class _BlockWork:
         last_col: int,
         chips_total: int,
         progress: ProgressFn | None,
+        extra: int = 0,
     ) -> None:
         self.predictor, self.stitcher, self.writer = predictor, stitcher, writer
+        self.extra = extra
         self.batch_size, self.roof, self.threshold, self.prob_dtype = batch_size, roof, threshold, prob_dtype
         self.last_col, self.chips_total, self.progress = last_col, chips_total, progress
         self.stages = dict.fromkeys(("read", "preprocess", "model", "blend_write", "vectorise", "wait_read"), 0.0)
@@ -417,6 +464,6 @@ class _BlockWork:
         core = stitcher.close_block(blk, buffer)
         ch, cw = int(blk.core.height), int(blk.core.width)
         mask, prob = finish_core(core, valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
-                                 prob_dtype=self.prob_dtype)
+                                 prob_dtype=self.prob_dtype, extra=self.extra)
         stages["blend_write"] += time.perf_counter() - t4
         self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col))

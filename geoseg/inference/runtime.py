@@ -215,6 +215,7 @@ class ChipPredictor:
         channels_last: bool = True,
         compile: bool = False,
         batch_size: int | None = None,
+        extra_channels: int = 0,
     ) -> None:
         """Prepare the model.
 
@@ -231,6 +232,9 @@ class ChipPredictor:
                 to the eager model with a warning if compiling fails).
             batch_size: With ``compile``, smaller batches are padded to this size, so the
                 compiled graph never sees a new shape (a new shape would compile again).
+            extra_channels: Sigmoid channels the model outputs after its ``classes`` class
+                logits (an ``instances`` model: border, contact); their probabilities follow
+                the class probabilities.
 
         Raises:
             ConfigError: A zero standard deviation.
@@ -241,7 +245,8 @@ class ChipPredictor:
         self.autocast_dtype = autocast_dtype
         self.classes = int(classes)
         self.binary = self.classes == 2
-        self.channels = 1 if self.classes <= 2 else self.classes
+        self.extra = int(extra_channels)
+        self.channels = (1 if self.classes <= 2 else self.classes) + self.extra
         self.tta = bool(tta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(device=device, memory_format=self.memory_format)
@@ -277,11 +282,16 @@ class ChipPredictor:
             chips = torch.cat([chips, pad]).contiguous(memory_format=self.memory_format)
         logits = self._logits(chips)[:n]
         logits = logits.float()
+        if self.extra:
+            extra = torch.sigmoid(logits[:, self.classes:])
+            logits = logits[:, :self.classes]
         if self.classes == 1:
-            return torch.sigmoid(logits)
-        if self.binary:  # softmax of two logits = sigmoid of their difference; one channel kept
-            return torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
-        return torch.softmax(logits, dim=1)
+            probs = torch.sigmoid(logits)
+        elif self.binary:  # softmax of two logits = sigmoid of their difference; one channel kept
+            probs = torch.sigmoid(logits[:, 1:2] - logits[:, 0:1])
+        else:
+            probs = torch.softmax(logits, dim=1)
+        return torch.cat([probs, extra], dim=1) if self.extra else probs
 
     def __call__(self, chips: torch.Tensor) -> torch.Tensor:
         """Probabilities for a batch of normalised chips.

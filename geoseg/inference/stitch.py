@@ -136,19 +136,27 @@ def finish_core(
     roof: int,
     threshold: float,
     prob_dtype: ProbDtype,
+    extra: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class mask and stored rooftop probability of a core, nodata where the input was.
 
     Args:
-        probs: (H, W, channels) probabilities (1 channel: rooftop, binary model).
+        probs: (H, W, channels) probabilities (1 channel: rooftop, binary model), the
+            last ``extra`` of them from an ``instances`` model's extra channels.
         valid: (H, W) bool, True where the scene has data.
         roof: Channel of the rooftop class (multi-class).
         threshold: Rooftop probability threshold (binary).
         prob_dtype: ``"uint8"`` or ``"float16"``.
+        extra: Extra probability channels (border, contact), stored after the rooftop one.
 
     Returns:
-        (uint8 mask with 255 nodata, stored probability) as numpy arrays.
+        (uint8 mask with 255 nodata, stored probability) as numpy arrays; the
+        probability is (H, W), or (1 + extra, H, W) with extra channels.
     """
+    if extra:
+        probs, more = probs[..., :-extra], probs[..., -extra:]
+        mask, stored = finish_core(probs, valid, roof=roof, threshold=threshold, prob_dtype=prob_dtype)
+        return mask, np.concatenate([stored[None], _store(more.permute(2, 0, 1), ~valid, prob_dtype)])
     if probs.shape[-1] == 1:
         prob = probs[..., 0]
         mask = (prob >= threshold).to(torch.uint8)
@@ -157,9 +165,14 @@ def finish_core(
         mask = probs.argmax(dim=-1).to(torch.uint8)
     nodata = ~valid
     mask = mask.masked_fill(nodata, MASK_NODATA)
+    return mask.cpu().numpy(), _store(prob, nodata, prob_dtype)
+
+
+def _store(prob: torch.Tensor, nodata: torch.Tensor, prob_dtype: ProbDtype) -> np.ndarray:
+    """Probabilities (..., H, W) to their stored form (see ``outputs.quantise_probability``)."""
     if prob_dtype == "uint8":
         stored = torch.round(prob * PROB_SCALE).clamp_(0, PROB_SCALE).to(torch.uint8)
         stored = stored.masked_fill(nodata, PROB_NODATA)
     else:
         stored = prob.to(torch.float16).to(torch.float32).masked_fill(nodata, float("nan"))
-    return mask.cpu().numpy(), stored.cpu().numpy()
+    return stored.cpu().numpy()

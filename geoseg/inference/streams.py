@@ -22,6 +22,7 @@ from geoseg.raster_io import read_window
 from geoseg.tiling import Block
 
 if TYPE_CHECKING:
+    from geoseg.instances import InstanceSplitter
     from geoseg.vectorize import PolygonBuilder, StripPolygonizer
 
 #: Finished block cores queued for the writer.
@@ -128,6 +129,7 @@ class CoreWriter(threading.Thread):
         builder: "PolygonBuilder | None",
         strip_rows: int,
         width: int,
+        splitter: "InstanceSplitter | None" = None,
     ) -> None:
         """Prepare the thread (not started).
 
@@ -138,12 +140,15 @@ class CoreWriter(threading.Thread):
             builder: Turns finished components into polygons as they complete, or None.
             strip_rows: Rows per polygonisation strip.
             width: Scene width in pixels.
+            splitter: Splits finished footprint components into buildings (the probability
+                raster then has rooftop, border and contact bands), or None.
         """
         super().__init__(name="geoseg-write", daemon=True)
         self.queue: queue.Queue[FinishedCore | None] = queue.Queue(maxsize=WRITE_QUEUE)
         self.mask_sink, self.prob_sink = mask_sink, prob_sink
         self.polygonizer, self.builder = polygonizer, builder
         self.strip_rows, self.width = strip_rows, width
+        self.splitter = splitter
         self.error: BaseException | None = None
         self.abort = threading.Event()  # set by the main thread on failure: stop without writing
         self.write_s = 0.0
@@ -181,12 +186,16 @@ class CoreWriter(threading.Thread):
             h = min(self.strip_rows, stop - r0)
             win = Window(0, r0, self.width, h)
             mask = self.mask_sink.read(win)
-            prob = None
+            prob = values = None
             if self.prob_sink is not None:
                 prob, _ = stored_to_probability(self.prob_sink.read(win))
-            self.polygonizer.add_strip(r0, mask, prob)
+                if prob.ndim == 3:  # rooftop, border, contact
+                    values = self.splitter.strip_values(prob) if self.splitter is not None else None
+                    prob = prob[0]
+            self.polygonizer.add_strip(r0, mask, prob, values)
             if self.builder is not None:  # finished polygons leave pixel space at once
-                self.builder.add(self.polygonizer.take_finished())
+                finished = self.polygonizer.take_finished()
+                self.builder.add(self.splitter(finished) if self.splitter is not None else finished)
             self._next_row = r0 + h
 
     def stop(self) -> None:
