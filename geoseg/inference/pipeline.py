@@ -86,8 +86,9 @@ class PredictionResult:
         seconds: Wall-clock seconds of the whole call.
         stages: Seconds per stage: ``read`` (reader threads), ``preprocess``
             (upload, normalise, cut chips), ``model``, ``blend_write`` (blending,
-            finishing cores, writing, overviews), ``vectorise``; ``wait_read`` is
-            the time the model waited for the reader. Stages overlap (threads),
+            finishing cores, writing, overviews), ``vectorise`` (polygons, including
+            ``split``: separating touching buildings, with an instances model); ``wait_read``
+            is the time the model waited for the reader. Stages overlap (threads),
             so they may add up to more than ``seconds``.
         device: Device used.
         precision: ``"32"``, ``"bf16"`` or ``"16"``.
@@ -374,6 +375,8 @@ def _run(
         builder.add(splitter(rest) if splitter is not None else rest)
         frame = builder.frame()
         work.stages["vectorise"] += time.perf_counter() - t1
+        if splitter is not None:  # part of "vectorise", also given on its own
+            work.stages["split"] = splitter.seconds
     if work.skipped == work.chips_total:
         log.warning("%s: every pixel is nodata; nothing was predicted and its layer is empty", info.path)
     return PredictionResult(
