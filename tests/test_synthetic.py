@@ -14,7 +14,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from geoseg.errors import ConfigError, OutputError
-from geoseg.synthetic import ROOF_GAP_PX, make_dataset, make_scene
+from geoseg.synthetic import ROOF_GAP_PX, instance_ids, make_dataset, make_scene
 
 
 def _read(path):
@@ -42,6 +42,15 @@ def test_mask_is_the_rasterised_polygons(synthetic_scene):
     mask, _ = _read(synthetic_scene.mask)
     expected = _burn(synthetic_scene.polygons, synthetic_scene.transform, (300, 517))
     np.testing.assert_array_equal(mask[0], expected)
+    # The instance ids are the polygons burnt with their building ids; their union is the mask.
+    ids = instance_ids(synthetic_scene)
+    assert ids.dtype == np.int32 and ids.shape == (300, 517)
+    burnt = rasterio.features.rasterize(
+        zip(synthetic_scene.polygons, synthetic_scene.building_ids), out_shape=(300, 517),
+        transform=synthetic_scene.transform, dtype="int32",
+    )
+    np.testing.assert_array_equal(ids, burnt)
+    np.testing.assert_array_equal(mask[0], np.where(ids > 0, 255, 0))
 
 
 def test_roof_geopackage_holds_the_polygons(synthetic_scene):
@@ -52,6 +61,8 @@ def test_roof_geopackage_holds_the_polygons(synthetic_scene):
         assert shapely.equals_exact(got, want, tolerance=1e-6)
     assert set(gdf["scene"]) == {"scene"}
     assert set(gdf["roof"]) <= {"gable", "hip", "flat"}
+    assert list(gdf["building_id"]) == list(synthetic_scene.building_ids) == list(range(1, len(gdf) + 1))
+    assert set(gdf["terrace"]) == {0}  # no terraces unless asked for
 
 
 def test_roofs_are_valid_inside_apart_and_varied(synthetic_scene):
@@ -166,6 +177,7 @@ def test_bad_arguments(tmp_path):
         ("seed", "images/images/scene_001.tif", "label/label/scene_001_label.tif"),
         ("flat", "images/scene_001.tif", "labels/scene_001.tif"),
         ("vector", "images/scene_001.tif", "masks/scene_001.tif"),
+        ("buildings", "images/scene_001.tif", "labels/scene_001.tif"),
     ],
 )
 def test_make_dataset_layouts(tmp_path, layout, image, label):
@@ -175,10 +187,12 @@ def test_make_dataset_layouts(tmp_path, layout, image, label):
     assert (tmp_path / image).exists() and (tmp_path / label).exists()
     t0, t1 = ds.scenes[0].transform, ds.scenes[1].transform
     assert t1.c > t0.c + 96 * 0.3  # side by side, not overlapping
-    if layout == "vector":
-        gdf = gpd.read_file(ds.vector, layer="roofs")
+    if layout in ("vector", "buildings"):
+        gdf = gpd.read_file(ds.vector, layer="roofs" if layout == "vector" else "buildings")
+        assert ds.vector.name == ("roofs.gpkg" if layout == "vector" else "buildings.gpkg")
         assert len(gdf) == sum(len(s.polygons) for s in ds.scenes)
         assert list(gdf["scene"]).count("scene_001") == len(ds.scenes[1].polygons)
+        assert list(gdf["building_id"]) == [i for s in ds.scenes for i in s.building_ids]
     else:
         assert ds.vector is None
 

@@ -14,6 +14,13 @@ from shapely import affinity
 from shapely.geometry import Point, Polygon, box
 
 from geoseg.raster_io import ground_pixel_size
+from geoseg.synthetic.roofs import (
+    ROOF_COLOURS,
+    ROOF_KINDS,
+    TERRACE_RIM_M,
+    roof_shape,
+    terrace_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +33,6 @@ ROOF_GAP_M = 1.5
 ROOF_GAP_PX = 3
 #: Tries to fit a roof into a lot before leaving it empty.
 ROOF_ATTEMPTS = 8
-#: Roof side lengths in ground metres (long side, short side).
-ROOF_LONG_M = (7.0, 15.0)
-ROOF_SHORT_M = (5.0, 10.5)
 #: Road width in ground metres; a road every ``ROAD_EVERY`` lattice columns/rows.
 ROAD_WIDTH_M = (5.0, 7.5)
 ROAD_EVERY = (4, 5)
@@ -37,18 +41,6 @@ TREE_DENSITY = 1.6
 TREE_RADIUS_M = (1.5, 4.0)
 #: Pixels a roof keeps from the scene edge (beyond ``nodata_border``).
 EDGE_MARGIN_PX = 2
-
-#: Roof base colours (RGB): terracotta, brown, slate, concrete, metal, blue metal, beige.
-ROOF_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (172, 82, 58),
-    (138, 70, 52),
-    (74, 76, 86),
-    (156, 154, 148),
-    (188, 192, 198),
-    (92, 112, 142),
-    (192, 170, 132),
-)
-ROOF_KINDS = ("gable", "hip", "flat")
 
 
 @dataclass
@@ -73,6 +65,9 @@ class Layout:
     trees: np.ndarray  # (t, 3): cx, cy, radius (CRS units)
     roads: list[Polygon]
     nodata_border: int
+    roof_rim: np.ndarray  # (n,) width of the darker rim along the walls (CRS units), 0: none
+    roof_terrace: np.ndarray  # (n,) terrace row of each roof (1, 2, ...), 0: free-standing
+    first_id: int = 1  # building id of roofs[0]; roof i has id first_id + i
     crowns: list[Polygon] = field(default_factory=list)  # tree crowns, derived
     shade: list[Polygon] = field(default_factory=list)  # roof and tree shadows, derived
     index: dict[str, shapely.STRtree] = field(default_factory=dict)  # per kind, derived
@@ -88,44 +83,16 @@ class Layout:
             if polys:
                 self.index[key] = shapely.STRtree(polys)
 
+    @property
+    def building_ids(self) -> np.ndarray:
+        """The building id of each roof (int64), ``first_id``, ``first_id + 1``, ..."""
+        return np.arange(self.first_id, self.first_id + len(self.roofs), dtype=np.int64)
+
 
 def _lattice_rect(u0: float, v0: float, u1: float, v1: float, rot: Affine) -> Polygon:
     return affinity.affine_transform(
         box(u0, v0, u1, v1), [rot.a, rot.b, rot.d, rot.e, rot.c, rot.f]
     )
-
-
-def _roof_shape(
-    rng: np.random.Generator, unit: float
-) -> tuple[Polygon, list[tuple[float, float, float, float]], str]:
-    """A roof footprint in a local frame centred near the origin (CRS units).
-
-    Returns:
-        The footprint, its parts as (cx, cy, half_long_x, half_short_y) axis-aligned
-        rectangles in the local frame (a wing's long axis may be along y: then
-        half_long < half_short and the shading swaps axes), and the shape name.
-    """
-    long_ = rng.uniform(*ROOF_LONG_M) * unit
-    short = min(rng.uniform(*ROOF_SHORT_M) * unit, long_ * 0.85)
-    if rng.random() < 0.35:
-        wing_w = rng.uniform(0.35, 0.55) * long_
-        wing_l = rng.uniform(3.0, 7.0) * unit
-        main = box(0, 0, long_, short)
-        wing = box(0, short, wing_w, short + wing_l)
-        shape = shapely.union(main, wing)
-        shape = shapely.normalize(shapely.simplify(shape, 0))
-        # The wing part spans the whole wing incl. its overlap with the main block so
-        # that its ridge runs along the wing.
-        parts = [
-            (long_ / 2, short / 2, long_ / 2, short / 2),
-            (wing_w / 2, (short + wing_l) / 2 + short / 4, wing_w / 2, (wing_l + short / 2) / 2),
-        ]
-        cx, cy = shape.centroid.x, shape.centroid.y
-        shape = affinity.translate(shape, -cx, -cy)
-        parts = [(px - cx, py - cy, hl, hs) for px, py, hl, hs in parts]
-        return shape, parts, "L"
-    shape = box(-long_ / 2, -short / 2, long_ / 2, short / 2)
-    return shape, [(0.0, 0.0, long_ / 2, short / 2)], "rect"
 
 
 def plan(
@@ -137,8 +104,15 @@ def plan(
     transform: Affine,
     n_roofs: int | None,
     nodata_border: int,
+    terraces: float = 0.0,
+    first_id: int = 1,
 ) -> Layout:
-    """Place roads, roofs, shadows and trees (CRS units); draws no pixel."""
+    """Place roads, roofs, terraces, shadows and trees (CRS units); draws no pixel.
+
+    ``terraces`` is the chance that a pair of neighbouring lots holds a terrace
+    row instead of two free-standing roofs (0: none, the layout of old); roofs
+    get the building ids ``first_id``, ``first_id + 1``, ... in placing order.
+    """
     rng = np.random.default_rng(seed)
     gx, gy = ground_pixel_size(crs, transform, width, height)
     res = (abs(transform.a) + abs(transform.e)) / 2.0
@@ -194,6 +168,16 @@ def plan(
     ]
     order = rng.permutation(len(lots))
     wanted = n_roofs
+    # Terraces: pairs of neighbouring lots along u (inside one block between roads)
+    # given to a row of houses. Decided only when asked, so that the default
+    # draws the same random numbers as before terraces existed.
+    strip_of: dict[tuple[int, int], tuple[int, int]] = {}
+    if terraces > 0:
+        for i, j in lots:
+            pos = (i - road_u) % every_u  # 1 .. every_u - 1 between two roads
+            if pos % 2 == 1 and pos + 1 < every_u and rng.random() < terraces:
+                strip_of[(i, j)] = strip_of[(i + 1, j)] = (i, j)
+    strips_done: set[tuple[int, int]] = set()
 
     roofs: list[Polygon] = []
     kinds: list[str] = []
@@ -202,10 +186,46 @@ def plan(
     part_roof: list[int] = []
     frames: list[tuple[float, ...]] = []
     shadows: list[Polygon] = []
+    rims: list[float] = []
+    rows: list[int] = []
+
+    def cast_shadow(roof: Polygon, h: float, convex: bool) -> None:
+        dx, dy = -sun * h
+        steps = [affinity.translate(roof, dx * t, dy * t) for t in (0.34, 0.67, 1.0)]
+        swept = shapely.union_all([roof, *steps])
+        # The sweep of a convex roof is exactly the hull of its copies.
+        shadows.append(swept.convex_hull if convex else swept)
+
     for k in order:
         if wanted is not None and len(roofs) >= wanted:
             break
         i, j = lots[k]
+        strip = strip_of.get((i, j))
+        if strip is not None:
+            if strip in strips_done:
+                continue
+            strips_done.add(strip)
+            si, sj = strip
+            bounds = (si * lot + gap / 2, sj * lot + gap / 2,
+                      (si + 2) * lot - gap / 2, (sj + 1) * lot - gap / 2)
+            if not _lattice_rect(*bounds, rot).intersects(interior):
+                continue
+            row = max(rows, default=0) + 1
+            for house in terrace_row(rng, bounds, rot, unit=unit, res=res):
+                if wanted is not None and len(roofs) >= wanted:
+                    break
+                if not interior.contains(house.polygon):  # a house beyond the scene edge: an empty plot
+                    continue
+                part_roof.append(len(roofs))
+                roofs.append(house.polygon)
+                kinds.append(house.kind)
+                colours.append(house.colour)
+                frames.append(house.frame)
+                parts.append(house.polygon)
+                rims.append(TERRACE_RIM_M * unit)
+                rows.append(row)
+                cast_shadow(house.polygon, house.height, convex=True)
+            continue
         occupied = rng.random() < ROOF_OCCUPANCY
         if wanted is None and not occupied:
             continue
@@ -214,7 +234,7 @@ def plan(
         if not lot_poly.intersects(interior):
             continue
         for _attempt in range(ROOF_ATTEMPTS):
-            shape, shape_parts, shape_name = _roof_shape(rng, unit)
+            shape, shape_parts, shape_name = roof_shape(rng, unit)
             aligned = rng.random() < 0.6
             angle = theta + (rng.normal(0, 4) if aligned else rng.uniform(0, 180))
             angle += 90 * int(rng.integers(0, 4))
@@ -234,6 +254,8 @@ def plan(
             roofs.append(roof)
             kinds.append(kind)
             colours.append(base)
+            rims.append(0.0)
+            rows.append(0)
             ca, sa = math.cos(math.radians(angle)), math.sin(math.radians(angle))
             for (qx, qy, hl, hs) in shape_parts:
                 wx, wy = place @ (qx, qy)
@@ -243,12 +265,7 @@ def plan(
                     frames.append((wx, wy, -sa, ca, hs, hl))
                 parts.append(affinity.affine_transform(box(qx - hl, qy - hs, qx + hl, qy + hs), coeffs))
                 part_roof.append(roof_idx)
-            h = rng.uniform(3.0, 7.0) * unit * 0.45
-            dx, dy = -sun * h
-            steps = [affinity.translate(roof, dx * t, dy * t) for t in (0.34, 0.67, 1.0)]
-            swept = shapely.union_all([roof, *steps])
-            # The sweep of a convex roof is exactly the hull of its copies.
-            shadows.append(swept.convex_hull if shape_name == "rect" else swept)
+            cast_shadow(roof, rng.uniform(3.0, 7.0) * unit * 0.45, convex=shape_name == "rect")
             break
     if wanted is not None and len(roofs) < wanted:
         log.warning("placed %d of %d requested roofs: the scene has no room for more",
@@ -279,5 +296,6 @@ def plan(
         part_roof=np.array(part_roof, dtype=np.int64),
         part_frame=np.array(frames, dtype=float).reshape(-1, 6), shadows=shadows,
         trees=np.array(trees, dtype=float).reshape(-1, 3), roads=roads,
-        nodata_border=nodata_border,
+        nodata_border=nodata_border, roof_rim=np.array(rims, dtype=float),
+        roof_terrace=np.array(rows, dtype=np.int64), first_id=first_id,
     )

@@ -11,8 +11,9 @@ from affine import Affine
 from rasterio.windows import Window
 from shapely.geometry import Polygon, box
 
-from geoseg.synthetic.layout import ROOF_KINDS, Layout
+from geoseg.synthetic.layout import Layout
 from geoseg.synthetic.noise import fbm, hash01, value_noise
+from geoseg.synthetic.roofs import ROOF_KINDS
 
 #: Pixels rendered beyond each window so that the blur is seamless between windows.
 _HALO = 3
@@ -21,6 +22,8 @@ _SOIL = np.array([138.0, 118.0, 86.0])
 _DRY = np.array([150.0, 146.0, 100.0])
 _ASPHALT = np.array([92.0, 94.0, 98.0])
 _TREE = np.array([38.0, 72.0, 36.0])
+#: Light on the rim along a terrace house's walls (1: as the roof).
+_RIM_LIGHT = 0.8
 
 
 def _burn(
@@ -127,6 +130,9 @@ def render(layout: Layout, window: Window) -> tuple[np.ndarray, np.ndarray]:
             light = np.where(rim, 0.8, light)
             ridge = (kind == 0) & (np.abs(v) < 0.2 * unit)
             light = np.where(ridge, 1.08, light)
+            if layout.roof_rim.any():  # terrace houses: a darker line along every wall
+                wall = np.minimum(to_side, to_end) < layout.roof_rim[roof]
+                light = np.where(wall, light * _RIM_LIGHT, light)
             grain = 0.94 + 0.12 * mid[sel]
             img[sel] = layout.roof_colour[roof] * (light * grain)[:, None] + (
                 fine[sel, None] - 0.5
