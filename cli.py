@@ -73,12 +73,13 @@ def evaluate_command(
     import json
 
     from geoseg import evaluation
-    from geoseg.raster_io import check_output, open_scene
+    from geoseg.evaluation.panels import check_panels_output
+    from geoseg.raster_io import open_scene
 
     if image is not None and panels is None:
         raise click.UsageError("--image is only used with --panels; add --panels panels.png")
     if panels is not None:  # refuse before any work, so that a refused run writes nothing
-        check_output(panels, overwrite=overwrite)
+        check_panels_output(panels, pred=pred, truth=truth, aoi=aoi, image=image, overwrite=overwrite)
     if image is not None:
         open_scene(image, assume_crs=assume_crs)
     options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
@@ -154,7 +155,7 @@ def train_command(
             bar.close()
             bars.pop("bar", None)
 
-    result = fit(config, resume=resume, progress=progress if main_rank else None)
+    result = fit(config, resume=resume, progress=progress if main_rank else None, config_file=config_path)
     if main_rank:
         best = result.best_metrics
         where = "val" if best.get("val_iou") is not None else "train"
@@ -220,7 +221,8 @@ def chip_command(
                    "e.g. masks/{scene}.tif.")
 @click.option("--prob-out", default=None, metavar="PATH",
               help="Also write the rooftop probability (uint8: value/254, 255 = nodata; or float16 "
-                   "with --prob-dtype). File, folder or {scene} template as for --mask-out.")
+                   "with --prob-dtype); an instances model adds border and contact bands. File, folder "
+                   "or {scene} template as for --mask-out.")
 @click.option("--prob-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
               help="Storage of --prob-out.")
 @click.option("--config", "config_path", default=None, metavar="FILE",
@@ -253,6 +255,13 @@ def chip_command(
 @click.option("--compile/--no-compile", "compile_model", default=None,
               help="torch.compile the model: slower start (about 30 s), faster chips [default: on a "
                    "CPU for scenes of 2000 chips or more].")
+@click.option("--instances/--no-instances", default=None,
+              help="Split touching buildings into one polygon each (seeded watershed on the border and "
+                   "contact a model trained with model.target=instances predicts) [default: when the "
+                   "checkpoint has them].")
+@click.option("--seed-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --instances: a rooftop pixel seeds a building where its border and contact "
+                   "probabilities are below this [default: 0.5].")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def predict_command(
     scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
@@ -260,7 +269,7 @@ def predict_command(
     overlap: int | None, block_size: int | None, tta: bool | None, threshold: float | None,
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
-    compile_model: bool | None, overwrite: bool,
+    compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -295,13 +304,15 @@ def predict_command(
 
     previews = {}  # scene (resolved) -> its preview PNG
     if preview is not None:  # refuse before any work, so that a refused run writes nothing
-        from geoseg.inference.job import resolve_scenes
+        from geoseg.inference.job import predict_inputs, resolve_scenes
         from geoseg.preview import preview_paths
-        from geoseg.raster_io import check_output
+        from geoseg.raster_io import check_not_inputs, check_output
 
         found = resolve_scenes(scenes)
-        previews = {s.resolve(): check_output(p, overwrite=overwrite)
-                    for s, p in zip(found, preview_paths(preview, found))}
+        pngs = preview_paths(preview, found)
+        check_not_inputs([("--preview", p) for p in pngs],
+                         predict_inputs(found, model_path=model_path, config_file=config_path))
+        previews = {s.resolve(): check_output(p, overwrite=overwrite) for s, p in zip(found, pngs)}
     summary = predict_files(
         scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
         prob_dtype=prob_dtype,  # type: ignore[arg-type]
@@ -315,7 +326,10 @@ def predict_command(
         regularize=cfg.regularize if regularize is None else regularize,
         device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
         assume_crs=assume_crs, overwrite=overwrite, progress=progress,
-        compile=cfg.compile if compile_model is None else compile_model,
+        compile=cfg.compile if compile_model is None else compile_model, config_file=config_path,
+        instances=cfg.instances if instances is None else instances,
+        seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
+        min_seed_area=cfg.min_seed_area,
     )
     for bar in bars.values():
         bar.close()

@@ -39,7 +39,7 @@ from geoseg.labels import (
     open_label_raster,
     to_class_ids,
 )
-from geoseg.raster_io import GTIFF_PROFILE, SceneInfo, check_output, open_scene, read_window
+from geoseg.raster_io import GTIFF_PROFILE, SceneInfo, check_not_inputs, check_output, open_scene, read_window
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,32 @@ def resolve_inputs(
     return pairs
 
 
+def check_chip_out_dir(
+    out_dir: str | os.PathLike[str], pairs: Sequence[ScenePair], *,
+    dataset_folders: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Refuse an output folder that would write over the inputs or among them.
+
+    ``out_dir`` may not be an input dataset folder, and its ``images/``,
+    ``labels/`` and index may not be an input file or the folder of one (chips
+    would land among the scenes they were cut from), with or without overwrite.
+
+    Raises:
+        OutputError: Naming the output, the input and the fix.
+    """
+    out = Path(out_dir)
+    files: list[tuple[str, Path | None]] = []
+    for pair in pairs:
+        files += [("scene", pair.image), ("label", pair.label), ("label", pair.vector)]
+    check_not_inputs([("--out", out)], [*(("dataset folder", f) for f in dataset_folders), *files])
+    labelled = any(p.label is not None or p.vector is not None for p in pairs)
+    parents = [(f"{kind} folder", path.parent) for kind, path in files if path is not None]
+    check_not_inputs(
+        [("--out", out / "images"), ("--out", out / "labels" if labelled else None), ("--out", out / INDEX_NAME)],
+        [*files, *parents],
+    )
+
+
 def chip_name(scene: str, window: Window) -> str:
     """File name of a chip: ``<scene>_<row>_<col>.tif`` (pixel offsets in the scene)."""
     return f"{scene}_{int(window.row_off)}_{int(window.col_off)}.tif"
@@ -199,6 +225,8 @@ def chip_scenes(
         pairs = resolve_inputs(scenes, labels)  # type: ignore[arg-type]
     grid_args = dict(size=size, stride=stride)
     chip_grid(1, 1, **grid_args)  # validates size and stride before any file is opened
+    folders = [Path(s) for s in scenes if not isinstance(s, ScenePair) and Path(s).is_dir()]
+    check_chip_out_dir(out, pairs, dataset_folders=folders)
 
     # 1. Validate every input.
     jobs: list[_Job] = []

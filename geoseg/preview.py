@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError
-from geoseg.raster_io import atomic_output, check_output, per_scene_paths
+from geoseg.raster_io import atomic_output, check_not_inputs, check_output, per_scene_paths
 
 if TYPE_CHECKING:
     import geopandas
@@ -218,7 +218,8 @@ def write_preview(
         The PNG written.
 
     Raises:
-        OutputError: ``out_png`` exists without ``overwrite`` or cannot be written.
+        OutputError: ``out_png`` is the scene or the polygon file, exists without
+            ``overwrite`` or cannot be written.
         ConfigError: ``max_size`` smaller than 1.
         InputFileError: Unreadable scene or polygon file.
         GeoreferenceError: A polygon file without CRS in a scene without CRS.
@@ -230,6 +231,8 @@ def write_preview(
     from geoseg.plots import DPI, ROOF_COLOUR
 
     scene = Path(scene_path)
+    polygon_file = polygons if isinstance(polygons, (str, os.PathLike)) else None
+    check_not_inputs([("--preview", out_png)], [("scene", scene), ("polygon file", polygon_file)])
     out = check_output(out_png, overwrite=overwrite)
     data, valid, crs, transform, (width, height), layout = _read_scene(scene, max_size)
     rgb = _display(data, valid)

@@ -8,12 +8,14 @@ turned into a one-line GeosegError that names the file and the fix.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -297,6 +299,106 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
             "choose another output folder",
         )
     return p
+
+
+#: (what, path) pairs: an output's option and path, or an input's kind and path; None paths are skipped.
+PathsByRole = Iterable[tuple[str, str | os.PathLike[str] | None]]
+#: Folder entries looked at to find a name with letters when probing a file system for case.
+_CASE_PROBE_ENTRIES = 64
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int] | None]:
+    """The real path (symlinks and ``..`` resolved) and, if the file exists, its (device, inode)."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def is_case_insensitive(folder: str | os.PathLike[str]) -> bool:
+    """Whether the file system holding ``folder`` (or its nearest existing parent) ignores case in names.
+
+    Probed, not guessed from the platform: a name with letters (the folder's own,
+    else one of its entries) is looked up with its case swapped, and the file
+    system ignores case when that finds the same file. Only a folder with no
+    such name falls back to the platform's default (macOS and Windows ignore case).
+    """
+    probe = os.path.abspath(folder)
+    while not os.path.isdir(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+    name = os.path.basename(probe)
+    sample = probe if name.swapcase() != name else None
+    if sample is None:
+        try:
+            with os.scandir(probe) as entries:
+                sample = next((e.path for e in itertools.islice(entries, _CASE_PROBE_ENTRIES)
+                               if e.name.swapcase() != e.name), None)
+        except OSError:
+            sample = None
+    if sample is None:
+        return sys.platform in ("darwin", "win32")
+    head, tail = os.path.split(sample)
+    try:
+        return os.path.samefile(sample, os.path.join(head, tail.swapcase()))
+    except OSError:  # the swapped name does not exist: case matters
+        return False
+
+
+def check_not_inputs(outputs: PathsByRole, inputs: PathsByRole) -> None:
+    """Refuse any output that is one of the command's inputs, with or without ``--overwrite``.
+
+    ``outputs`` are (option, path) pairs such as ``("--mask-out", "m.tif")``;
+    ``inputs`` are (kind, path) pairs such as ``("scene", "in.tif")``. An
+    output is an input when both name the same file or folder however they are
+    spelled: the same real path (symlinks and ``..`` resolved), the same
+    (device, inode) for existing files (hard links, other case on a
+    case-insensitive file system), or, for an output that does not exist yet,
+    the same real path up to case where its folder's file system ignores case.
+    An output folder that is an input folder (a data folder) is refused too.
+
+    Call it for every output before any input is read and anything is written,
+    and before :func:`check_output` (whose hint is to pass ``--overwrite``).
+
+    Raises:
+        OutputError: ``"OUTPUT: OPTION would overwrite the input KIND INPUT; choose
+            another output path"`` (``would write into`` for an input folder).
+    """
+    by_real: dict[str, tuple[str, str | os.PathLike[str]]] = {}
+    by_inode: dict[tuple[int, int], tuple[str, str | os.PathLike[str]]] = {}
+    for kind, path in inputs:
+        if path is None:
+            continue
+        real, inode = _identity(path)
+        by_real.setdefault(real, (kind, path))
+        if inode is not None:
+            by_inode.setdefault(inode, (kind, path))
+    by_folded: dict[str, tuple[str, str | os.PathLike[str]]] | None = None
+    for option, path in outputs:
+        if path is None:
+            continue
+        real, inode = _identity(path)
+        hit = by_real.get(real) or (by_inode.get(inode) if inode is not None else None)
+        if hit is None and inode is None:
+            if by_folded is None:
+                by_folded = {}
+                for key, value in by_real.items():
+                    by_folded.setdefault(key.casefold(), value)
+            folded = by_folded.get(real.casefold())
+            if folded is not None and is_case_insensitive(os.path.dirname(real)):
+                hit = folded
+        if hit is not None:
+            kind, source = hit
+            folder = os.path.isdir(source)
+            raise file_error(
+                OutputError, path,
+                f"{option} would {'write into' if folder else 'overwrite'} the input {kind} {os.fspath(source)}",
+                f"choose another output {'folder' if folder else 'path'}",
+            )
 
 
 #: Placeholder for the scene name in per-scene output templates (``masks/{scene}.tif``).

@@ -15,7 +15,7 @@ from geoseg.errors import ConfigError, GeoreferenceError, InputFileError, file_e
 from geoseg.evaluation.core import EvaluationResult, _crs_name, _fmt_bounds, _overlaps
 from geoseg.evaluation.inputs import Grid, _transform_bounds, raster_on_grid
 from geoseg.plots import plot_evaluation_panels
-from geoseg.raster_io import SceneInfo, check_output, open_scene
+from geoseg.raster_io import SceneInfo, check_not_inputs, check_output, open_scene
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,26 @@ def _status_mask(polys: np.ndarray, status: np.ndarray, grid: Grid, window: Wind
     )
 
 
+def check_panels_output(
+    path: str | os.PathLike[str],
+    *,
+    pred: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    aoi: str | os.PathLike[str] | None = None,
+    image: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Refuse a panels PNG that is one of the evaluation's inputs, exists (unless ``overwrite``) or cannot be written.
+
+    Raises:
+        OutputError: ``path`` is the prediction, truth, AOI or image (with or without
+            ``overwrite``), exists without ``overwrite``, or cannot be written.
+    """
+    check_not_inputs([("--panels", path)],
+                     [("prediction", pred), ("truth", truth), ("AOI", aoi), ("image", image)])
+    return check_output(path, overwrite=overwrite)
+
+
 def check_image(
     image: str | os.PathLike[str], grid: Grid, *, assume_crs: str | CRS | None = None
 ) -> SceneInfo:
@@ -147,11 +167,12 @@ def write_panels(
         The path written.
 
     Raises:
-        OutputError: ``path`` exists without ``overwrite`` or cannot be written.
+        OutputError: ``path`` is an input, exists without ``overwrite`` or cannot be written.
         InputFileError: ``image`` missing or not a raster.
         GeoreferenceError: ``image`` does not overlap the evaluated area.
     """
-    check_output(path, overwrite=overwrite)
+    check_panels_output(path, pred=result.pred, truth=result.truth, aoi=result.aoi, image=image,
+                        overwrite=overwrite)
     info = check_image(image, result.grid, assume_crs=assume_crs) if image is not None else None
     windows = select_windows(result, window_px=window_px, max_windows=max_windows)
     if not windows:

@@ -23,7 +23,7 @@ from geoseg.inference.distributed import (
     write_partials,
 )
 from geoseg.inference.pipeline import PredictionResult, predict_scene
-from geoseg.raster_io import atomic_output, check_output, open_scene, per_scene_paths
+from geoseg.raster_io import atomic_output, check_not_inputs, check_output, open_scene, per_scene_paths
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,15 @@ def raster_output_paths(
     return per_scene_paths(text, names, kind=kind, extensions=SCENE_EXTENSIONS)
 
 
+def predict_inputs(
+    scenes: Sequence[Path], *, model_path: str | os.PathLike[str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> list[tuple[str, str | os.PathLike[str] | None]]:
+    """Every file a ``predict`` run reads, as (kind, path) pairs for :func:`check_not_inputs`."""
+    model = model_path if model_path is not None else DEFAULT_MODEL
+    return [*(("scene", s) for s in scenes), ("checkpoint", model), ("config file", config_file)]
+
+
 def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
     """Load a checkpoint (default ``saved_models/best_iou.pt``).
 
@@ -150,7 +159,11 @@ def predict_files(
     assume_crs: str | None = None,
     overwrite: bool = False,
     compile: bool | None = None,
+    instances: bool | None = None,
+    seed_threshold: float = 0.5,
+    min_seed_area: float = 0.5,
     progress: Callable[[str, int, int], None] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
 ) -> PredictSummary:
     """Predict scenes and write all their polygons into one layer (and rasters if asked).
 
@@ -176,20 +189,33 @@ def predict_files(
         assume_crs: CRS for scenes without one.
         overwrite: Replace existing outputs.
         compile: ``torch.compile`` the model (None: on a CPU for scenes of many chips).
+        instances: Split touching buildings (None: when the checkpoint learned instances).
+        seed_threshold: Border/contact probability under which a rooftop pixel seeds a building.
+        min_seed_area: Smallest building seed in m².
         progress: Called with (scene name, chips done, chips total).
+        config_file: The YAML file the options came from, if any (never overwritten).
 
     Returns:
         What was written.
 
     Raises:
+        OutputError: An output that is one of the inputs (scene, checkpoint,
+            config file), with or without ``overwrite``.
         GeosegError: Any bad input, before anything is written.
     """
-    from geoseg.export import check_vector_output, write_polygons
+    from geoseg.export import SHAPEFILE_PARTS, check_vector_output, driver_for, write_polygons
 
     scene_paths = resolve_scenes(scenes)
-    out_path = check_vector_output(out, overwrite=overwrite)
     masks = raster_output_paths(mask_out, scene_paths, kind="mask")
     probs = raster_output_paths(prob_out, scene_paths, kind="prob")
+    polygon_files = ([Path(out).with_suffix(ext) for ext in SHAPEFILE_PARTS]
+                     if driver_for(out) == "ESRI Shapefile" else [Path(out)])
+    check_not_inputs(  # before check_output, whose hint is --overwrite
+        [*(("--out", p) for p in polygon_files),
+         *(("--mask-out", p) for p in masks), *(("--prob-out", p) for p in probs)],
+        predict_inputs(scene_paths, model_path=model_path, config_file=config_file),
+    )
+    out_path = check_vector_output(out, overwrite=overwrite)
     rasters = [p for p in masks + probs if p is not None]
     resolved = [p.resolve() for p in rasters] + [out_path.resolve()]
     if len(set(resolved)) != len(resolved):
@@ -228,7 +254,8 @@ def predict_files(
                 prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
                 regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
                 scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
-                else None, progress=cb, overwrite=True, compile_model=compile,
+                else None, progress=cb, overwrite=True, compile_model=compile, instances=instances,
+                seed_threshold=seed_threshold, min_seed_area=min_seed_area,
             )
             res.mask_path, res.prob_path = mpath, ppath
             results.append(res)
