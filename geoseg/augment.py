@@ -2,8 +2,10 @@
 
 The callables built here match the ``transform`` argument of
 ``geoseg.datasets.ChipDataset``: ``f(image_hwc float32 raw values, mask_hw) ->
-(image_hwc normalised float32, mask_hw)``. Augmentation is for training only;
-validation and prediction only normalise, with statistics stored in the checkpoint.
+(image_hwc normalised float32, mask_hw)``. The mask may also be (H, W, K): the
+class ids and the instance targets stacked, moved alike (nearest, 255 where a
+transform brings in padding). Augmentation is for training only; validation and
+prediction only normalise, with statistics stored in the checkpoint.
 """
 
 from __future__ import annotations
@@ -182,12 +184,16 @@ class ChipTransform:
             self._seeded_for = (self.epoch, worker)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Transform ``image`` (H, W, C raw values) and ``mask`` (H, W class ids).
+        """Transform ``image`` (H, W, C raw values) and ``mask`` (H, W class ids, or (H, W, K)).
+
+        A (H, W, K) mask is K label layers (class ids, then instance targets, see
+        ``ChipDataset``) that move together: albumentations applies the same
+        geometry to every layer of a multi-channel mask.
 
         Returns:
             ``(image, mask)``: normalised float32 (H, W, C) and the mask in its
-            dtype; geometric transforms move both alike (nearest for the mask)
-            and fill the mask with 255 where they bring in padding.
+            dtype and shape; geometric transforms move both alike (nearest for
+            the mask) and fill every mask layer with 255 where they bring in padding.
         """
         img = np.asarray(image, dtype=np.float32)
         if img.ndim == 2:

@@ -27,6 +27,10 @@ PRESETS_DIR = (
 )
 
 Precision = Literal["auto", "32", "bf16", "16"]
+#: What a model learns (the same names as geoseg.models.TARGETS).
+Target = Literal["footprint", "instances"]
+#: Loss of one instance channel (border or contact): a per-pixel term plus soft Dice, 1:1.
+ChannelLoss = Literal["focal_dice", "bce_dice"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +62,25 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The segmentation model (segmentation-models-pytorch)."""
+    """The segmentation model (segmentation-models-pytorch) and what it learns.
+
+    ``target``: ``footprint`` (class ids only) or ``instances`` (the same class
+    logits plus sigmoid ``border`` and ``contact`` channels, built per chip from
+    vector labels with one polygon per building; see ``geoseg.targets``).
+    ``border_width`` and ``contact_width`` are in ground metres (converted per
+    scene with its ground resolution; each must be at least one pixel). The
+    defaults fit 0.075-0.3 m imagery: a 0.5 m border is 2-7 px, about a roof's
+    edge and eaves; a 1.0 m contact distance marks gaps up to about 2 m (the
+    passages between houses that merge into blobs) and reaches 1 m into
+    touching roofs, leaving a seed core in houses 3 m wide or more.
+    """
 
     arch: str = "deeplabv3plus"
     encoder: str = "resnet50"
     encoder_weights: str | None = "imagenet"
+    target: Target = "footprint"
+    border_width: float = 0.5
+    contact_width: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -80,13 +98,24 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation, schedule, precision and checkpointing."""
+    """Optimisation, loss, schedule, precision and checkpointing.
+
+    The footprint loss is ``ce_weight * CE + dice_weight * Dice`` (any target).
+    An ``instances`` model adds ``border_weight * L(border) + contact_weight *
+    L(contact)``, ``L`` one of ``focal_dice`` (binary focal + soft Dice, 1:1, as
+    solaris' SpaceNet-4 configs of selimsef's footprint/boundary/contact model)
+    or ``bce_dice`` (binary cross-entropy + soft Dice, 1:1).
+    """
 
     epochs: int = 50
     lr: float = 1e-3
     weight_decay: float = 1e-4
     ce_weight: float = 0.6
     dice_weight: float = 0.4
+    border_loss: ChannelLoss = "focal_dice"
+    border_weight: float = 1.0
+    contact_loss: ChannelLoss = "focal_dice"
+    contact_weight: float = 1.0
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     min_lr: float = 1e-6
@@ -121,6 +150,9 @@ class PredictConfig:
     precision: Precision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool | None = None  # torch.compile; null: on a CPU for scenes of 2000 chips or more
+    instances: bool | None = None  # split touching buildings; null: when the checkpoint learned instances
+    seed_threshold: float = 0.5
+    min_seed_area: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Masks are uint8 class ids: 0 background, 1 rooftop (binary), ``k`` for class
 ``k`` in multi-class data, and :data:`IGNORE_INDEX` (255) for pixels that loss
-and metrics skip (padding, image nodata, label nodata).
+and metrics skip (padding, image nodata, label nodata). Vector labels also give
+instance ids (one per polygon) and the instance targets built from them
+(:meth:`VectorLabels.rasterize_targets`, see :mod:`geoseg.targets`).
 """
 
 from __future__ import annotations
@@ -190,13 +192,26 @@ def scan_label_values(
 # --------------------------------------------------------------------------- grids
 
 
+def crs_text(crs: CRS | None) -> str:
+    """A short name of a CRS for messages: ``EPSG:3857``, else its name, or ``no CRS``."""
+    return "no CRS" if crs is None else (crs.to_string() if crs.to_epsg() else crs.name)
+
+
 def grid_text(crs: CRS | None, transform: Affine, width: int, height: int) -> str:
     """A one-line description of a pixel grid, for error messages."""
-    crs_name = "no CRS" if crs is None else (crs.to_string() if crs.to_epsg() else crs.name)
+    crs_name = crs_text(crs)
     return (
         f"{crs_name}, {width}x{height} px, origin ({transform.c:.6g}, {transform.f:.6g}), "
         f"pixel ({transform.a:.6g}, {transform.e:.6g})"
     )
+
+
+def grid_bounds(transform: Affine, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(left, bottom, right, top) of a grid of ``shape`` (height, width) pixels, in its CRS units."""
+    h, w = shape
+    corners = [transform @ (c, r) for c in (0, w) for r in (0, h)]
+    xs, ys = [x for x, _ in corners], [y for _, y in corners]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def same_grid(
@@ -431,14 +446,7 @@ class VectorLabels:
         Returns:
             A (height, width) uint8 array.
         """
-        h, w = shape
-        corners = [transform @ (c, r) for c in (0, w) for r in (0, h)]
-        xs, ys = [x for x, _ in corners], [y for _, y in corners]
-        gdf = self.frame(crs)
-        import shapely
-
-        idx = np.sort(gdf.sindex.query(shapely.box(min(xs), min(ys), max(xs), max(ys)),
-                                       predicate="intersects"))
+        gdf, idx = self._query_grid(crs, transform, shape)
         if len(idx) == 0:
             return np.zeros(shape, dtype=np.uint8)
         geoms = gdf.geometry.iloc[idx]
@@ -450,6 +458,96 @@ class VectorLabels:
             zip(geoms, values.tolist()), out_shape=shape, transform=transform, fill=0,
             all_touched=all_touched, dtype="uint8",
         )
+
+    def _query_grid(self, crs: CRS | str, transform: Affine, shape: tuple[int, int]) -> tuple[Any, np.ndarray]:
+        """The polygons (in ``crs``) that meet the grid's bounds, as (frame, sorted row indexes)."""
+        import shapely
+
+        gdf = self.frame(crs)
+        idx = gdf.sindex.query(shapely.box(*grid_bounds(transform, shape)), predicate="intersects")
+        return gdf, np.sort(idx)
+
+    def count(self, crs: CRS | str, bounds: tuple[float, float, float, float]) -> int:
+        """How many label polygons intersect ``bounds`` (left, bottom, right, top in ``crs``)."""
+        import shapely
+
+        return int(len(self.frame(crs).sindex.query(shapely.box(*bounds), predicate="intersects")))
+
+    def rasterize_instances(
+        self,
+        *,
+        crs: CRS | str,
+        transform: Affine,
+        shape: tuple[int, int],
+        pad: int = 0,
+        all_touched: bool = False,
+    ) -> np.ndarray:
+        """Burn every polygon with its own id onto a grid: int32 ids, 0 background.
+
+        Ids are 1..n over the polygons that meet the (padded) grid, in file order;
+        a polygon later in the file is drawn over earlier ones where they overlap
+        (as in :meth:`rasterize`, so ``ids > 0`` is exactly its footprint mask).
+        ``pad`` widens the grid by that many pixels on every side (same pixel
+        centres), so that targets near a chip edge see the buildings just outside
+        it (:func:`geoseg.targets.padding_px`).
+
+        Args:
+            crs: The grid's CRS.
+            transform: The grid's transform (for a chip: the chip's transform).
+            shape: (height, width) in pixels, without the padding.
+            pad: Pixels added on every side (>= 0).
+            all_touched: Burn every pixel a polygon touches.
+
+        Returns:
+            A (height + 2 pad, width + 2 pad) int32 array; row ``pad``, column
+            ``pad`` is the grid's first pixel.
+
+        Raises:
+            ValueError: A negative ``pad``.
+        """
+        if int(pad) != pad or pad < 0:
+            raise ValueError(f"pad should be a whole number of pixels >= 0, got {pad!r}")
+        pad = int(pad)
+        padded = transform @ Affine.translation(-pad, -pad) if pad else transform
+        out_shape = (int(shape[0]) + 2 * pad, int(shape[1]) + 2 * pad)
+        gdf, idx = self._query_grid(crs, padded, out_shape)
+        if len(idx) == 0:
+            return np.zeros(out_shape, dtype=np.int32)
+        geoms = gdf.geometry.iloc[idx]
+        return rasterio.features.rasterize(
+            zip(geoms, range(1, len(idx) + 1)), out_shape=out_shape, transform=padded, fill=0,
+            all_touched=all_touched, dtype="int32",
+        )
+
+    def rasterize_targets(
+        self,
+        *,
+        crs: CRS | str,
+        transform: Affine,
+        shape: tuple[int, int],
+        border_px: float,
+        contact_px: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Building ids and instance targets of a grid, built on the grid padded as the targets need.
+
+        Args:
+            crs, transform, shape: The grid (e.g. one chip).
+            border_px: Border width in pixels of this grid.
+            contact_px: Contact distance in pixels of this grid.
+
+        Returns:
+            ``(ids, targets)``: (H, W) int32 ids as :meth:`rasterize_instances` gives
+            them, and (2, H, W) uint8 0/1 ``border`` and ``contact``
+            (:func:`geoseg.targets.instance_targets` of the padded ids, cropped).
+        """
+        from geoseg.targets import instance_targets, padding_px
+
+        pad = padding_px(border_px, contact_px)
+        ids = self.rasterize_instances(crs=crs, transform=transform, shape=shape, pad=pad)
+        border, contact = instance_targets(ids, border_px=border_px, contact_px=contact_px)
+        h, w = int(shape[0]), int(shape[1])
+        crop = (slice(pad, pad + h), slice(pad, pad + w))
+        return np.ascontiguousarray(ids[crop]), np.stack([border[crop], contact[crop]])
 
     def rasterize_window(self, info: SceneInfo, window: Window, **kwargs: Any) -> np.ndarray:
         """Burn the labels onto a window of a scene's grid (see :meth:`rasterize`)."""

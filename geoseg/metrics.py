@@ -139,3 +139,57 @@ class ConfusionMatrix:
             "iou_per_class": ious,
             "pixels": int(total),
         }
+
+
+class ChannelCounts:
+    """True/false positives and false negatives of sigmoid channels (``border``, ``contact``).
+
+    A pixel is predicted positive where its logit is > 0 (probability > 0.5);
+    pixels whose truth is ``ignore_index`` are skipped. Counts are summed over
+    batches (and DDP ranks), as in :class:`ConfusionMatrix`.
+    """
+
+    def __init__(self, names: tuple[str, ...], ignore_index: int = 255) -> None:
+        """Start with zero counts for channels ``names`` (in order)."""
+        self.names = tuple(names)
+        self.ignore_index = ignore_index
+        self._counts = torch.zeros((len(self.names), 3), dtype=torch.int64)  # tp, fp, fn
+
+    @torch.no_grad()
+    def update(self, logits: Any, truth: Any) -> None:
+        """Add a batch: ``logits`` and 0/1 ``truth`` (255 ignored), both (N, C, H, W).
+
+        Raises:
+            ValueError: Shapes that differ or a channel count other than ``len(names)``.
+        """
+        p, t = _as_tensor(logits), _as_tensor(truth)
+        if p.shape != t.shape or p.dim() != 4 or p.shape[1] != len(self.names):
+            raise ValueError(f"logits {tuple(p.shape)} and truth {tuple(t.shape)} should both be "
+                             f"(N, {len(self.names)}, H, W)")
+        t = t.to(p.device)
+        keep = t != self.ignore_index
+        pred = (p > 0) & keep
+        pos = (t == 1) & keep
+        dims = (0, 2, 3)
+        tp = (pred & pos).sum(dims)
+        fp = (pred & ~pos).sum(dims)
+        fn = (~pred & pos).sum(dims)
+        self._counts += torch.stack([tp, fp, fn], dim=1).to(self._counts.device, torch.int64)
+
+    def all_reduce(self) -> "ChannelCounts":
+        """Sum the counts over all DDP ranks (no-op outside torch.distributed); returns self."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            buf = self._counts.to(device)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            self._counts = buf.cpu()
+        return self
+
+    def compute(self) -> dict[str, float]:
+        """``{NAME}_iou`` per channel: tp / (tp + fp + fn), 1.0 when both truth and prediction are empty."""
+        out = {}
+        for name, (tp, fp, fn) in zip(self.names, self._counts.tolist()):
+            out[f"{name}_iou"] = _ratio(tp, tp + fp + fn, empty=1.0)
+        return out

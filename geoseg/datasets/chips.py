@@ -12,10 +12,14 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.config import ModelConfig
 from geoseg.datasets.pairs import PairItem, ScenePair
-from geoseg.errors import ConfigError, DatasetError, InputFileError, file_error
-from geoseg.labels import IGNORE_INDEX, LabelValues, VectorLabels, open_label_raster, to_class_ids
+from geoseg.errors import ConfigError, DatasetError, InputFileError, LabelError, file_error
+from geoseg.labels import (
+    IGNORE_INDEX, LabelValues, VectorLabels, crs_text, grid_bounds, open_label_raster, to_class_ids,
+)
 from geoseg.raster_io import SceneInfo, ground_resolution, open_scene, read_window
+from geoseg.targets import check_target, widths_in_pixels
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid, random_chips
 
 log = logging.getLogger(__name__)
@@ -32,6 +36,7 @@ class _Source:
     region: Window  # the pixels chips may use, within the scene
     label_mode: str | None  # resolved value mode of a raster label
     label_nodata: float | None
+    widths_px: tuple[float, float] | None = None  # border, contact in pixels of this scene (instances)
 
 
 def _clip_region(region: Window, info: SceneInfo) -> Window:
@@ -40,6 +45,11 @@ def _clip_region(region: Window, info: SceneInfo) -> Window:
     c1 = min(info.width, int(region.col_off + region.width))
     r1 = min(info.height, int(region.row_off + region.height))
     return Window(c0, r0, max(0, c1 - c0), max(0, r1 - r0))
+
+
+def _bounds_text(bounds: Sequence[float], crs: Any) -> str:
+    """Bounds for a message: degrees to 6 decimals (~0.1 m), projected units to 1 decimal."""
+    return ", ".join(f"{float(v):.{6 if crs.is_geographic else 1}f}" for v in bounds)
 
 
 def _offset_windows(chips: Sequence[Any], region: Window) -> list[Window]:
@@ -68,6 +78,16 @@ class ChipDataset:
     Padding and image nodata get mask :data:`~geoseg.labels.IGNORE_INDEX` and
     ``valid`` False; padded image pixels are 0.
 
+    With ``target="instances"`` every scene needs vector labels with one polygon
+    per building; each sample then also holds ``targets``: (2, H, W) uint8, the
+    ``border`` and ``contact`` maps (:func:`geoseg.targets.instance_targets`) of
+    the chip's buildings rasterised with instance ids on the chip padded as the
+    targets need (``VectorLabels.rasterize_targets``), 0/1, and 255 wherever the
+    mask is 255. The mask is then exactly ``ids > 0``. ``border_width`` and
+    ``contact_width`` (ground metres) become pixels per scene with its ground
+    resolution. A transform gets the mask and the targets stacked as one
+    (H, W, 3) mask, so that geometric augmentation moves them together.
+
     Args:
         pairs: ScenePair items, or (ScenePair, region Window) items.
         chip_size: Chip side in pixels.
@@ -87,13 +107,22 @@ class ChipDataset:
         label_values: How raster label values map to classes (see
             :func:`geoseg.labels.resolve_label_values`).
         class_column: Attribute of vector labels holding class ids (None: binary).
+        target: ``"footprint"`` (class ids only) or ``"instances"`` (plus ``targets``).
+        border_width: Border width in ground metres (``instances``; ``model.border_width``).
+        contact_width: Contact distance in ground metres (``instances``; ``model.contact_width``).
+        require_polygons: Refuse a vector label file none of whose polygons meets
+            the scenes (regions) that use it (for training data; a validation
+            split may well hold only empty scenes).
 
     Raises:
         InputFileError: Missing, unreadable or truncated image or label.
         GeoreferenceError: A scene without CRS (and none assumed).
-        LabelError: Label grid differs from the image, or disallowed label values.
-        DatasetError: No pairs, bands out of range, band counts that differ, no chips.
-        ConfigError: Bad chip size, stride or mode.
+        LabelError: Label grid differs from the image, or disallowed label values; a
+            vector file without polygons in its images' area (``require_polygons``).
+        DatasetError: No pairs, bands out of range, band counts that differ, no chips;
+            ``instances`` with a raster label.
+        ConfigError: Bad chip size, stride, mode or target; ``instances`` with more
+            than 2 classes or a class column; a width below one pixel of a scene.
     """
 
     def __init__(
@@ -111,6 +140,10 @@ class ChipDataset:
         classes: int = 2,
         label_values: LabelValues = "auto",
         class_column: str | None = None,
+        target: Literal["footprint", "instances"] = "footprint",
+        border_width: float = ModelConfig.border_width,
+        contact_width: float = ModelConfig.contact_width,
+        require_polygons: bool = False,
     ) -> None:
         if int(chip_size) != chip_size or chip_size < 1:
             raise ConfigError(f"chip size should be a positive number of pixels, got {chip_size!r}")
@@ -124,6 +157,7 @@ class ChipDataset:
         if chips_per_scene is not None and (int(chips_per_scene) != chips_per_scene
                                             or chips_per_scene < 1):
             raise ConfigError(f"chips_per_scene should be a positive integer, got {chips_per_scene!r}")
+        check_target(target, classes=classes, class_column=class_column)
         if not pairs:
             raise DatasetError("no scenes to cut chips from; check the dataset folder and the split")
         self.chip_size = int(chip_size)
@@ -134,6 +168,7 @@ class ChipDataset:
         self.transform = transform
         self.seed = int(seed)
         self.classes = int(classes)
+        self.target = target
         self.epoch = 0
 
         infos: dict[Path, SceneInfo] = {}
@@ -148,7 +183,18 @@ class ChipDataset:
                 info = infos[pair.image] = open_scene(pair.image, assume_crs=assume_crs)
                 self._check_bands(info, count)
                 count = info.count if count is None else count
-            mode_, nodata = None, None
+            mode_, nodata, widths = None, None, None
+            if target == "instances":
+                if pair.vector is None:
+                    raise file_error(
+                        DatasetError, pair.label or pair.image,
+                        "is a raster mask, but model.target=instances needs vector labels with one "
+                        "polygon per building",
+                        "set data.vector_labels to a GeoPackage, GeoJSON or Shapefile of the buildings, "
+                        "or train model.target=footprint",
+                    )
+                widths = widths_in_pixels(border_width=border_width, contact_width=contact_width,
+                                          resolution=ground_resolution(info), path=info.path)
             if pair.label is not None:
                 if pair.label not in labels:
                     labels[pair.label] = open_label_raster(
@@ -170,7 +216,9 @@ class ChipDataset:
             if reg.width < 1 or reg.height < 1:
                 log.warning("%s: region %s lies outside the scene; skipped", pair.image, region)
                 continue
-            self.sources.append(_Source(pair, info, reg, mode_, nodata))
+            self.sources.append(_Source(pair, info, reg, mode_, nodata, widths))
+        if require_polygons:
+            self._check_polygons()
         self.in_channels = len(self.bands) if self.bands is not None else int(count or 0)
         self._handles: dict[Path, Any] = {}
         self._pid = os.getpid()
@@ -178,6 +226,39 @@ class ChipDataset:
         self.set_epoch(0)
         if not self.chips:
             raise DatasetError("the dataset yields no chips; check the split and the regions")
+
+    def _check_polygons(self) -> None:
+        """Refuse a vector label file that has no polygon in the area of its scenes' regions."""
+        from rasterio.warp import transform_bounds
+
+        def region_bounds(s: _Source) -> tuple[float, float, float, float]:
+            return grid_bounds(s.info.window_transform(s.region), (int(s.region.height), int(s.region.width)))
+
+        for path, labels in self.vectors.items():
+            sources = [s for s in self.sources if s.pair.vector == path]
+            if not sources:
+                continue
+            if sum(labels.count(s.info.crs, region_bounds(s)) for s in sources):
+                continue
+            if len(labels) == 0:
+                raise file_error(LabelError, path, "has no label polygons",
+                                 "pass the vector file with the building polygons of these images "
+                                 "(data.vector_labels)")
+            crs = sources[0].info.crs
+            boxes = [transform_bounds(s.info.crs, crs, *region_bounds(s)) if s.info.crs != crs
+                     else region_bounds(s) for s in sources]
+            area = (min(b[0] for b in boxes), min(b[1] for b in boxes),
+                    max(b[2] for b in boxes), max(b[3] for b in boxes))
+            own = labels.frame(labels.crs).total_bounds
+            n = len({s.info.path for s in sources})
+            raise file_error(
+                LabelError, path,
+                f"has no polygons in the area of its {n} image(s) ({crs_text(crs)} bounds "
+                f"{_bounds_text(area, crs)}); its {len(labels)} polygons lie within "
+                f"{_bounds_text(own, labels.crs)} ({crs_text(labels.crs)})",
+                "pass the label file of these images (data.vector_labels), or fix the file's CRS "
+                "(ogr2ogr -a_srs EPSG:XXXX)",
+            )
 
     def _check_bands(self, info: SceneInfo, count: int | None) -> None:
         if self.bands is not None:
@@ -274,7 +355,9 @@ class ChipDataset:
         Returns:
             A dict with ``image`` (C, H, W) float32 raw values, ``mask`` (H, W)
             uint8 class ids (255 ignore), ``valid`` (H, W) bool, ``window``,
-            ``transform``, ``crs`` (WKT) and ``scene``.
+            ``transform``, ``crs`` (WKT) and ``scene``; for ``target="instances"``
+            also ``targets`` (2, H, W) uint8: border, contact (0/1, 255 where the
+            mask is 255).
         """
         k, window = self.chips[index]
         src = self.sources[k]
@@ -296,12 +379,18 @@ class ChipDataset:
             mask = to_class_ids(lab[0], mode=src.label_mode or "auto", nodata=src.label_nodata,
                                 classes=self.classes, path=src.pair.label)
             mask[~lab_valid] = IGNORE_INDEX
+        elif src.widths_px is not None:
+            ids, targets = self.vectors[src.pair.vector].rasterize_targets(  # type: ignore[index]
+                crs=info.crs, transform=info.window_transform(window), shape=(h, w),
+                border_px=src.widths_px[0], contact_px=src.widths_px[1],
+            )
+            mask = (ids > 0).astype(np.uint8)
         else:
             mask = self.vectors[src.pair.vector].rasterize(  # type: ignore[index]
                 crs=info.crs, transform=info.window_transform(window), shape=(h, w)
             )
         mask[~valid] = IGNORE_INDEX
-        return {
+        sample = {
             "image": data.astype(np.float32),
             "mask": mask,
             "valid": valid,
@@ -310,6 +399,10 @@ class ChipDataset:
             "crs": info.crs.to_wkt(),
             "scene": src.pair.name,
         }
+        if src.widths_px is not None:
+            targets[:, mask == IGNORE_INDEX] = IGNORE_INDEX
+            sample["targets"] = targets
+        return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
@@ -318,11 +411,23 @@ class ChipDataset:
             raise IndexError(f"chip index {index} out of range for {len(self)} chips")
         s = self.read_chip(index % len(self))
         image, mask, valid = s["image"], s["mask"], s["valid"]
+        targets = s.get("targets")
         if self.transform is not None:
-            img_hwc, mask = self.transform(np.ascontiguousarray(image.transpose(1, 2, 0)), mask)
+            # the targets ride along as extra mask layers, so that geometry moves them alike
+            layers = mask if targets is None else np.concatenate([mask[None], targets]).transpose(1, 2, 0)
+            img_hwc, layers = self.transform(np.ascontiguousarray(image.transpose(1, 2, 0)),
+                                             np.ascontiguousarray(layers))
             image = np.asarray(img_hwc, dtype=np.float32).transpose(2, 0, 1)
-            mask = np.asarray(mask)
+            layers = np.asarray(layers)
+            if targets is None:
+                mask = layers
+            else:
+                mask, targets = layers[:, :, 0], layers[:, :, 1:].transpose(2, 0, 1)
             valid = mask != IGNORE_INDEX
+        if targets is not None:
+            targets = np.array(targets, dtype=np.uint8)
+            targets[:, mask == IGNORE_INDEX] = IGNORE_INDEX
+            s["targets"] = torch.from_numpy(targets)
         s["image"] = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         s["mask"] = torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
         s["valid"] = torch.from_numpy(np.ascontiguousarray(valid, dtype=bool))
@@ -330,7 +435,9 @@ class ChipDataset:
 
 
 def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Batch samples: stack ``image``, ``mask`` and ``valid``; lists for everything else.
+    """Batch samples: stack ``image``, ``mask``, ``valid`` and ``targets``; lists for everything else.
+
+    ``targets`` (instance models) becomes (N, 2, H, W) uint8.
 
     Raises:
         DatasetError: If the batch is empty.
@@ -342,7 +449,7 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        if key in ("image", "mask", "valid"):
+        if key in ("image", "mask", "valid", "targets"):
             out[key] = torch.stack(values)
         else:
             out[key] = values

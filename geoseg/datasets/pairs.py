@@ -125,8 +125,13 @@ def find_pairs(
     - ``"vector"``: ``ROOT/images/NAME.tif`` (or ``ROOT/NAME.tif``) + one vector file,
       ``vector_labels`` or the only ``.gpkg``/``.geojson``/``.shp`` in ROOT.
 
-    ``vector_labels`` given with any layout labels every image with that file.
-    ``root`` may also be a single image file (then ``vector_labels`` is needed).
+    ``vector_labels`` given with any layout labels every image with that file
+    (e.g. the flat layout's ``images/`` with ``buildings.gpkg``: one polygon per
+    building, as ``model.target=instances`` needs). A relative ``vector_labels``
+    that exists inside ``root`` is read from there (so ``buildings.gpkg`` names
+    each dataset folder's own file when training on several), else from the
+    working directory. ``root`` may also be a single image file (then
+    ``vector_labels`` is needed).
 
     Args:
         root: Dataset folder (or one image).
@@ -148,6 +153,8 @@ def find_pairs(
     if not r.exists():
         raise file_error(InputFileError, r, "folder does not exist", "check the path")
     vec = Path(vector_labels) if vector_labels is not None else None
+    if vec is not None and not vec.is_absolute() and r.is_dir() and (r / vec).is_file():
+        vec = r / vec
     if vec is not None and not vec.exists():
         raise file_error(InputFileError, vec, "file does not exist", "check the path")
     if r.is_file():

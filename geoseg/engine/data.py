@@ -80,6 +80,19 @@ def missing_root_error(root: str) -> DatasetError:
     )
 
 
+def raster_only_error(root: str) -> DatasetError:
+    """The error for ``model.target=instances`` on a dataset folder that has only raster masks."""
+    from geoseg.labels import VECTOR_SUFFIXES
+
+    folder = Path(root)
+    files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VECTOR_SUFFIXES) if folder.is_dir() else []
+    example = f"{files[0]} (in {root})" if len(files) == 1 else "a GeoPackage, GeoJSON or Shapefile of the buildings"
+    return DatasetError(
+        f"{root}: has only raster masks, but model.target=instances needs vector labels with one polygon "
+        f"per building; set data.vector_labels to {example}, or train model.target=footprint"
+    )
+
+
 def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int, ...], str, float | None]:
     """Find the scene pairs, split them, and read what the model needs from their headers.
 
@@ -101,7 +114,10 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
     for root in d.root:
         if not Path(root).exists():
             raise missing_root_error(root)
-        pairs.extend(datasets.find_pairs(root, layout=d.layout, vector_labels=d.vector_labels))
+        found = datasets.find_pairs(root, layout=d.layout, vector_labels=d.vector_labels)
+        if config.model.target == "instances" and any(p.vector is None for p in found):
+            raise raster_only_error(root)
+        pairs.extend(found)
     if not pairs:
         raise DatasetError(f"{', '.join(d.root)}: no image/label pairs found; check data.root and data.layout")
     splits = datasets.split_pairs(
@@ -138,17 +154,19 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
 
 def chip_dataset(items: list[Any], config: Config, *, bands: tuple[int, ...], train: bool, transform: Any) -> Any:
     """A ChipDataset over ``items``: random windows for training when ``data.train_chips_per_epoch``
-    is set, else the chip grid."""
+    is set, else the chip grid; instance targets for ``model.target=instances``. Training data
+    must have label polygons in its images' area (validation scenes may all be empty)."""
     from geoseg import datasets
 
-    d = config.data
+    d, m = config.data, config.model
     kwargs: dict[str, Any] = {"mode": "grid"}
     if train and d.train_chips_per_epoch:
         kwargs = {"mode": "random", "chips_per_scene": max(1, math.ceil(d.train_chips_per_epoch / len(items)))}
     return datasets.ChipDataset(
         items, chip_size=d.chip_size, stride=d.stride, bands=bands, transform=transform,
         seed=config.train.seed, assume_crs=d.assume_crs, classes=d.classes,
-        label_values=d.label_values, **kwargs,
+        label_values=d.label_values, target=m.target, border_width=m.border_width,
+        contact_width=m.contact_width, require_polygons=train, **kwargs,
     )
 
 

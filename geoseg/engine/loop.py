@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from geoseg.engine.devices import DistContext, all_reduce_sum
-from geoseg.metrics import ConfusionMatrix
+from geoseg.metrics import ChannelCounts, ConfusionMatrix
 from geoseg.models import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,22 @@ def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) 
     return images, batch["mask"].to(device, non_blocking=True)
 
 
+def targets_to_device(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """The instance targets (N, 2, H, W) of a batch on ``device``, or None for footprint batches."""
+    targets = batch.get("targets")
+    return None if targets is None else targets.to(device, non_blocking=True)
+
+
 @dataclass
 class EpochLoop:
-    """Runs training and validation epochs with fixed model, optimiser and settings."""
+    """Runs training and validation epochs with fixed model, optimiser and settings.
+
+    ``classes`` is the number of class logits; an ``instances`` model has one more
+    output channel per name of ``instance_channels`` after them. Its criterion is
+    then called as ``criterion(logits, masks, targets)`` (see
+    ``losses.InstanceSegmentationLoss``), the pixel metrics come from the class
+    logits alone, and ``{name}_iou`` of each instance channel joins the metrics.
+    """
 
     model: nn.Module
     criterion: nn.Module
@@ -84,6 +97,23 @@ class EpochLoop:
     channels_last: bool
     epochs: int
     progress: ProgressCallback | None
+    instance_channels: tuple[str, ...] = ()
+
+    def _loss(self, logits: torch.Tensor, masks: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        if self.instance_channels:
+            if targets is None:
+                raise ValueError("an instances model needs batches with 'targets'")
+            return self.criterion(logits, masks, targets)
+        return self.criterion(logits, masks)
+
+    def _counts(self) -> ChannelCounts | None:
+        return ChannelCounts(self.instance_channels) if self.instance_channels else None
+
+    def _metrics(self, cm: ConfusionMatrix, counts: ChannelCounts | None) -> dict[str, Any]:
+        metrics = cm.compute()
+        if counts is not None:
+            metrics.update(counts.all_reduce().compute())
+        return metrics
 
     def _report(self, stage: Literal["train", "val"], epoch: int, step: int, steps: int,
                 loss_sum: float, chips: int, cm: ConfusionMatrix) -> None:
@@ -104,13 +134,15 @@ class EpochLoop:
 
         self.model.train()
         cm = ConfusionMatrix(self.classes)
+        counts = self._counts()
         loss_sum, chips, skipped = 0.0, 0, 0
         steps = len(loader)
         for step, batch in enumerate(loader, 1):
             images, masks = to_device(batch, self.device, self.channels_last)
+            targets = targets_to_device(batch, self.device)
             with autocast(self.device, self.amp_dtype):
                 logits = self.model(images)
-            loss = self.criterion(logits, masks)
+            loss = self._loss(logits, masks, targets)
             finite = torch.isfinite(loss.detach()).float()
             if self.ctx.active:  # every rank must skip together, or backward's all-reduce hangs
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -131,13 +163,16 @@ class EpochLoop:
                     continue
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            cm.update(logits.detach().argmax(1), masks)
+            cm.update(logits.detach()[:, :self.classes].argmax(1), masks)
+            if counts is not None:
+                counts.update(logits.detach()[:, self.classes:], targets)
             loss_sum += float(loss.detach()) * images.shape[0]
             chips += images.shape[0]
             self._report("train", epoch, step, steps, loss_sum, chips, cm)
         loss_sum, chips, skipped = all_reduce_sum([loss_sum, chips, skipped], self.ctx, self.device)
         cm.all_reduce()
-        return EpochStats(loss=loss_sum / max(chips, 1), metrics=cm.compute(), chips=int(chips), skipped=int(skipped))
+        return EpochStats(loss=loss_sum / max(chips, 1), metrics=self._metrics(cm, counts), chips=int(chips),
+                          skipped=int(skipped))
 
     @torch.inference_mode()
     def val_epoch(self, loader: Any, epoch: int, *, object_f1: bool) -> EpochStats:
@@ -145,17 +180,21 @@ class EpochLoop:
         model = unwrap_model(self.model)  # no DDP collectives: ranks may have different batch counts
         model.eval()
         cm = ConfusionMatrix(self.classes)
+        channel_counts = self._counts()
         loss_sum, chips = 0.0, 0
         counts = [0.0, 0.0, 0.0]  # object tp, fp, fn
         scorer = object_scorer() if object_f1 else None
         steps = len(loader)
         for step, batch in enumerate(loader, 1):
             images, masks = to_device(batch, self.device, self.channels_last)
+            targets = targets_to_device(batch, self.device)
             with autocast(self.device, self.amp_dtype):
                 logits = model(images)
-            loss = self.criterion(logits, masks)
-            pred = logits.argmax(1)
+            loss = self._loss(logits, masks, targets)
+            pred = logits[:, :self.classes].argmax(1)
             cm.update(pred, masks)
+            if channel_counts is not None:
+                channel_counts.update(logits[:, self.classes:], targets)
             loss_sum += float(loss) * images.shape[0]
             chips += images.shape[0]
             if scorer is not None:
@@ -168,7 +207,8 @@ class EpochLoop:
         if scorer is not None:
             tp, fp, fn = counts
             f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) > 0 else 1.0
-        return EpochStats(loss=loss_sum / max(chips, 1), metrics=cm.compute(), chips=int(chips), object_f1=f1)
+        return EpochStats(loss=loss_sum / max(chips, 1), metrics=self._metrics(cm, channel_counts), chips=int(chips),
+                          object_f1=f1)
 
 
 def object_scorer() -> Callable[[np.ndarray, np.ndarray, dict[str, Any]], tuple[float, float, float]] | None:

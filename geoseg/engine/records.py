@@ -22,6 +22,8 @@ CURVES = "learning_curves.png"
 SPLIT = "split.json"
 #: Metrics written per split to history.csv (keys of ConfusionMatrix.compute()).
 METRIC_KEYS = ("pixel_accuracy", "miou", "iou", "precision", "recall", "f1")
+#: Metrics of the instance channels (``instances`` models only; ChannelCounts.compute()).
+INSTANCE_METRIC_KEYS = ("border_iou", "contact_iou")
 
 
 def history_row(
@@ -33,6 +35,10 @@ def history_row(
     row["val_loss"] = val.loss if val else None
     row.update({f"val_{k}": (float(val.metrics[k]) if val else None) for k in METRIC_KEYS})
     row["val_object_f1"] = val.object_f1 if val else None
+    for k in INSTANCE_METRIC_KEYS:
+        if k in train.metrics:
+            row[f"train_{k}"] = float(train.metrics[k])
+            row[f"val_{k}"] = float(val.metrics[k]) if val else None
     row.update({
         "skipped_steps": train.skipped, "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3),
         "train_chips_per_s": round(train.chips / train_seconds, 3) if train_seconds > 0 else None,
@@ -52,6 +58,9 @@ def epoch_summary(row: dict[str, Any], epochs: int) -> str:
     )
     if row.get("val_object_f1") is not None:
         text += f" object F1 {fmt(row['val_object_f1'])}"
+    if "train_border_iou" in row:
+        split = "val" if row.get("val_border_iou") is not None else "train"
+        text += f" border IoU {fmt(row[f'{split}_border_iou'])} contact IoU {fmt(row[f'{split}_contact_iou'])}"
     text += f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s (training {row['train_chips_per_s']:.1f} chips/s)"
     if row.get("skipped_steps"):
         text += f" | {row['skipped_steps']} steps skipped (non-finite)"

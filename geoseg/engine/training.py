@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -32,9 +32,16 @@ from geoseg.engine.records import (
     write_history,
 )
 from geoseg.errors import CheckpointError, ConfigError, DatasetError
-from geoseg.models import CheckpointMeta, check_chip_size, create_model, read_checkpoint, save_checkpoint
+from geoseg.models import (
+    INSTANCE_CHANNELS, CheckpointMeta, check_chip_size, create_model, is_weights_file, output_channels,
+    read_checkpoint, save_checkpoint,
+)
+from geoseg.raster_io import check_not_inputs
 
 logger = logging.getLogger(__name__)
+
+#: What fit() writes into ``train.out_dir``.
+OUTPUT_NAMES = (BEST_IOU, BEST_LOSS, BEST_OBJECT_F1, LAST, HISTORY, CURVES, SPLIT)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class FitResult:
 
 
 def check_resume(data: Any, path: str, config: Config, bands: tuple[int, ...]) -> None:
-    """Refuse a resume checkpoint of another model, other bands, or without training state.
+    """Refuse a resume checkpoint of another model, target or bands, or without training state.
 
     Raises:
         CheckpointError: Naming what differs.
@@ -79,6 +86,12 @@ def check_resume(data: Any, path: str, config: Config, bands: tuple[int, ...]) -
             f"with {in_channels} bands and {config.data.classes} classes; resume with the same model "
             "settings or start a new run without --resume"
         )
+    if meta.target != config.model.target:
+        raise CheckpointError(
+            f"{path}: was trained with model.target={meta.target}, the config asks for "
+            f"model.target={config.model.target}; resume with --set model.target={meta.target} or start "
+            "a new run without --resume"
+        )
     if tuple(meta.bands) != tuple(bands):
         raise CheckpointError(
             f"{path}: was trained on bands {list(meta.bands)}, the data gives bands {list(bands)}; "
@@ -90,11 +103,69 @@ def check_resume(data: Any, path: str, config: Config, bands: tuple[int, ...]) -
         )
 
 
+def check_run_out_dir(
+    config: Config, pairs: Sequence[Any], *, config_file: str | os.PathLike[str] | None = None
+) -> None:
+    """Refuse a ``train.out_dir`` that is a training data folder or whose files would overwrite an input.
+
+    Inputs are the scenes and labels, their folders and the data roots, the
+    split file, a local encoder weights file and the config file. The resume
+    checkpoint is not one: continuing a run in its own folder (``--resume
+    run/last.pt``) is what it is for, and it is read whole before anything is written.
+
+    Raises:
+        OutputError: Naming the output, the input and the fix.
+    """
+    d, weights = config.data, config.model.encoder_weights
+    scenes = [pair.image for pair in pairs]
+    labels = [p for pair in pairs for p in (pair.label, pair.vector) if p is not None]
+    rasters = scenes + [pair.label for pair in pairs if pair.label is not None]
+    folders = dict.fromkeys([*map(Path, d.root), *(p.parent for p in rasters)])  # the data folders, once each
+    out = Path(config.train.out_dir)
+    check_not_inputs(
+        [("train.out_dir", out), *(("train.out_dir", out / name) for name in OUTPUT_NAMES)],
+        [*(("training data folder", f) for f in folders), *(("training scene", p) for p in scenes),
+         *(("training label", p) for p in labels), ("split file", d.split_file), ("config file", config_file),
+         ("encoder weights", weights if is_weights_file(weights) else None)],
+    )
+
+
+def target_settings(config: Config) -> dict[str, Any]:
+    """What the checkpoint records about how an ``instances`` model's targets and losses were made.
+
+    ``border_width`` and ``contact_width`` in ground metres, the instance ``channels``
+    in output order, and the loss of each channel (name and weight); empty for ``footprint``.
+    """
+    m, t = config.model, config.train
+    if m.target != "instances":
+        return {}
+    return {
+        "border_width": m.border_width, "contact_width": m.contact_width, "channels": list(INSTANCE_CHANNELS),
+        "border_loss": t.border_loss, "border_weight": t.border_weight,
+        "contact_loss": t.contact_loss, "contact_weight": t.contact_weight,
+    }
+
+
+def build_criterion(config: Config) -> nn.Module:
+    """The training loss: the footprint's CE + Dice, plus the border and contact losses for ``instances``."""
+    from geoseg.losses import InstanceSegmentationLoss, SegmentationLoss
+
+    t = config.train
+    footprint = SegmentationLoss(ce_weight=t.ce_weight, dice_weight=t.dice_weight)
+    if config.model.target != "instances":
+        return footprint
+    return InstanceSegmentationLoss(
+        classes=config.data.classes, footprint=footprint, border_loss=t.border_loss,
+        border_weight=t.border_weight, contact_loss=t.contact_loss, contact_weight=t.contact_weight,
+    )
+
+
 def fit(
     config: Config,
     *,
     resume: str | os.PathLike[str] | None = None,
     progress: ProgressCallback | None = None,
+    config_file: str | os.PathLike[str] | None = None,
 ) -> FitResult:
     """Train a segmentation model as ``config`` says and write its checkpoints.
 
@@ -108,6 +179,7 @@ def fit(
             continue from its epoch with its optimizer, scheduler, scaler and
             early-stopping state.
         progress: Called on rank 0 after every batch and epoch (see FitEvent).
+        config_file: The YAML file ``config`` was read from, if any (never overwritten).
 
     Returns:
         Paths of the checkpoints and the per-epoch history.
@@ -117,10 +189,12 @@ def fit(
         ModelError: Unknown architecture/encoder, bad weights file, chips too small.
         CheckpointError: A resume checkpoint that does not fit this run.
         ConfigError: Invalid combinations (fp16 on CPU, batch size 1 with BatchNorm, ...).
+        OutputError: ``train.out_dir`` is a training data folder, or a file written there
+            would overwrite an input (see :func:`check_run_out_dir`).
     """
     ctx, device = setup_distributed(config.train.device)
     try:
-        return _fit(config, ctx=ctx, device=device, resume=resume, progress=progress)
+        return _fit(config, ctx=ctx, device=device, resume=resume, progress=progress, config_file=config_file)
     finally:
         if ctx.owned:
             import torch.distributed as dist
@@ -128,12 +202,14 @@ def fit(
             dist.destroy_process_group()
 
 
-def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any, progress: ProgressCallback | None) -> FitResult:
+def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any, progress: ProgressCallback | None,
+         config_file: str | os.PathLike[str] | None = None) -> FitResult:
     from geoseg.datasets import collate_samples
-    from geoseg.losses import SegmentationLoss
     from geoseg.plots import plot_learning_curves
+    from geoseg.targets import check_target
 
     t, d = config.train, config.data
+    check_target(config.model.target, classes=d.classes)
     if t.monitor == "object_f1" and not t.object_f1_every:
         raise ConfigError("train.monitor 'object_f1' needs train.object_f1_every >= 1")
     if len(d.class_names) != d.classes:
@@ -141,7 +217,8 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
     amp_dtype, use_scaler = resolve_precision(t.precision, device)
     seed_everything(t.seed)
 
-    _, splits, bands, dtype, resolution = discover(config)
+    pairs, splits, bands, dtype, resolution = discover(config)
+    check_run_out_dir(config, pairs, config_file=config_file)
     in_channels = len(bands)
     resumed = read_checkpoint(resume, map_location="cpu") if resume is not None else None
     if resumed is not None:
@@ -149,7 +226,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
 
     model = create_model(arch=config.model.arch, encoder=config.model.encoder,
                          encoder_weights=None if resumed else config.model.encoder_weights,
-                         in_channels=in_channels, classes=d.classes)
+                         in_channels=in_channels, classes=output_channels(d.classes, config.model.target))
     check_chip_size(model, d.chip_size, arch=config.model.arch)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_bn and d.batch_size < 2:
@@ -179,7 +256,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    criterion = SegmentationLoss(ce_weight=t.ce_weight, dice_weight=t.dice_weight).to(device)
+    criterion = build_criterion(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=t.plateau_factor, patience=t.plateau_patience, min_lr=t.min_lr)
@@ -212,7 +289,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         torch.backends.cudnn.benchmark = True
 
     out_dir = Path(t.out_dir)
-    paths = {name: out_dir / name for name in (BEST_IOU, BEST_LOSS, BEST_OBJECT_F1, LAST, HISTORY, CURVES, SPLIT)}
+    paths = {name: out_dir / name for name in OUTPUT_NAMES}
     if ctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resumed is None and paths[LAST].exists():
@@ -231,10 +308,12 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         arch=config.model.arch, encoder=config.model.encoder, in_channels=in_channels, classes=d.classes,
         class_names=tuple(d.class_names), bands=bands, mean=tuple(mean), std=tuple(std),
         chip_size=d.chip_size, resolution=resolution, config=config.to_dict(), version=__version__,
+        target=config.model.target, target_settings=target_settings(config),
     )
     loop = EpochLoop(model=train_model, criterion=criterion, optimizer=optimizer, scaler=scaler, device=device,
                  amp_dtype=amp_dtype, ctx=ctx, classes=d.classes, grad_clip=t.grad_clip,
-                 channels_last=t.channels_last, epochs=t.epochs, progress=progress)
+                 channels_last=t.channels_last, epochs=t.epochs, progress=progress,
+                 instance_channels=INSTANCE_CHANNELS if config.model.target == "instances" else ())
 
     epochs_run, stopped = 0, False
     for epoch in range(start, t.epochs + 1):
