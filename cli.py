@@ -7,17 +7,70 @@ This is the only module that knows click, prints, or exits. Heavy imports
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import click
 
 from geoseg import __version__
 
+#: Exit status after Ctrl-C and after SIGTERM: 128 + the signal number, as a shell reports a killed command.
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker stop, Slurm), raised in the main thread so that the run unwinds as for Ctrl-C."""
+
+
+#: The process that turned SIGTERM into Terminated (forked workers, e.g. a DataLoader's, inherit the handler).
+_SIGTERM_OWNER: list[int] = []
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    if _SIGTERM_OWNER and os.getpid() != _SIGTERM_OWNER[-1]:  # a forked worker: die as it always did
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM unwinds the main thread like Ctrl-C: temporaries are removed.
+
+    A SIGTERM the process was started to ignore stays ignored; off the main thread
+    (an embedding application) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_IGN:
+        yield
+        return
+    _SIGTERM_OWNER.append(os.getpid())
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _SIGTERM_OWNER.pop()
+
 
 class GeosegGroup(click.Group):
-    """A click group that turns GeosegError into a one-line message and exit 1."""
+    """A click group that turns GeosegError into a one-line message and exit 1.
+
+    Ctrl-C and SIGTERM (see :func:`sigterm_as_interrupt`) exit 130 and 143 with one
+    line that says what was kept: a command sets ``kept`` on the interrupt where
+    something was (default: nothing was written).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         from geoseg.errors import GeosegError
@@ -26,8 +79,11 @@ class GeosegGroup(click.Group):
             return super().invoke(ctx)
         except GeosegError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; no output was written") from None
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            kept = getattr(exc, "kept", None) or "nothing was written"
+            click.echo(f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'}; {kept}", err=True)
+            ctx.exit(EXIT_SIGTERM if terminated else EXIT_SIGINT)
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -138,10 +194,13 @@ def train_command(
     config = dataclasses.replace(config, data=data_cfg, train=train_cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
     bars: dict[str, Any] = {}
+    finished: list[int] = []  # epochs whose checkpoints (last.pt among them) are saved
 
     def progress(event: Any) -> None:
         if event.kind in ("start", "epoch"):
             tqdm.write(event.message)
+            if event.kind == "epoch":
+                finished.append(event.epoch)
             return
         bar = bars.get("bar")
         if event.step == 1 or bar is None:
@@ -155,7 +214,18 @@ def train_command(
             bar.close()
             bars.pop("bar", None)
 
-    result = fit(config, resume=resume, progress=progress if main_rank else None, config_file=config_path)
+    try:
+        result = fit(config, resume=resume, progress=progress if main_rank else None, config_file=config_path)
+    except KeyboardInterrupt as exc:  # say what is kept: last.pt of the last finished epoch
+        from pathlib import Path
+
+        from geoseg.engine.records import LAST
+
+        last = Path(config.train.out_dir) / LAST
+        exc.kept = (f"kept {last} of epoch {finished[-1]} (continue with --resume {last})" if finished  # type: ignore[attr-defined]
+                    else f"no epoch finished, {resume} is as it was" if resume
+                    else "no epoch finished, no checkpoint was written")
+        raise
     if main_rank:
         best = result.best_metrics
         where = "val" if best.get("val_iou") is not None else "train"
@@ -249,6 +319,10 @@ def chip_command(
 @click.option("--bands", default=None, metavar="B1,B2,...",
               help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
 @click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@click.option("--rescale", is_flag=True,
+              help="Map each band of a scene linearly onto the value range the model learned (its 1st-99th "
+                   "percentiles onto the training data's), e.g. 16-bit imagery on a model trained on 8-bit; "
+                   "without it such scenes are refused.")
 @click.option("--preview", default=None, metavar="PATH",
               help="Also draw the scene (downsampled) with its polygons into a PNG. Several scenes: "
                    "a folder (gets SCENE_preview.png files) or a template with {scene}.")
@@ -270,6 +344,7 @@ def predict_command(
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
+    rescale: bool,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -279,10 +354,13 @@ def predict_command(
     each process predicts a share of the scenes on its own GPU and rank 0
     merges them into the one layer.
     """
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from geoseg.config import PredictConfig, load_config
     from geoseg.inference.job import predict_files
+    from geoseg.publish import publishing
 
     cfg = load_config(config_path).predict if config_path else PredictConfig()
     band_list = None
@@ -302,35 +380,41 @@ def predict_command(
         bar.total = total
         bar.update(done - bar.n)
 
-    previews = {}  # scene (resolved) -> its preview PNG
-    if preview is not None:  # refuse before any work, so that a refused run writes nothing
-        from geoseg.inference.job import predict_inputs, resolve_scenes
+    previews = {}  # scene (resolved) -> its preview PNG, checked by predict_files with the other outputs
+    if preview is not None:
+        from geoseg.inference.job import resolve_scenes, scene_names
         from geoseg.preview import preview_paths
-        from geoseg.raster_io import check_not_inputs, check_output
 
         found = resolve_scenes(scenes)
-        pngs = preview_paths(preview, found)
-        check_not_inputs([("--preview", p) for p in pngs],
-                         predict_inputs(found, model_path=model_path, config_file=config_path))
-        previews = {s.resolve(): check_output(p, overwrite=overwrite) for s, p in zip(found, pngs)}
-    summary = predict_files(
-        scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
-        prob_dtype=prob_dtype,  # type: ignore[arg-type]
-        batch_size=batch_size if batch_size is not None else (cfg.batch_size if config_path else None),
-        overlap=overlap if overlap is not None else cfg.overlap,
-        block_size=block_size if block_size is not None else cfg.block_size,
-        tta=cfg.tta if tta is None else tta,
-        threshold=cfg.threshold if threshold is None else threshold,
-        min_area=cfg.min_area if min_area is None else min_area,
-        simplify=cfg.simplify if simplify is None else simplify,
-        regularize=cfg.regularize if regularize is None else regularize,
-        device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
-        assume_crs=assume_crs, overwrite=overwrite, progress=progress,
-        compile=cfg.compile if compile_model is None else compile_model, config_file=config_path,
-        instances=cfg.instances if instances is None else instances,
-        seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
-        min_seed_area=cfg.min_seed_area,
-    )
+        pngs = preview_paths(preview, found, names=scene_names(found))
+        previews = {s.resolve(): p for s, p in zip(found, pngs)}
+    # One publication: the layer, the rasters and the previews appear together, once all are written.
+    with publishing(overwrite=overwrite) as publication:
+        summary = predict_files(
+            scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
+            prob_dtype=prob_dtype,  # type: ignore[arg-type]
+            batch_size=batch_size if batch_size is not None else (cfg.batch_size if config_path else None),
+            overlap=overlap if overlap is not None else cfg.overlap,
+            block_size=block_size if block_size is not None else cfg.block_size,
+            tta=cfg.tta if tta is None else tta,
+            threshold=cfg.threshold if threshold is None else threshold,
+            min_area=cfg.min_area if min_area is None else min_area,
+            simplify=cfg.simplify if simplify is None else simplify,
+            regularize=cfg.regularize if regularize is None else regularize,
+            device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
+            assume_crs=assume_crs, overwrite=overwrite, progress=progress,
+            compile=cfg.compile if compile_model is None else compile_model, config_file=config_path,
+            instances=cfg.instances if instances is None else instances,
+            seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
+            min_seed_area=cfg.min_seed_area, rescale=rescale,
+            extra_outputs=[("--preview", p) for p in previews.values()], publication=publication,
+        )
+        if previews:
+            from geoseg.preview import write_preview
+
+            for res in summary.results:  # under torchrun: this rank's scenes
+                write_preview(res.scene, res.polygons, previews[Path(res.scene).resolve()],
+                              overwrite=overwrite, publication=publication)
     for bar in bars.values():
         bar.close()
     for res in summary.results:
@@ -342,15 +426,9 @@ def predict_command(
     if summary.shard.rank == 0:
         ranks = f" (merged from {summary.shard.world} ranks)" if summary.shard.active else ""
         click.echo(f"wrote {summary.features} polygons to {summary.out}{ranks}")
-    if previews:
-        from pathlib import Path
-
-        from geoseg.preview import write_preview
-
-        for res in summary.results:  # under torchrun: this rank's scenes
-            png = previews[Path(res.scene).resolve()]
-            write_preview(res.scene, res.polygons, png, overwrite=overwrite)
-            click.echo(f"preview {png}")
+    for res in summary.results:
+        if previews:
+            click.echo(f"preview {previews[Path(res.scene).resolve()]}")
 
 
 @cli.command("benchmark")
@@ -511,8 +589,12 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
     def say(message: str) -> None:
         click.echo(f"... {message}", err=True)
 
-    r = run_quickstart(out_dir, device=device, overwrite=overwrite, epochs=epochs,  # type: ignore[arg-type]
-                       progress=say)
+    try:
+        r = run_quickstart(out_dir, device=device, overwrite=overwrite, epochs=epochs,  # type: ignore[arg-type]
+                           progress=say)
+    except KeyboardInterrupt as exc:
+        exc.kept = f"the steps finished so far are kept in {out_dir} (start again with --overwrite)"  # type: ignore[attr-defined]
+        raise
     s = r.seconds
     click.echo(r.table)
     click.echo("")
@@ -525,10 +607,11 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
         (r.roofs, f"{r.polygons} rooftop polygons (layer 'rooftops', QGIS style included)"),
         (r.mask, "predicted mask (0 background, 1 rooftop, 255 nodata)"),
         (r.preview, "picture of the scene with the polygons drawn over it"),
-        (r.evaluation, "pixel and object metrics (as geoseg evaluate --json)"),
+        (r.evaluation, f"pixel and object metrics of {r.roofs.name} against the true buildings "
+                       "(as geoseg evaluate --json)"),
         (r.scene, "the predicted scene (true roofs: " + r.truth_roofs.name + ")"),
         (r.checkpoint, "the trained model (learning curves: " + r.curves.name + ")"),
-        (r.data_dir, "the generated training data (seed layout)"),
+        (r.data_dir, "the generated training data (images/, labels/, buildings.gpkg)"),
     ]
     width = max(len(str(path)) for path, _ in rows)
     for path, what in rows:
@@ -543,7 +626,8 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="geoseg")
+    with sigterm_as_interrupt():
+        cli(prog_name="geoseg")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training augmentation (albumentations) and per-band normalisation statistics.
+"""Training augmentation (albumentations), per-band normalisation statistics and value ranges.
 
 The callables built here match the ``transform`` argument of
 ``geoseg.datasets.ChipDataset``: ``f(image_hwc float32 raw values, mask_hw) ->
@@ -11,6 +11,7 @@ prediction only normalise, with statistics stored in the checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,13 @@ SHIFT_FRACTION = 0.0625
 ROTATE_DEGREES = 15.0
 #: How many training chips ``dataset_stats`` reads at most (evenly spaced).
 MAX_STATS_CHIPS = 256
+#: Percentiles of the valid pixels that make a band's value range: close to the extremes, yet
+#: blind to the 1% of outliers most scenes have (clouds, glints, dead pixels, an undeclared fill).
+VALUE_PERCENTILES = (1.0, 99.0)
+#: Pixels per band read at most to measure a value range (decimated reads, over all scenes).
+VALUE_SAMPLE_PIXELS = 1_000_000
+#: Scenes read at most to measure the value range of training data (evenly spaced).
+VALUE_SAMPLE_SCENES = 32
 
 
 def value_scale(dtype: str | np.dtype) -> float:
@@ -109,6 +117,50 @@ def dataset_stats(
                        [int(b) + 1 for b in np.flatnonzero(std == 0)])
     std[std == 0] = 1.0
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def value_range(
+    scenes: Sequence[str | os.PathLike[str]],
+    bands: Sequence[int],
+    *,
+    max_pixels: int = VALUE_SAMPLE_PIXELS,
+    max_scenes: int = VALUE_SAMPLE_SCENES,
+) -> tuple[tuple[float, float], ...] | None:
+    """Per-band value range of scenes: the VALUE_PERCENTILES of their valid pixels.
+
+    Reads each scene decimated (``raster_io.read_decimated``; an overview where
+    the file has one), ``max_pixels`` in all: the same cheap estimate for the
+    training data (recorded in the checkpoint) and for a scene to predict, so the
+    two compare like with like.
+
+    Args:
+        scenes: Raster paths; up to ``max_scenes`` of them (evenly spaced) are read.
+        bands: 1-based bands, in the order of the result.
+        max_pixels: Pixels per band read at most, over all scenes read.
+        max_scenes: Scenes read at most.
+
+    Returns:
+        One ``(low, high)`` per band in raw units, or None when no pixel is valid.
+
+    Raises:
+        InputFileError: An unreadable scene.
+    """
+    from geoseg.raster_io import read_decimated
+
+    if not scenes:
+        return None
+    idx = np.unique(np.linspace(0, len(scenes) - 1, num=min(len(scenes), max_scenes)).round().astype(int))
+    per_scene = max(1, max_pixels // len(idx))
+    samples = []
+    for i in idx:
+        data, valid = read_decimated(scenes[int(i)], bands=bands, max_pixels=per_scene)
+        pixels = data[:, valid].astype(np.float64)
+        samples.append(pixels[:, np.isfinite(pixels).all(axis=0)])  # undeclared NaN is no value
+    values = np.concatenate(samples, axis=1)
+    if values.shape[1] == 0:
+        return None
+    low, high = np.percentile(values, VALUE_PERCENTILES, axis=1)
+    return tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
 
 
 def _pipeline(augment: AugmentConfig, num_bands: int) -> Any:

@@ -19,7 +19,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError
+from geoseg.temporaries import temporary_folder
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def make_large_scene(
     from geoseg.raster_io import GTIFF_PROFILE
     from geoseg.synthetic import make_scene
 
-    with tempfile.TemporaryDirectory(prefix="geoseg-tile-") as tmp:
+    with temporary_folder(name="tile") as tmp:
         small = make_scene(
             tmp, name="tile", width=min(tile, width), height=min(tile, height), seed=seed,
             write_roofs=False,
@@ -282,11 +282,13 @@ def run_benchmark(
 
     from geoseg.inference import model_throughput, predict_scene, resolve_device, resolve_precision
     from geoseg.inference.runtime import precision_name
-    from geoseg.raster_io import open_scene
+    from geoseg.raster_io import check_local, open_scene
     from geoseg.tiling import chip_grid
 
     if repeats < 1:
         raise ConfigError(f"repeats should be at least 1, got {repeats}")
+    if scene is not None:
+        check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -295,7 +297,7 @@ def run_benchmark(
     overlap = chip // 4 if overlap is None else int(overlap)
     flops = model_flops(model, in_channels=len(meta.bands), chip_size=chip)
 
-    with tempfile.TemporaryDirectory(prefix="geoseg-bench-") as tmp:
+    with temporary_folder(name="bench") as tmp:
         work = Path(tmp)
         if scene is None:
             say(f"generating a {size[0]}x{size[1]} scene")
@@ -387,7 +389,7 @@ def scaling(
     """
     say = progress or (lambda _msg: None)
     points = []
-    with tempfile.TemporaryDirectory(prefix="geoseg-scaling-") as tmp:
+    with temporary_folder(name="scaling") as tmp:
         for n in sizes:
             scene = Path(tmp) / f"scene_{n}.tif"
             say(f"writing a {n}x{n} scene")

@@ -10,12 +10,13 @@ between the two masks is reported as well.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from geoseg.temporaries import temporary_folder
 
 ProgressFn = Callable[[str], None]
 
@@ -114,7 +115,7 @@ def mask_agreement(
     resolve_precision(precision, dev)  # refuse fp16 on a CPU before any work
     rooftop = 1  # class 1 is the rooftop class of geoseg checkpoints
     out: list[SceneAgreement] = []
-    with tempfile.TemporaryDirectory(prefix="geoseg-agreement-") as tmp:
+    with temporary_folder(name="agreement") as tmp:
         for path in paths:
             masks = {}
             for prec in ("32", precision):

@@ -9,8 +9,9 @@ Output (a flat-layout dataset that :func:`geoseg.datasets.find_pairs` reads back
 ``<row>`` and ``<col>`` are the chip's pixel offsets in its scene. Each chip's
 transform is the scene transform shifted by the window, so its pixels lie
 exactly where they are in the scene. All inputs are validated before anything
-is written; chips are written to a staging folder and moved into place only
-when every chip is done, and the index is written last, atomically.
+is written; chips are written to a staging folder and published only when every
+chip is done, the index last (geoseg.publish: no file is replaced without
+``overwrite``, and a failure leaves nothing).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,7 +38,10 @@ from geoseg.labels import (
     open_label_raster,
     to_class_ids,
 )
-from geoseg.raster_io import GTIFF_PROFILE, SceneInfo, check_not_inputs, check_output, open_scene, read_window
+from geoseg.publish import Publication
+from geoseg.raster_io import (
+    GTIFF_PROFILE, SceneInfo, check_local, check_not_inputs, check_output, open_scene, read_window,
+)
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
 
 log = logging.getLogger(__name__)
@@ -86,12 +88,14 @@ def resolve_inputs(
     file for all scenes, or one label raster per image SCENE, in order.
 
     Raises:
-        InputFileError: A scene or label file does not exist.
+        InputFileError: A scene or label file does not exist, or is a URL.
         DatasetError: No scenes; label rasters that do not pair up with the
             images; a vector file mixed with rasters; two scenes with the same name.
     """
     if not scenes:
         raise DatasetError("no scenes given; pass image files or dataset folders")
+    for given in (*scenes, *labels):  # before Path(), which collapses the // of a URL
+        check_local(given)
     label_paths = [Path(p) for p in labels]
     for p in label_paths:
         if not p.exists():
@@ -258,10 +262,10 @@ def chip_scenes(
         if with_labels:
             check_output(out / "labels" / name, overwrite=overwrite)
 
-    # 3. Write into a staging folder; move into place only when all chips are done.
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".geoseg-chip-", dir=out))
+    # 3. Write into a staging folder; publish all files together (the index last) when all chips
+    # are done: without --overwrite no file is replaced, and a failure leaves nothing behind.
+    publication = Publication(overwrite=overwrite)
+    stage = publication.folder(out, name="chips", output=out)
     records: list[dict] = []
     record_crs: list[str] = []
     try:
@@ -339,18 +343,17 @@ def chip_scenes(
         index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
                                  crs=index_crs.to_wkt())
         index.to_file(stage / INDEX_NAME, layer=INDEX_LAYER, driver="GPKG", engine="pyogrio")
-        # Move the chips into place, then the index (last; os.replace is atomic).
         for sub in ("images", "labels") if with_labels else ("images",):
-            (out / sub).mkdir(exist_ok=True)
             for f in sorted((stage / sub).iterdir()):
-                os.replace(f, out / sub / f.name)
-        os.replace(stage / INDEX_NAME, index_path)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+                publication.adopt(f, out / sub / f.name)
+        publication.adopt(stage / INDEX_NAME, index_path)
+        publication.commit()
+    except BaseException as exc:
+        error = publication.failure(exc)  # before the discard frees the disk
+        publication.discard()
+        if error is None:
+            raise
+        raise error from None
     log.info("wrote %d chips of %d scenes to %s", len(records), len(jobs), out)
     return ChipResult(
         out_dir=out, index=index_path,

@@ -3,7 +3,8 @@
 The format follows the output's extension. Polygons of several scenes go into
 one layer (``rooftops``) with a ``scene`` attribute, reprojected to the first
 scene's CRS where CRSs differ. Every write is atomic: the file appears at its
-final path only when complete.
+final path only when complete (geoseg.publish), and never replaces a file
+without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sqlite3
-import tempfile
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from geoseg.errors import OutputError, file_error
-from geoseg.raster_io import atomic_output, check_output
+from geoseg.publish import Publication, atomic_output, check_output, publishing
+from geoseg.temporaries import write_error
 
 if TYPE_CHECKING:
     import geopandas
@@ -116,6 +116,7 @@ def write_polygons(
     layer: str = LAYER,
     overwrite: bool = False,
     style: bool = True,
+    publication: Publication | None = None,
 ) -> Path:
     """Write polygons atomically; the format follows the extension.
 
@@ -130,12 +131,15 @@ def write_polygons(
         layer: Layer name.
         overwrite: Replace an existing output.
         style: Store the default QGIS style (GeoPackage only).
+        publication: Publish the file(s) with this publication's other outputs (when it
+            ends) instead of at once.
 
     Returns:
         The output path.
 
     Raises:
-        OutputError: Unknown extension, output exists without ``overwrite``, unwritable folder.
+        OutputError: Unknown extension, output exists without ``overwrite``, unwritable folder,
+            or the write failed (disk full, ...).
     """
     import geopandas as gpd
     import pyogrio
@@ -156,9 +160,10 @@ def write_polygons(
         options["SPATIAL_INDEX"] = "YES"
     if driver == "ESRI Shapefile":
         frame = frame.rename(columns=SHAPEFILE_FIELDS)
-        _write_shapefile(frame, p, layer=layer, geometry_type=geometry_type, overwrite=overwrite)
+        _write_shapefile(frame, p, layer=layer, geometry_type=geometry_type, overwrite=overwrite,
+                         publication=publication)
         return p
-    with atomic_output(p, overwrite=overwrite) as tmp:
+    with atomic_output(p, overwrite=overwrite, publication=publication) as tmp:
         pyogrio.write_dataframe(
             frame, tmp, layer=layer, driver=driver, geometry_type=geometry_type,
             promote_to_multi=geometry_type == "MultiPolygon", layer_options=options,
@@ -171,28 +176,20 @@ def write_polygons(
 
 
 def _write_shapefile(
-    frame: "geopandas.GeoDataFrame", path: Path, *, layer: str, geometry_type: str, overwrite: bool
+    frame: "geopandas.GeoDataFrame", path: Path, *, layer: str, geometry_type: str, overwrite: bool,
+    publication: Publication | None = None,
 ) -> None:
-    """A shapefile is several files: write them in a temporary folder, then move them in, .shp last."""
+    """A shapefile is several files: write them in a temporary folder, then publish them together, .shp last."""
     import pyogrio
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".part", dir=path.parent))
-    try:
-        target = tmpdir / path.name
+    with publishing(overwrite=overwrite, into=publication) as pub:
+        folder = pub.folder(path.parent, name="shapefile")
         pyogrio.write_dataframe(
-            frame, target, layer=layer, driver="ESRI Shapefile", geometry_type=geometry_type,
+            frame, folder / path.name, layer=layer, driver="ESRI Shapefile", geometry_type=geometry_type,
             promote_to_multi=geometry_type == "MultiPolygon",
         )
-        if overwrite:
-            for ext in SHAPEFILE_PARTS:
-                with contextlib.suppress(FileNotFoundError):
-                    path.with_suffix(ext).unlink()
-        written = sorted(tmpdir.iterdir(), key=lambda f: f.suffix.lower() == ".shp")
-        for f in written:
-            os.replace(f, path.with_suffix(f.suffix))
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        for part in sorted(folder.iterdir(), key=lambda f: f.suffix.lower() == ".shp"):
+            pub.adopt(part, path.with_suffix(part.suffix))
 
 
 def add_layer_style(
@@ -243,4 +240,5 @@ def add_layer_style(
                 (layer, geom_col, name, qml, description, now),
             )
     except sqlite3.Error as exc:
-        raise file_error(OutputError, gpkg, f"cannot store the QGIS style ({exc})", "check the file") from None
+        failed = write_error(exc, gpkg)  # disk full: SQLite says "database or disk is full"
+        raise failed or file_error(OutputError, gpkg, f"cannot store the QGIS style ({exc})", "check the file") from None

@@ -22,7 +22,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geoseg.errors import GeoreferenceError, InputFileError, LabelError, file_error
-from geoseg.raster_io import SceneInfo, open_raster, open_scene
+from geoseg.raster_io import SceneInfo, check_local, open_raster, open_scene
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class VectorLabels:
         assume_crs: CRS of a file that has none.
 
     Raises:
-        InputFileError: Missing file or not a vector file.
+        InputFileError: Missing file, a URL, or not a vector file.
         GeoreferenceError: The file has no CRS (and none assumed).
         LabelError: ``class_column`` missing or holding values outside 1..classes-1.
     """
@@ -338,6 +338,7 @@ class VectorLabels:
         import geopandas as gpd
         import shapely
 
+        check_local(path)
         self.path = Path(path)
         self.layer = layer
         self.class_column = class_column

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +14,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from geoseg.errors import CheckpointError, ModelError, file_error
+from geoseg.errors import CheckpointError, GeosegError, ModelError, file_error
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,10 @@ def create_model(
         )
     local = encoder_weights if is_weights_file(encoder_weights) else None
     named = None if local is not None else encoder_weights
+    if local is not None:
+        from geoseg.raster_io import check_local
+
+        check_local(local, error=ModelError)
     if local is not None and not Path(local).is_file():
         raise file_error(
             ModelError, local, "encoder weights file does not exist",
@@ -159,6 +165,37 @@ def create_model(
     return model
 
 
+def _load_weights_only(path: Path, *, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``, without torch's warnings about a refused file."""
+    with warnings.catch_warnings():
+        # e.g. "Detected pickle protocol 4": torch's words about a file refused anyway
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _load_error(
+    exc: Exception, path: Path, *, error: type[GeosegError], what: str, fix: str
+) -> GeosegError:
+    """A failed weights file load in geoseg's own words.
+
+    torch's text for a file that holds Python objects advises loading it with
+    ``weights_only=False``, which can run the file's code: it is never shown,
+    and nothing here suggests it.
+    """
+    text = str(exc).lower()
+    # A class or function the weights-only unpickler refused ("Unsupported global: GLOBAL ...");
+    # bytes that are no pickle at all fail as "Unsupported operand" and are merely unreadable.
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text and "global" in text:
+        problem = (f"holds Python objects or code, which geoseg never loads (loading them could run "
+                   f"code; a {what} holds only weights and plain values)")
+    elif isinstance(exc, OSError):
+        problem = f"cannot be read ({exc.strerror or type(exc).__name__})"
+        fix = "check that the file is readable (permissions, disk)"
+    else:  # a truncated zip, an empty file, another format
+        problem = f"is not a readable {what} (truncated, corrupt, or of another format)"
+    return file_error(error, path, problem, fix)
+
+
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix.lower() == ".safetensors":
@@ -166,13 +203,10 @@ def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _load_weights_only(path)
     except Exception as exc:  # any failure means: not a readable state dict
-        detail = str(exc).split("\n")[0][:200]
-        raise file_error(
-            ModelError, path, f"is not a readable weights file ({detail})",
-            "pass a .pth or .safetensors state dict of the encoder",
-        ) from None
+        raise _load_error(exc, path, error=ModelError, what="weights file",
+                          fix="pass a .pth or .safetensors state dict of the encoder") from None
     for key in ("state_dict", "model", "encoder"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -289,6 +323,12 @@ class CheckpointMeta:
             written before targets existed are ``footprint``.
         target_settings: How the instance targets were built: ``border_width`` and
             ``contact_width`` in ground metres (empty for ``footprint``).
+        input_dtype: Numpy dtype name of the training scenes (e.g. ``uint8``); None in
+            checkpoints written before it was recorded.
+        value_range: Per band, the (low, high) raw values the model learned: the 1st and
+            99th percentiles of the valid pixels of a decimated read of the training scenes
+            (``augment.value_range``). Prediction refuses scenes far outside it and maps
+            scenes onto it with ``rescale``; None in older checkpoints (no check).
     """
 
     arch: str
@@ -307,6 +347,8 @@ class CheckpointMeta:
     metrics: dict[str, float] = field(default_factory=dict)
     target: str = "footprint"
     target_settings: dict[str, Any] = field(default_factory=dict)
+    input_dtype: str | None = None
+    value_range: tuple[tuple[float, float], ...] | None = None
 
     @property
     def out_channels(self) -> int:
@@ -331,6 +373,8 @@ class CheckpointMeta:
         values = dict(raw)
         for key in ("class_names", "bands", "mean", "std"):
             values[key] = tuple(values[key])
+        if values.get("value_range") is not None:
+            values["value_range"] = tuple((float(lo), float(hi)) for lo, hi in values["value_range"])
         return cls(**values)
 
 
@@ -405,8 +449,12 @@ def read_checkpoint(
     """Read and validate a checkpoint file without building the model.
 
     Raises:
-        CheckpointError: Missing, corrupt or foreign file.
+        CheckpointError: Missing, a URL, unreadable, corrupt or foreign file, or one that
+            holds Python objects or code (never loaded).
     """
+    from geoseg.raster_io import check_local
+
+    check_local(path, error=CheckpointError)
     p = Path(path)
     fix = "pass a checkpoint written by geoseg train (e.g. saved_models/best_iou.pt)"
     if not p.exists():
@@ -417,12 +465,9 @@ def read_checkpoint(
     if p.is_dir():
         raise file_error(CheckpointError, p, "is a folder, not a checkpoint file", fix)
     try:
-        payload = torch.load(p, map_location=map_location, weights_only=True)
+        payload = _load_weights_only(p, map_location=map_location)
     except Exception as exc:  # any failure means: not a readable checkpoint
-        detail = str(exc).strip().split("\n")[0][:200]
-        raise file_error(
-            CheckpointError, p, f"is not a readable checkpoint (corrupt or foreign: {detail})", fix
-        ) from None
+        raise _load_error(exc, p, error=CheckpointError, what="checkpoint", fix=fix) from None
     if not isinstance(payload, dict) or CHECKPOINT_FORMAT not in payload:
         raise file_error(CheckpointError, p, "is not a geoseg checkpoint", fix)
     if payload[CHECKPOINT_FORMAT] != CHECKPOINT_VERSION:
@@ -436,7 +481,7 @@ def read_checkpoint(
         state = payload["state_dict"]
         if not isinstance(state, dict):
             raise TypeError("state_dict is not a dict")
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise file_error(
             CheckpointError, p, f"has an incomplete description ({exc})",
             "use the geoseg version that wrote it",

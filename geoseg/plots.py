@@ -28,10 +28,10 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | os.PathLike[str], *, tight: bool = True) -> Path:
-    from geoseg.raster_io import atomic_output
+def _save(fig: Any, path: str | os.PathLike[str], *, tight: bool = True, overwrite: bool = True) -> Path:
+    from geoseg.publish import atomic_output
 
-    with atomic_output(path, overwrite=True) as tmp:
+    with atomic_output(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight" if tight else None)
     return Path(path)
 
@@ -166,6 +166,7 @@ def plot_evaluation_panels(
     *,
     row_labels: Sequence[str] | None = None,
     title: str | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write image / truth / prediction per window with matched, missed and false buildings coloured.
 
@@ -178,6 +179,8 @@ def plot_evaluation_panels(
         path: Output PNG (replaced atomically).
         row_labels: Optional label per row (e.g. the window's position).
         title: Optional figure title.
+        overwrite: Replace an existing ``path`` (else it is refused, also when another
+            run writes it first).
 
     Returns:
         The path written.
@@ -223,4 +226,4 @@ def plot_evaluation_panels(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
-    return _save(fig, path)
+    return _save(fig, path, overwrite=overwrite)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError
-from geoseg.raster_io import atomic_output, check_not_inputs, check_output, per_scene_paths
+from geoseg.publish import Publication, atomic_output
+from geoseg.raster_io import check_not_inputs, check_output, per_scene_paths
 
 if TYPE_CHECKING:
     import geopandas
@@ -88,18 +89,21 @@ def preview_layout(width: int, height: int, *, max_size: int = DEFAULT_MAX_SIZE)
 
 
 def preview_paths(
-    spec: str | os.PathLike[str], scenes: Sequence[str | os.PathLike[str]]
+    spec: str | os.PathLike[str], scenes: Sequence[str | os.PathLike[str]], *,
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Where the preview of each scene goes.
 
     ``spec`` is a ``.png`` file (one scene only), a template containing
     ``{scene}`` (e.g. ``previews/{scene}.png``), or a folder, which gets
-    ``<scene>_preview.png`` files.
+    ``<scene>_preview.png`` files; ``<scene>`` is the scene's name in ``names``
+    (default: its file stem).
 
     Raises:
         OutputError: One ``.png`` file for several scenes.
     """
-    return per_scene_paths(spec, [Path(s).stem for s in scenes], kind="preview", extensions=(".png",),
+    names = [Path(s).stem for s in scenes] if names is None else list(names)
+    return per_scene_paths(spec, names, kind="preview", extensions=(".png",),
                            what="preview file", template="{scene}")
 
 
@@ -193,6 +197,7 @@ def write_preview(
     max_size: int = DEFAULT_MAX_SIZE,
     overwrite: bool = False,
     title: str | None = None,
+    publication: Publication | None = None,
 ) -> Path:
     """Draw the scene, downsampled, with the polygons outlined over it, in the scene CRS.
 
@@ -213,13 +218,15 @@ def write_preview(
         max_size: Longest side of the drawn scene in pixels.
         overwrite: Replace an existing ``out_png``.
         title: Title (default: scene name, polygon count and CRS).
+        publication: Publish the PNG with this publication's other outputs (when it ends)
+            instead of at once.
 
     Returns:
         The PNG written.
 
     Raises:
         OutputError: ``out_png`` is the scene or the polygon file, exists without
-            ``overwrite`` or cannot be written.
+            ``overwrite`` or cannot be written (disk full, ...).
         ConfigError: ``max_size`` smaller than 1.
         InputFileError: Unreadable scene or polygon file.
         GeoreferenceError: A polygon file without CRS in a scene without CRS.
@@ -279,7 +286,7 @@ def write_preview(
     noun = "polygon" if count == 1 else "polygons"
     ax.set_title(title if title is not None else f"{scene.stem}: {count} {noun} ({_crs_label(crs)})",
                  fontsize=TITLE_FONTSIZE)
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, publication=publication) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     log.info("wrote preview %s (%d x %d px, %d polygons)", out, layout.width, layout.height, count)
     return out

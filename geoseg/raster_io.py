@@ -1,4 +1,4 @@
-"""Open and validate rasters; windowed reads; atomic, tiled GeoTIFF writes.
+"""Open and validate rasters; windowed reads; tiled GeoTIFF writes (published by geoseg.publish).
 
 The library never reads a whole scene: callers ask for windows. Every failure
 a user can cause (missing file, not a raster, truncated TIFF, no CRS, ...) is
@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,9 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from geoseg.errors import GeoreferenceError, InputFileError, OutputError, file_error
+from geoseg.errors import GeoreferenceError, GeosegError, InputFileError, OutputError, file_error
+# Publishing outputs has one home, geoseg.publish; raster_io re-exports its two everyday names.
+from geoseg.publish import atomic_output, check_output  # noqa: F401
 
 #: Creation options for every GeoTIFF geoseg writes: tiled, compressed,
 #: BigTIFF when the size calls for it.
@@ -92,6 +94,37 @@ def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, f
 
 #: First bytes of classic TIFF and BigTIFF files (little- and big-endian).
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: A URL: a scheme of two or more characters, then ``://`` (one letter before ``:`` is a drive).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")
+#: GDAL's network file systems (``/vsicurl/``, ``/vsis3/``, ...), also inside a chain
+#: such as ``/vsizip//vsicurl/...``.
+_REMOTE_VSI = re.compile(r"/vsi(curl|s3|gs|az|adls|oss|swift|hdfs|webhdfs)(_streaming)?/")
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a remote input rather than a local file.
+
+    Remote: a URL (``https://``, ``s3://``, ...) or a GDAL network path
+    (``/vsicurl/...``). Ask before turning the text into a ``Path``, which
+    collapses the ``//`` of a URL.
+    """
+    text = os.fspath(path)
+    return bool(_URL.match(text)) or (text.startswith("/vsi") and bool(_REMOTE_VSI.search(text)))
+
+
+def check_local(path: str | os.PathLike[str], *, error: type[GeosegError] = InputFileError) -> None:
+    """Refuse a remote input (see :func:`is_url`) with the URL intact in the message.
+
+    Args:
+        path: An input as the user gave it (scene, label, AOI, checkpoint, data folder).
+        error: The GeosegError subclass to raise.
+
+    Raises:
+        GeosegError: ``error``, when ``path`` is a URL.
+    """
+    if is_url(path):
+        raise file_error(error, path, "remote inputs (URLs) are not read yet",
+                         "download the file and pass its local path")
 
 
 def _gdal_detail(exc: BaseException) -> str:
@@ -129,8 +162,9 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.io.DatasetRea
     """Open a raster for reading, turning GDAL errors into InputFileError.
 
     Raises:
-        InputFileError: If the file does not exist, is a folder, or is not a raster.
+        InputFileError: If the file does not exist, is a URL, is a folder, or is not a raster.
     """
+    check_local(path)
     p = Path(path)
     if not p.exists():
         raise file_error(InputFileError, p, "file does not exist", "check the path")
@@ -189,9 +223,10 @@ def open_scene(
         The scene's header information.
 
     Raises:
-        InputFileError: Missing file, not a raster, truncated or corrupt.
+        InputFileError: Missing file, a URL, not a raster, truncated or corrupt.
         GeoreferenceError: No CRS (and none assumed) or no geotransform.
     """
+    check_local(path)
     p = Path(path)
     with open_raster(p) as src:
         if src.count < 1:
@@ -277,28 +312,41 @@ def read_window(
     return data, valid
 
 
-def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Refuse an output that exists (unless ``overwrite``) or cannot be written.
+def read_decimated(
+    path: str | os.PathLike[str], *, bands: Sequence[int], max_pixels: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole scene at most ``max_pixels`` pixels large (every n-th pixel, or an overview).
 
-    Call this for every output before any work starts, so that a refused run
-    writes nothing.
+    A cheap look at a scene's values: GDAL reads from an overview where the file
+    has one, and nearest-neighbour sampling keeps the values as they are (no
+    averaging that would shrink the extremes). Never holds the full scene.
+
+    Args:
+        path: A raster.
+        bands: 1-based band indexes to read.
+        max_pixels: Pixels (per band) read at most.
+
+    Returns:
+        ``(data, valid)``: (bands, h, w) in the raster's dtype and a (h, w) bool
+        array, True where the pixel is data (GDAL's dataset mask).
 
     Raises:
-        OutputError: The file exists without overwrite, or its folder is not writable.
+        InputFileError: Missing, not a raster, truncated or corrupt.
     """
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise file_error(OutputError, p, "already exists", "pass --overwrite to replace it")
-    parent = p.parent if str(p.parent) else Path(".")
-    probe = parent
-    while not probe.exists():  # the folder will be created: check its nearest existing parent
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise file_error(
-            OutputError, p, f"cannot be written (folder {probe} is not writable)",
-            "choose another output folder",
-        )
-    return p
+    from rasterio.enums import Resampling
+
+    with open_raster(path) as src:
+        step = max(1, int(np.ceil(np.sqrt(src.width * src.height / max(1, max_pixels)))))
+        h, w = -(-src.height // step), -(-src.width // step)
+        try:
+            data = src.read(list(bands), out_shape=(len(bands), h, w), resampling=Resampling.nearest)
+            valid = src.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
+        except (RasterioIOError, RasterioError) as exc:
+            raise file_error(
+                InputFileError, path, f"cannot be read ({_gdal_detail(exc)})",
+                "the file looks truncated or corrupt; re-export it",
+            ) from None
+    return data, valid
 
 
 #: (what, path) pairs: an output's option and path, or an input's kind and path; None paths are skipped.
@@ -401,6 +449,41 @@ def check_not_inputs(outputs: PathsByRole, inputs: PathsByRole) -> None:
             )
 
 
+def check_distinct_outputs(outputs: PathsByRole) -> None:
+    """Refuse two outputs of one run that are the same file, however they are spelled.
+
+    ``outputs`` are (option, path) pairs such as ``("--preview", "p/s.png")``. Two
+    are the same file when they have the same real path (symlinks and ``..``
+    resolved), the same (device, inode) (hard links), or real paths equal up to case
+    in a folder whose file system ignores case. Call it before any input is read.
+
+    Raises:
+        OutputError: ``"OUTPUT: OPTION is the same file as OTHER-OPTION OTHER; give every
+            output its own path"``.
+    """
+    by_real: dict[str, tuple[str, str | os.PathLike[str]]] = {}
+    by_inode: dict[tuple[int, int], tuple[str, str | os.PathLike[str]]] = {}
+    by_folded: dict[str, tuple[str, str | os.PathLike[str]]] = {}
+    ignores_case: dict[str, bool] = {}
+    for option, path in outputs:
+        if path is None:
+            continue
+        real, inode = _identity(path)
+        hit = by_real.get(real) or (by_inode.get(inode) if inode is not None else None)
+        folder = os.path.dirname(real)
+        if hit is None and real.casefold() in by_folded:
+            if folder not in ignores_case:
+                ignores_case[folder] = is_case_insensitive(folder)
+            if ignores_case[folder]:
+                hit = by_folded[real.casefold()]
+        if hit is not None:
+            raise file_error(OutputError, path, f"{option} is the same file as {hit[0]} {os.fspath(hit[1])}",
+                             "give every output its own path")
+        by_real[real] = by_folded[real.casefold()] = (option, path)
+        if inode is not None:
+            by_inode[inode] = (option, path)
+
+
 #: Placeholder for the scene name in per-scene output templates (``masks/{scene}.tif``).
 SCENE_FIELD = "{scene}"
 
@@ -431,32 +514,6 @@ def per_scene_paths(
             )
         return [p]
     return [p / f"{n}_{kind}{extensions[0]}" for n in names]
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place on success.
-
-    The output appears at its final path only when complete; on any error the
-    temporary file is removed and an existing file at ``path`` is untouched.
-    The temporary name keeps the suffix so that drivers infer the format.
-
-    Raises:
-        OutputError: As :func:`check_output`.
-    """
-    p = check_output(path, overwrite=overwrite)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".part{p.suffix}", dir=p.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    tmp.unlink()  # drivers (GPKG, GTiff) want to create the file themselves
-    try:
-        yield tmp
-        os.replace(tmp, p)
-    finally:
-        for leftover in (tmp, *tmp.parent.glob(tmp.name + "*")):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
 
 
 def write_geotiff(

@@ -238,3 +238,14 @@ def test_precision_and_device_resolution(monkeypatch):
         assert resolve_device("auto") == cpu
         with pytest.raises(ConfigError, match="train.device is 'cuda' but no CUDA GPU is available"):
             resolve_device("cuda")
+
+
+def test_fit_records_the_dtype_and_value_range_of_the_training_scenes(one_epoch, tiny_data):
+    """What prediction checks scenes against: the training scenes' dtype and 1st-99th percentiles per band."""
+    from geoseg.augment import value_range
+
+    meta = read_checkpoint(one_epoch.best_iou).meta
+    train = [tiny_data / "images" / "images" / f"scene_00{i}.tif" for i in (1, 2)]  # split.json: 001, 002
+    assert meta.input_dtype == "uint8"
+    assert meta.value_range == value_range(train, (1, 2, 3))
+    assert len(meta.value_range) == 3 and all(0 <= lo < hi <= 255 for lo, hi in meta.value_range)

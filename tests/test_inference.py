@@ -331,7 +331,8 @@ def test_band_mismatch_names_the_bands(tmp_path):
 def test_resolution_far_from_training_warns_with_both(tmp_path, caplog):
     scene = write_scene(tmp_path / "r.tif", np.zeros((80, 90), np.uint8))  # 0.5 m pixels (UTM)
     with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
-        predict_scene(scene, Constant(), oracle_meta(resolution=0.3), polygons=False, **CPU)
+        # A background model: an all-rooftop one would add the warning of a mostly-rooftop prediction.
+        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.3), polygons=False, **CPU)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert caplog.records[0].getMessage() == (
         f"{scene}: ground resolution 0.5 m/px differs from the model's training data (0.3 m/px) by more "
@@ -339,7 +340,7 @@ def test_resolution_far_from_training_warns_with_both(tmp_path, caplog):
     )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
-        predict_scene(scene, Constant(), oracle_meta(resolution=0.45), polygons=False, **CPU)
+        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.45), polygons=False, **CPU)
     assert caplog.records == []
 
 

@@ -191,7 +191,7 @@ def test_missing_corrupt_and_foreign_checkpoints(tiny, tmp_path):
     good = save_checkpoint(tmp_path / "good.pt", tiny, _meta())
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"truncated\.pt: is not a readable checkpoint \(corrupt or foreign"):
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: is not a readable checkpoint \(truncated, corrupt"):
         load_checkpoint(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": tiny.state_dict()}, foreign)
@@ -199,7 +199,7 @@ def test_missing_corrupt_and_foreign_checkpoints(tiny, tmp_path):
         load_checkpoint(foreign)
     pickled = tmp_path / "pickled.pt"
     torch.save(nn.Linear(2, 2), pickled)  # a pickled module: refused by weights_only
-    with pytest.raises(CheckpointError, match=r"pickled\.pt: is not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"pickled\.pt: holds Python objects or code, which geoseg never loads"):
         load_checkpoint(pickled)
     with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
         load_checkpoint(tmp_path)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.windows import Window
 
-from geoseg.tiling import Chip, axis_starts, chip_grid, iter_windows, random_chips
+from geoseg.tiling import (
+    DEFAULT_CHIP_SIZE, Chip, axis_starts, block_grid, chip_grid, iter_windows, random_chips,
+)
 
 sizes = st.integers(min_value=1, max_value=96)
 
@@ -128,3 +132,50 @@ def test_bad_sizes(kwargs, message):
 def test_bad_length():
     with pytest.raises(ValueError, match="axis length should be a positive integer number of pixels, got 0"):
         axis_starts(0, 16, 16)
+
+
+# --- degenerate shapes cost what they should: one row of chips along a thin scene ---------------
+
+#: The stride of the default overlap (a quarter of the chip).
+DEFAULT_STRIDE = DEFAULT_CHIP_SIZE - DEFAULT_CHIP_SIZE // 4
+
+
+def fewest_starts(length: int, size: int, stride: int) -> int:
+    """The fewest chips of ``size`` that cover ``length`` pixels stepping at most ``stride``, flush."""
+    return 1 if length <= size else math.ceil((length - size) / stride) + 1
+
+
+@pytest.mark.parametrize(
+    "width, height, chips",
+    [
+        (100000, 10, math.ceil((100000 - 256) / 192) + 1),  # 521: one row
+        (10, 100000, math.ceil((100000 - 256) / 192) + 1),  # one column
+        (1, 1, 1),
+        (255, 257, 2),  # one column of 2: the second flush with the bottom edge
+    ],
+)
+def test_thin_and_tiny_scenes_get_the_fewest_chips(width, height, chips):
+    grid = chip_grid(width, height, stride=DEFAULT_STRIDE)
+    assert len(grid) == chips
+    assert all(c.window.width == c.window.height == DEFAULT_CHIP_SIZE for c in grid)
+    # Along an axis thinner than a chip: every chip starts at 0 and the rest is padding.
+    if height < DEFAULT_CHIP_SIZE:
+        assert {int(c.window.row_off) for c in grid} == {0}
+        assert {c.pad_bottom for c in grid} == {DEFAULT_CHIP_SIZE - height}
+    if width < DEFAULT_CHIP_SIZE:
+        assert {int(c.window.col_off) for c in grid} == {0}
+        assert {c.pad_right for c in grid} == {DEFAULT_CHIP_SIZE - width}
+    # The streamed prediction cuts exactly these chips, each once.
+    blocks = block_grid(width, height, block_size=2048, stride=DEFAULT_STRIDE)
+    assert sorted(c.window.flatten() for b in blocks for c in b.chips) == sorted(c.window.flatten() for c in grid)
+
+
+@settings(max_examples=300, deadline=None)
+@given(width=st.integers(1, 3000), height=st.integers(1, 3000), size=sizes, data=st.data())
+def test_chip_count_is_the_fewest_that_cover_each_axis(width, height, size, data):
+    stride = data.draw(st.integers(max(1, size // 4), size))
+    assert len(axis_starts(width, size, stride)) == fewest_starts(width, size, stride)
+    assert len(axis_starts(height, size, stride)) == fewest_starts(height, size, stride)
+    fewest = fewest_starts(width, size, stride) * fewest_starts(height, size, stride)
+    if fewest <= 20000:  # build only grids that stay small
+        assert len(chip_grid(width, height, size=size, stride=stride)) == fewest

@@ -12,6 +12,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import ConfigError, DatasetError, InputFileError, file_error
 from geoseg.labels import VECTOR_SUFFIXES
+from geoseg.raster_io import check_local
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,10 @@ def detect_layout(root: str | os.PathLike[str]) -> str:
     """Which layout a dataset folder uses: ``"seed"``, ``"flat"`` or ``"vector"``.
 
     Raises:
-        InputFileError: If ``root`` does not exist.
+        InputFileError: If ``root`` does not exist or is a URL.
         DatasetError: If the folder matches no layout.
     """
+    check_local(root)
     r = Path(root)
     if not r.exists():
         raise file_error(InputFileError, r, "folder does not exist", "check the path")
@@ -142,13 +144,16 @@ def find_pairs(
         The pairs.
 
     Raises:
-        InputFileError: ``root`` or ``vector_labels`` does not exist.
+        InputFileError: ``root`` or ``vector_labels`` does not exist or is a URL.
         DatasetError: No layout matches, no images, an image without its label,
             or several vector files to choose from.
         ConfigError: Unknown layout name.
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"layout should be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    for given in (root, vector_labels):  # before Path(), which collapses the // of a URL
+        if given is not None:
+            check_local(given)
     r = Path(root)
     if not r.exists():
         raise file_error(InputFileError, r, "folder does not exist", "check the path")

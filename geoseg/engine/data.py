@@ -105,13 +105,15 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
     Raises:
         DatasetError: A missing data folder, no pairs, no training scenes, bands
             a scene lacks.
+        InputFileError: A data folder given as a URL.
     """
     from geoseg import datasets
-    from geoseg.raster_io import ground_resolution, open_scene
+    from geoseg.raster_io import check_local, ground_resolution, open_scene
 
     d = config.data
     pairs: list[Any] = []
     for root in d.root:
+        check_local(root)  # before Path(), which collapses the // of a URL
         if not Path(root).exists():
             raise missing_root_error(root)
         found = datasets.find_pairs(root, layout=d.layout, vector_labels=d.vector_labels)

@@ -36,6 +36,7 @@ from geoseg.models import (
     INSTANCE_CHANNELS, CheckpointMeta, check_chip_size, create_model, is_weights_file, output_channels,
     read_checkpoint, save_checkpoint,
 )
+from geoseg.publish import atomic_output
 from geoseg.raster_io import check_not_inputs
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,17 @@ def target_settings(config: Config) -> dict[str, Any]:
     }
 
 
+def training_value_range(
+    splits: dict[str, list[Any]], bands: tuple[int, ...]
+) -> tuple[tuple[float, float], ...] | None:
+    """The value range the model learns, recorded in the checkpoint: ``augment.value_range`` of
+    the training scenes (decimated reads of a sample of them, about 1M pixels per band)."""
+    from geoseg.augment import value_range
+
+    scenes = [(item[0] if isinstance(item, tuple) else item).image for item in splits.get("train") or []]
+    return value_range(list(dict.fromkeys(scenes)), bands)
+
+
 def build_criterion(config: Config) -> nn.Module:
     """The training loss: the footprint's CE + Dice, plus the border and contact losses for ``instances``."""
     from geoseg.losses import InstanceSegmentationLoss, SegmentationLoss
@@ -236,6 +248,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
 
     stats = (resumed.meta.mean, resumed.meta.std) if resumed is not None else None
     train_ds, val_ds, train_tf, (mean, std) = build_datasets(config, splits, bands=bands, dtype=dtype, stats=stats)
+    learned_range = training_value_range(splits, bands)
     if len(train_ds) // ctx.world < d.batch_size:
         raise DatasetError(
             f"{', '.join(d.root)}: only {len(train_ds)} training chips for {ctx.world} process(es), fewer than "
@@ -294,7 +307,8 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         out_dir.mkdir(parents=True, exist_ok=True)
         if resumed is None and paths[LAST].exists():
             logger.warning("%s: replacing the checkpoints of an earlier run", out_dir)
-        (out_dir / SPLIT).write_text(json.dumps(split_record(splits), indent=1))
+        with atomic_output(out_dir / SPLIT, overwrite=True) as tmp:  # also clears temporaries of killed runs
+            tmp.write_text(json.dumps(split_record(splits), indent=1))
     precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")  # type: ignore[arg-type]
     start_message = (
         f"training {config.model.arch}/{config.model.encoder} on {device} ({precision_name}): "
@@ -309,6 +323,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         class_names=tuple(d.class_names), bands=bands, mean=tuple(mean), std=tuple(std),
         chip_size=d.chip_size, resolution=resolution, config=config.to_dict(), version=__version__,
         target=config.model.target, target_settings=target_settings(config),
+        input_dtype=str(dtype), value_range=learned_range,
     )
     loop = EpochLoop(model=train_model, criterion=criterion, optimizer=optimizer, scaler=scaler, device=device,
                  amp_dtype=amp_dtype, ctx=ctx, classes=d.classes, grad_clip=t.grad_clip,

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import GeoreferenceError, InputFileError, file_error
 from geoseg.evaluation.objects import IGNORE_INDEX, object_array
-from geoseg.raster_io import SceneInfo, open_scene, read_window
+from geoseg.raster_io import SceneInfo, check_local, open_scene, read_window
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +207,13 @@ def read_vector(
         The layer.
 
     Raises:
-        InputFileError: Missing, unreadable, or holds no polygon geometries.
+        InputFileError: Missing, a URL, unreadable, or holds no polygon geometries.
         GeoreferenceError: No CRS and none assumed.
     """
     import geopandas
     import pyogrio
 
+    check_local(path)
     p = Path(path)
     _check_exists(p, fix)
     try:
@@ -310,9 +311,10 @@ def read_mask(
     nodata. Nodata (and GDAL mask) pixels are always ignored.
 
     Raises:
-        InputFileError: Missing, not a raster, several bands, or not a class mask.
+        InputFileError: Missing, a URL, not a raster, several bands, or not a class mask.
         GeoreferenceError: No CRS and none assumed, or no geotransform.
     """
+    check_local(path)
     p = Path(path)
     info = open_scene(p, assume_crs=assume_crs)
     if info.count != 1:
@@ -343,10 +345,11 @@ def open_input(
     """Open a prediction or truth: a mask raster or a vector file, told apart by GDAL.
 
     Raises:
-        InputFileError: Missing, neither raster nor vector, or unusable (see
+        InputFileError: Missing, a URL, neither raster nor vector, or unusable (see
             :func:`read_mask`, :func:`read_vector`).
         GeoreferenceError: No CRS and none assumed.
     """
+    check_local(path)
     p = Path(path)
     _check_exists(p, FORMATS_FIX)
     if p.suffix.lower() in VECTOR_SUFFIXES:

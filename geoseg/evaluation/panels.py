@@ -208,7 +208,7 @@ def write_panels(
     )
     if not rows:
         raise ConfigError("evaluation panels need at least one window; pass a non-empty list of rows")
-    return plot_evaluation_panels(rows, path, row_labels=labels, title=title)
+    return plot_evaluation_panels(rows, path, row_labels=labels, title=title, overwrite=overwrite)
 
 
 def _display(data: np.ndarray, valid: np.ndarray) -> np.ndarray:

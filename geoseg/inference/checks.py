@@ -1,8 +1,13 @@
-"""Checks done before any work: the scene's bands and ground resolution against the checkpoint."""
+"""Checks of a scene against the checkpoint: bands, ground resolution, value range (before any work),
+and of the prediction's rooftop share (after it)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from geoseg.errors import CheckpointError, file_error
@@ -17,6 +22,19 @@ log = logging.getLogger(__name__)
 RESOLUTION_TOLERANCE = 0.25
 #: Block sizes are rounded up to a multiple of this (the output tile), or of 16 below it.
 BLOCK_ALIGN = 256
+#: A scene band whose values reach more than this many times as high as the training data's
+#: (magnitudes of the 1st-99th percentile ranges) is refused: values the model never saw (uint16
+#: 0-10000 on a uint8 model is 40x; a brighter scene of the same kind rarely reaches 2x).
+VALUE_TOO_HIGH = 4.0
+#: ... or less than 1/this as high: another encoding (0-1 reflectance on a uint8 model is 255x,
+#: uint8 on a 16-bit 0-3000 model 12x). Laxer than VALUE_TOO_HIGH: dark scenes (water, shadow,
+#: dusk) are of the same kind and often 2-4x darker.
+VALUE_TOO_LOW = 8.0
+#: A prediction in which more than this share of the valid pixels is rooftop gets a warning.
+ROOFTOP_SHARE_WARNING = 0.9
+#: numpy dtype name -> GDAL type name, for the gdal_translate command a refusal suggests.
+_GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
+               "int32": "Int32", "float32": "Float32", "float64": "Float64"}
 
 
 def scene_bands(info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -90,6 +108,141 @@ def check_resolution(info: SceneInfo, meta: "CheckpointMeta") -> float | None:
         )
         log.warning(message)
     return res
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueMap:
+    """A linear per-band map of a scene's raw values onto the range a model learned.
+
+    Attributes:
+        scale: Per band, the factor (positive).
+        offset: Per band, added after the factor: ``mapped = scale * raw + offset``.
+    """
+
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+
+    def applied_to(self, meta: "CheckpointMeta") -> "CheckpointMeta":
+        """``meta`` whose normalisation applies the map first: ``(scale * raw + offset - mean) / std``
+        is ``(raw - mean') / std'`` with ``mean' = (mean - offset) / scale`` and ``std' = std / scale``,
+        so the normaliser maps every block at no extra cost."""
+        mean = tuple((m - o) / k for m, o, k in zip(meta.mean, self.offset, self.scale))
+        std = tuple(s / k for s, k in zip(meta.std, self.scale))
+        return dataclasses.replace(meta, mean=mean, std=std)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampled_range(
+    path: str, bands: tuple[int, ...], stamp: tuple[int, int]
+) -> tuple[tuple[float, float], ...] | None:
+    from geoseg.augment import value_range
+
+    return value_range([path], bands)
+
+
+def scene_value_range(
+    path: str | os.PathLike[str], bands: Sequence[int]
+) -> tuple[tuple[float, float], ...] | None:
+    """``augment.value_range`` of one scene (a decimated read), remembered while the file is unchanged:
+    ``predict_files`` checks every scene before any work, ``predict_scene`` checks again."""
+    st = os.stat(path)
+    return _sampled_range(str(Path(path).resolve()), tuple(int(b) for b in bands), (st.st_mtime_ns, st.st_size))
+
+
+def _num(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _span(low: float, high: float) -> str:
+    return f"{_num(low)}-{_num(high)}" if low >= 0 else f"{_num(low)} to {_num(high)}"
+
+
+def _magnitude(low: float, high: float) -> float:
+    return max(abs(low), abs(high))
+
+
+def check_value_range(
+    info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int], *, rescale: bool = False
+) -> ValueMap | None:
+    """Refuse a scene whose values are far outside the range the model learned, or map it onto it.
+
+    The scene's range is ``augment.value_range`` of a decimated read (about 1M
+    pixels per band, an overview where the file has one): the same estimate that
+    training records in the checkpoint (``meta.value_range``). A band is far
+    outside when the magnitude of its range (max of |low|, |high|) is more than
+    VALUE_TOO_HIGH times the learned one, or less than 1/VALUE_TOO_LOW of it.
+    Checkpoints without a recorded range (older ones) are not checked.
+
+    Args:
+        info: The scene.
+        meta: The checkpoint description.
+        bands: 1-based scene bands fed to the model, in the checkpoint's order.
+        rescale: Instead of refusing, return the map of each band's range onto the
+            learned one (linear, not clipped: like the training data, about 1% of
+            the pixels fall beyond each end); it is logged in one line.
+
+    Returns:
+        The map with ``rescale`` (None when the scene has no valid pixel), else None.
+
+    Raises:
+        CheckpointError: A scene far outside the learned range (without ``rescale``),
+            with the numbers and the fix; ``rescale`` with a checkpoint that records no range.
+    """
+    learned = meta.value_range
+    if learned is None or len(learned) != len(bands):
+        if rescale:
+            raise file_error(
+                CheckpointError, info.path,
+                "--rescale needs the value range the model learned, and this (older) checkpoint does not "
+                "record it", "retrain the model with this geoseg, or rescale the scene to the training "
+                "data's range yourself (gdal_translate -scale)",
+            )
+        return None
+    found = scene_value_range(info.path, bands)
+    if found is None:  # every pixel is nodata: the prediction says so
+        return None
+    if rescale:
+        scale, offset, parts = [], [], []
+        for band, (s_lo, s_hi), (m_lo, m_hi) in zip(bands, found, learned):
+            k = (m_hi - m_lo) / (s_hi - s_lo) if s_hi > s_lo else 1.0
+            o = m_lo - k * s_lo if s_hi > s_lo else (m_lo + m_hi) / 2 - s_lo
+            scale.append(k)
+            offset.append(o)
+            parts.append(f"band {band} {_span(s_lo, s_hi)} -> {_span(m_lo, m_hi)}")
+        log.warning("%s: --rescale maps the values linearly onto the model's (1st-99th percentiles): %s",
+                    info.path, ", ".join(parts))
+        return ValueMap(tuple(scale), tuple(offset))
+    bad = []
+    for i, (s, m) in enumerate(zip(found, learned)):
+        if _magnitude(*m) == 0:  # a band that was 0 in training: nothing to compare with
+            continue
+        if not 1 / VALUE_TOO_LOW <= _magnitude(*s) / _magnitude(*m) <= VALUE_TOO_HIGH:
+            bad.append(i)
+    if not bad:
+        return None
+    s_lo, s_hi = min(found[i][0] for i in bad), max(found[i][1] for i in bad)
+    m_lo, m_hi = min(learned[i][0] for i in bad), max(learned[i][1] for i in bad)
+    names = ",".join(str(bands[i]) for i in bad)
+    which = "" if len(bad) == len(bands) else f"bands {names} have " if len(bad) > 1 else f"band {names} has "
+    gdal_type = _GDAL_TYPES.get(str(meta.input_dtype))
+    raise file_error(
+        CheckpointError, info.path,
+        f"{which}values up to {_num(s_hi)} ({info.dtype}) but the model learned {_span(m_lo, m_hi)} "
+        f"({meta.input_dtype or 'dtype not recorded'})",
+        f"rescale the scene to {_span(m_lo, m_hi)} (gdal_translate -scale {_num(s_lo)} {_num(s_hi)} "
+        f"{_num(m_lo)} {_num(m_hi)}{f' -ot {gdal_type}' if gdal_type else ''}) or pass --rescale to map it "
+        "on the fly",
+    )
+
+
+def check_rooftop_share(path: str | os.PathLike[str], rooftop: int, valid: int) -> None:
+    """Warn when more than ROOFTOP_SHARE_WARNING of a prediction's valid pixels are rooftop:
+    real scenes are never that full of roofs; wrong bands or values outside the model's range are."""
+    if valid and rooftop > ROOFTOP_SHARE_WARNING * valid:
+        log.warning(
+            "%s: %.1f%% of the valid pixels are rooftop, which is rarely real; check the bands (--bands) "
+            "and the scene's value range against the model's (--rescale)", path, 100.0 * rooftop / valid,
+        )
 
 
 def effective_block_size(block_size: int, chip_size: int) -> int:

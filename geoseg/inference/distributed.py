@@ -3,8 +3,9 @@
 ``torchrun --nproc_per_node N -m geoseg predict SCENES... --out roofs.gpkg``
 starts N processes. Each predicts its share of the scenes (largest first to
 the least loaded rank, so ranks finish together) on its own GPU, writes each
-scene's polygons to a partial layer beside the output, and rank 0 merges the
-partial layers, in the order the scenes were given, into the one output.
+scene's polygons to a partial layer in rank 0's temporary folder beside the
+output (geoseg.publish), and rank 0 merges the partial layers, in the order the
+scenes were given, into the one output.
 The ranks agree after every phase, so one rank's failure fails the whole run
 and no output appears, as in a single process.
 
@@ -78,9 +79,9 @@ def rank_device(device: str, shard: Shard) -> str:
     return device
 
 
-def partial_path(out: Path, index: int) -> Path:
-    """The hidden partial layer of scene ``index``, beside the output."""
-    return out.parent / f".{out.name}.scene{index:05d}.part.gpkg"
+def partial_path(folder: Path, index: int) -> Path:
+    """The partial layer of scene ``index`` in the run's temporary folder of partial layers."""
+    return folder / f"scene{index:05d}.gpkg"
 
 
 class RankGroup:
@@ -140,32 +141,26 @@ def _describe(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def write_partials(frames: Sequence[tuple[int, Any]], out: Path) -> list[Path]:
-    """Write each (scene index, polygons) of this rank to its partial layer."""
+def write_partials(frames: Sequence[tuple[int, Any]], folder: Path) -> list[Path]:
+    """Write each (scene index, polygons) of this rank to its partial layer in ``folder``."""
     from geoseg.export import write_polygons
 
     written = []
     for index, frame in frames:
-        path = partial_path(out, index)
+        path = partial_path(folder, index)
         write_polygons(frame, path, overwrite=True, style=False)
         written.append(path)
     return written
 
 
-def read_partials(out: Path, indices: Sequence[int]) -> list[Any]:
-    """The partial layers of ``indices``, in that order, each in its scene's own CRS."""
+def read_partials(folder: Path, indices: Sequence[int]) -> list[Any]:
+    """The partial layers of ``indices`` in ``folder``, in that order, each in its scene's own CRS."""
     import geopandas as gpd
 
     from geoseg.export import LAYER
 
     frames = []
     for index in indices:
-        frame = gpd.read_file(partial_path(out, index), layer=LAYER)
+        frame = gpd.read_file(partial_path(folder, index), layer=LAYER)
         frames.append(frame)
     return frames
-
-
-def remove_partials(out: Path, indices: Sequence[int]) -> None:
-    """Delete the partial layers of ``indices`` (those that exist)."""
-    for index in indices:
-        partial_path(out, index).unlink(missing_ok=True)

@@ -2,12 +2,11 @@
 
 Everything that can be checked is checked before any work (checkpoint,
 every output path, every scene's CRS and bands), and every output of a run
-appears only when the whole run succeeded.
+appears only when the whole run succeeded (one geoseg.publish.Publication).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import os
@@ -15,15 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from geoseg.errors import CheckpointError, ConfigError, InputFileError, OutputError, file_error
+from geoseg.errors import CheckpointError, InputFileError, file_error
 from geoseg.inference.outputs import ProbDtype
-from geoseg.inference.checks import scene_bands
+from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
-    RankGroup, Shard, assign_scenes, rank_device, read_partials, remove_partials, shard_from_env,
-    write_partials,
+    RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
 from geoseg.inference.pipeline import PredictionResult, predict_scene
-from geoseg.raster_io import atomic_output, check_not_inputs, check_output, open_scene, per_scene_paths
+from geoseg.publish import Publication, publishing
+from geoseg.raster_io import (
+    check_distinct_outputs, check_local, check_not_inputs, check_output, open_scene, per_scene_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,13 @@ def resolve_scenes(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files, folders (their .tif/.tiff files) and glob patterns -> scene files, in order, no repeats.
 
     Raises:
-        InputFileError: A path that does not exist, a glob or folder with no rasters, or no scene at all.
+        InputFileError: A path that does not exist, a URL, a glob or folder with no rasters, or no
+            scene at all.
     """
     found: list[Path] = []
     for spec in specs:
         text = os.fspath(spec)
+        check_local(text)
         p = Path(text)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix.lower() in SCENE_EXTENSIONS and f.is_file())
@@ -87,28 +90,52 @@ def resolve_scenes(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
+def scene_names(scenes: Sequence[Path]) -> list[str]:
+    """Each scene's name (its ``scene`` attribute, and its name in per-scene outputs), unique in the run.
+
+    The file stem; scenes that share a stem are named by their path from the folder
+    they have in common, without the extension (``a/s`` and ``b/s``), or with it where
+    that is all that tells them apart (``s.tif`` and ``s.tiff``).
+    """
+    names = [s.stem for s in scenes]
+    by_stem: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_stem.setdefault(name, []).append(i)
+    for group in by_stem.values():
+        if len(group) < 2:
+            continue
+        full = [os.path.abspath(scenes[i]) for i in group]
+        try:
+            common = os.path.commonpath([os.path.dirname(f) for f in full])
+        except ValueError:  # Windows drives: nothing in common
+            common = ""
+        rel = [Path(os.path.relpath(f, common) if common else f) for f in full]
+        unique = [r.with_suffix("").as_posix() for r in rel]
+        if len(set(unique)) < len(unique):
+            unique = [r.as_posix() for r in rel]
+        for i, name in zip(group, unique):
+            names[i] = name
+    return names
+
+
 def raster_output_paths(
-    spec: str | os.PathLike[str] | None, scenes: Sequence[Path], *, kind: str
+    spec: str | os.PathLike[str] | None, scenes: Sequence[Path], *, kind: str,
+    names: Sequence[str] | None = None,
 ) -> list[Path | None]:
     """Where each scene's mask/probability raster goes.
 
     ``spec`` is a file (one scene only), a template containing ``{scene}``
     (e.g. ``out/{scene}_mask.tif``), or a folder (no .tif extension), which
-    gets ``<scene>_<kind>.tif`` files.
+    gets ``<scene>_<kind>.tif`` files; ``<scene>`` is the scene's name
+    (:func:`scene_names`, the default of ``names``).
 
     Raises:
-        OutputError: A single file for several scenes, or two scenes with the same name.
+        OutputError: A single file for several scenes.
     """
     if spec is None:
         return [None] * len(scenes)
-    text = os.fspath(spec)
-    names = [s.stem for s in scenes]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise OutputError(
-            f"two scenes are named {dup!r}; their --{kind}-out files would collide; rename one"
-        )
-    return per_scene_paths(text, names, kind=kind, extensions=SCENE_EXTENSIONS)
+    names = scene_names(scenes) if names is None else names
+    return per_scene_paths(os.fspath(spec), names, kind=kind, extensions=SCENE_EXTENSIONS)
 
 
 def predict_inputs(
@@ -128,6 +155,8 @@ def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu"
     """
     from geoseg.models import load_checkpoint
 
+    if model_path is not None:
+        check_local(model_path, error=CheckpointError)
     path = Path(model_path) if model_path is not None else DEFAULT_MODEL
     if not path.exists():
         raise file_error(
@@ -164,6 +193,9 @@ def predict_files(
     min_seed_area: float = 0.5,
     progress: Callable[[str, int, int], None] | None = None,
     config_file: str | os.PathLike[str] | None = None,
+    rescale: bool = False,
+    extra_outputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
+    publication: Publication | None = None,
 ) -> PredictSummary:
     """Predict scenes and write all their polygons into one layer (and rasters if asked).
 
@@ -194,39 +226,49 @@ def predict_files(
         min_seed_area: Smallest building seed in m².
         progress: Called with (scene name, chips done, chips total).
         config_file: The YAML file the options came from, if any (never overwritten).
+        rescale: Map each scene's values linearly onto the range the model learned
+            (``checks.check_value_range``) instead of refusing scenes far outside it.
+        extra_outputs: (option, path) of the caller's own outputs of the run (``--preview``
+            files), checked with these before any work: not an input, no two the same file,
+            none existing without ``overwrite``.
+        publication: Publish the outputs with this publication's others when it ends (the
+            caller's previews) instead of when this call returns.
 
     Returns:
         What was written.
 
     Raises:
         OutputError: An output that is one of the inputs (scene, checkpoint,
-            config file), with or without ``overwrite``.
+            config file), with or without ``overwrite``; two outputs that are one file; an
+            output that exists without ``overwrite`` (also when another run published it
+            first); a failed write (disk full, ...), after which nothing is left behind.
         GeosegError: Any bad input, before anything is written.
     """
     from geoseg.export import SHAPEFILE_PARTS, check_vector_output, driver_for, write_polygons
 
     scene_paths = resolve_scenes(scenes)
-    masks = raster_output_paths(mask_out, scene_paths, kind="mask")
-    probs = raster_output_paths(prob_out, scene_paths, kind="prob")
+    names = scene_names(scene_paths)
+    masks = raster_output_paths(mask_out, scene_paths, kind="mask", names=names)
+    probs = raster_output_paths(prob_out, scene_paths, kind="prob", names=names)
     polygon_files = ([Path(out).with_suffix(ext) for ext in SHAPEFILE_PARTS]
                      if driver_for(out) == "ESRI Shapefile" else [Path(out)])
-    check_not_inputs(  # before check_output, whose hint is --overwrite
-        [*(("--out", p) for p in polygon_files),
-         *(("--mask-out", p) for p in masks), *(("--prob-out", p) for p in probs)],
-        predict_inputs(scene_paths, model_path=model_path, config_file=config_file),
-    )
+    outputs = [*(("--out", p) for p in polygon_files), *(("--mask-out", p) for p in masks),
+               *(("--prob-out", p) for p in probs), *extra_outputs]
+    # Every output, before any scene is read: not an input (before check_output, whose hint is
+    # --overwrite), no two the same file, none that exists without --overwrite.
+    check_not_inputs(outputs, predict_inputs(scene_paths, model_path=model_path, config_file=config_file))
+    check_distinct_outputs(outputs)
     out_path = check_vector_output(out, overwrite=overwrite)
-    rasters = [p for p in masks + probs if p is not None]
-    resolved = [p.resolve() for p in rasters] + [out_path.resolve()]
-    if len(set(resolved)) != len(resolved):
-        raise ConfigError("two outputs are the same file; give --out, --mask-out and --prob-out distinct paths")
-    for p in rasters:
-        check_output(p, overwrite=overwrite)
+    for _, p in outputs:
+        if p is not None:
+            check_output(p, overwrite=overwrite)
     model, meta = load_model(model_path)
     chosen_bands, sizes = [], []
     for path in scene_paths:
         info = open_scene(path, assume_crs=assume_crs)
         chosen_bands.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
+        if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
+            check_value_range(info, meta, chosen_bands[-1])  # type: ignore[arg-type]
         sizes.append(info.width * info.height)
 
     # Under torchrun each rank predicts its share of the scenes; alone, a process predicts them all.
@@ -239,12 +281,12 @@ def predict_files(
     def predict_share() -> list[object]:
         """Predict this process's scenes; under torchrun, leave their polygons in partial layers."""
         # Raster outputs stay at temporary paths until the polygons are written too.
-        tmp = {p: stack.enter_context(atomic_output(p, overwrite=overwrite)) for p in own_rasters}
+        tmp = {p: pub.file(p) for p in own_rasters}
         for i in mine:
             path, mpath, ppath = scene_paths[i], masks[i], probs[i]
             cb = None
             if progress is not None:
-                name = path.stem
+                name = names[i]
                 cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
             res = predict_scene(
                 path, model, meta,  # type: ignore[arg-type]
@@ -253,15 +295,15 @@ def predict_files(
                 tta=tta, threshold=threshold, device=run_device, precision=precision,
                 prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
                 regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
-                scene_name=path.stem, temp_dir=out_path.parent if out_path.parent.exists()
+                scene_name=names[i], temp_dir=out_path.parent if out_path.parent.exists()
                 else None, progress=cb, overwrite=True, compile_model=compile, instances=instances,
-                seed_threshold=seed_threshold, min_seed_area=min_seed_area,
+                seed_threshold=seed_threshold, min_seed_area=min_seed_area, rescale=rescale,
             )
             res.mask_path, res.prob_path = mpath, ppath
             results.append(res)
         frames = [r.polygons for r in results]
         if shard.active:
-            write_partials(list(zip(mine, frames)), out_path)
+            write_partials(list(zip(mine, frames)), partials)
         return frames
 
     def merge(frames: list[object]) -> int | None:
@@ -269,17 +311,19 @@ def predict_files(
         if shard.rank != 0:
             return None
         if shard.active:
-            frames = read_partials(out_path, range(len(scene_paths)))
-        write_polygons(frames, out_path, overwrite=overwrite)
+            frames = read_partials(partials, range(len(scene_paths)))
+        write_polygons(frames, out_path, overwrite=overwrite, publication=pub)
         return sum(len(f) for f in frames)  # type: ignore[arg-type]
 
-    with RankGroup(shard) as group, contextlib.ExitStack() as stack:
-        try:
-            # Each step ends with every rank agreeing: one failure fails all ranks, and the rasters
-            # (committed when the stack closes normally) appear only after the merged layer.
-            frames = group.run(predict_share)
-            features = group.gather(group.run(merge, frames))[0]
-        finally:
-            if shard.active:
-                remove_partials(out_path, mine)
+    partials: Path | None = None  # under torchrun: rank 0's temporary folder of partial layers
+    with RankGroup(shard) as group, publishing(overwrite=overwrite, into=publication) as pub:
+        # Each step ends with every rank agreeing: one failure fails all ranks. The rasters and
+        # the layer are published together (without replacing a file unless overwrite) when the
+        # publication ends normally: here, or with the caller's own outputs.
+        if shard.active:
+            made = group.run(lambda: pub.folder(out_path.parent, name="partials", output=out_path)
+                             if shard.rank == 0 else None)
+            partials = group.gather(made)[0]
+        frames = group.run(predict_share)
+        features = group.gather(group.run(merge, frames))[0]
     return PredictSummary(out=out_path, features=features, results=tuple(results), shard=shard)

@@ -19,6 +19,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from geoseg.temporaries import write_errors
 from geoseg.raster_io import GTIFF_PROFILE
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ class RasterSink:
         }
         self.width, self.height = width, height
         # "w+" so that finished strips can be read back through the same handle.
-        self._dst = rasterio.open(self.path, "w+", **profile)
+        with write_errors(self.path):
+            self._dst = rasterio.open(self.path, "w+", **profile)
         if kind == "prob" and prob_dtype == "uint8":
             self._dst.scales = (1.0 / PROB_SCALE,) * self.bands
             self._dst.offsets = (0.0,) * self.bands
@@ -149,30 +151,46 @@ class RasterSink:
                 self._dst.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(class_names)})
 
     def write(self, window: Window, array: np.ndarray) -> None:
-        """Write a (H, W) array (one band) or a (bands, H, W) array at ``window``."""
-        if array.ndim == 3:
-            self._dst.write(array, window=window)
-        else:
-            self._dst.write(array, 1, window=window)
+        """Write a (H, W) array (one band) or a (bands, H, W) array at ``window``.
+
+        Raises:
+            OutputError: The write failed (disk full, ...), naming the output.
+        """
+        with write_errors(self.path):
+            if array.ndim == 3:
+                self._dst.write(array, window=window)
+            else:
+                self._dst.write(array, 1, window=window)
 
     def read(self, window: Window) -> np.ndarray:
-        """Read back a window that has been written: (H, W) for one band, else (bands, H, W)."""
-        return self._dst.read(1, window=window) if self.bands == 1 else self._dst.read(window=window)
+        """Read back a window that has been written: (H, W) for one band, else (bands, H, W).
+
+        Raises:
+            OutputError: GDAL could not flush the blocks it read back through (disk full, ...).
+        """
+        with write_errors(self.path):  # reading back flushes the written blocks first
+            return self._dst.read(1, window=window) if self.bands == 1 else self._dst.read(window=window)
 
     def finish(self, *, overviews: bool) -> None:
-        """Build overviews (after the full-resolution pass) and close the file."""
-        try:
-            factors = overview_factors(self.width, self.height) if overviews else []
-            if factors:
-                self._dst.build_overviews(factors, self.resampling)
-                self._dst.update_tags(ns="rio_overview", resampling=self.resampling.name)
-        finally:
-            self.close()
+        """Build overviews (after the full-resolution pass) and close the file.
+
+        Raises:
+            OutputError: The write failed (disk full, ...), naming the output.
+        """
+        with write_errors(self.path):
+            try:
+                factors = overview_factors(self.width, self.height) if overviews else []
+                if factors:
+                    self._dst.build_overviews(factors, self.resampling)
+                    self._dst.update_tags(ns="rio_overview", resampling=self.resampling.name)
+            finally:
+                self.close()
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file (idempotent); closing flushes the last blocks, so it may fail as a write does."""
         if not self._dst.closed:
-            self._dst.close()
+            with write_errors(self.path):
+                self._dst.close()
 
 
 def quantise_probability(prob: np.ndarray, valid: np.ndarray, prob_dtype: ProbDtype) -> np.ndarray:

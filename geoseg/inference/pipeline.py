@@ -18,19 +18,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+import numpy as np
 import rasterio
 import torch
 from torch import nn
 
 from geoseg.errors import ConfigError
-from geoseg.inference.checks import check_resolution, effective_block_size, scene_bands
-from geoseg.inference.outputs import GDAL_CACHE_BYTES, ProbDtype, RasterSink, output_tile
+from geoseg.inference.checks import (
+    check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
+)
+from geoseg.inference.outputs import GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype, RasterSink, output_tile
 from geoseg.inference.runtime import (
     ChipPredictor,
     compile_wanted,
@@ -44,7 +46,9 @@ from geoseg.inference.runtime import (
 from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.streams import BlockData, BlockReader, CoreWriter, FinishedCore
-from geoseg.raster_io import SceneInfo, atomic_output, check_output, open_scene
+from geoseg.publish import publishing
+from geoseg.raster_io import SceneInfo, check_output, open_scene
+from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid
 
 if TYPE_CHECKING:
@@ -157,6 +161,7 @@ def predict_scene(
     instances: bool | None = None,
     seed_threshold: float = 0.5,
     min_seed_area: float = MIN_SEED_AREA,
+    rescale: bool = False,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -197,6 +202,8 @@ def predict_scene(
         seed_threshold: A rooftop pixel seeds a building where its border and contact
             probabilities are below this.
         min_seed_area: Seeds smaller than this (m²) are ignored.
+        rescale: Map the scene's values linearly onto the range the model learned, per band
+            (``checks.check_value_range``), instead of refusing a scene far outside it.
 
     Returns:
         Paths, polygons, chip counts and stage timings.
@@ -204,7 +211,8 @@ def predict_scene(
     Raises:
         InputFileError: Unreadable scene.
         GeoreferenceError: Scene without CRS (and no ``assume_crs``).
-        CheckpointError: Bands that do not fit the model.
+        CheckpointError: Bands that do not fit the model, or values far outside the range it
+            learned (without ``rescale``).
         OutputError: Output exists without ``overwrite`` or cannot be written.
         ConfigError: Bad overlap, batch size, device or precision.
     """
@@ -214,6 +222,9 @@ def predict_scene(
     info = open_scene(scene_path, assume_crs=assume_crs)
     use_bands = scene_bands(info, meta, bands)
     check_resolution(info, meta)
+    value_map = check_value_range(info, meta, use_bands, rescale=rescale)
+    if value_map is not None:  # folded into the normalisation: every block is mapped as it is normalised
+        meta = value_map.applied_to(meta)
     chip = int(meta.chip_size)
     overlap = chip // 4 if overlap is None else int(overlap)
     if not 0 <= overlap < chip:
@@ -235,10 +246,12 @@ def predict_scene(
         raise ConfigError(f"mask and probability outputs are the same file: {outputs[0]}")
 
     with contextlib.ExitStack() as stack:
-        mask_tmp = stack.enter_context(atomic_output(mask_out, overwrite=overwrite)) if mask_out else None
-        prob_tmp = stack.enter_context(atomic_output(prob_out, overwrite=overwrite)) if prob_out else None
+        # Both rasters are published together (a caller's temporaries are left to the caller).
+        publication = stack.enter_context(publishing(overwrite=overwrite))
+        mask_tmp = publication.file(mask_out) if mask_out else None
+        prob_tmp = publication.file(prob_out) if prob_out else None
         if polygons and (mask_tmp is None or prob_tmp is None):
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="geoseg-", dir=temp_dir)))
+            scratch = stack.enter_context(temporary_folder(temp_dir))
             mask_tmp = mask_tmp or scratch / "mask.tif"
             prob_tmp = prob_tmp or scratch / "prob.tif"
         result = _run(
@@ -379,6 +392,7 @@ def _run(
             work.stages["split"] = splitter.seconds
     if work.skipped == work.chips_total:
         log.warning("%s: every pixel is nodata; nothing was predicted and its layer is empty", info.path)
+    check_rooftop_share(info.path, work.rooftop_pixels, work.valid_pixels)
     return PredictionResult(
         scene=info.path, name=scene_name, mask_path=None, prob_path=None, polygons=frame,
         width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
@@ -429,6 +443,7 @@ class _BlockWork:
         self.last_col, self.chips_total, self.progress = last_col, chips_total, progress
         self.stages = dict.fromkeys(("read", "preprocess", "model", "blend_write", "vectorise", "wait_read"), 0.0)
         self.done = self.skipped = 0
+        self.valid_pixels = self.rooftop_pixels = 0  # of the finished cores: the rooftop share
 
     def run(self, item: BlockData) -> None:
         """Normalise, gather chips, run the model, blend; hand the finished core to the writer."""
@@ -468,5 +483,8 @@ class _BlockWork:
         ch, cw = int(blk.core.height), int(blk.core.width)
         mask, prob = finish_core(core, valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
                                  prob_dtype=self.prob_dtype, extra=self.extra)
+        valid_here = int(np.count_nonzero(mask != MASK_NODATA))
+        self.valid_pixels += valid_here
+        self.rooftop_pixels += valid_here - int(np.count_nonzero(mask == 0))  # any class but background
         stages["blend_write"] += time.perf_counter() - t4
         self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col))

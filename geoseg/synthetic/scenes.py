@@ -19,7 +19,8 @@ from rasterio.windows import Window
 from shapely.geometry import Polygon
 
 from geoseg.errors import ConfigError
-from geoseg.raster_io import GTIFF_PROFILE, atomic_output, check_output
+from geoseg.publish import atomic_output, publishing
+from geoseg.raster_io import GTIFF_PROFILE, check_output
 from geoseg.synthetic.layout import Layout, plan
 from geoseg.synthetic.render import render
 
@@ -104,7 +105,8 @@ def _write_rasters(
         for r in range(0, layout.height, block)
         for c in range(0, layout.width, block)
     ]
-    with atomic_output(image, overwrite=overwrite) as tmp_img:
+    with publishing(overwrite=overwrite) as publication:  # image and mask appear together
+        tmp_img = publication.file(image)
         with rasterio.open(tmp_img, "w", **_profile(layout, 3, nodata)) as dimg:
             dimg.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
                                 rasterio.enums.ColorInterp.blue]
@@ -112,12 +114,11 @@ def _write_rasters(
                 for win in windows:
                     dimg.write(render(layout, win)[0], window=win)
             else:
-                with atomic_output(mask, overwrite=overwrite) as tmp_mask:
-                    with rasterio.open(tmp_mask, "w", **_profile(layout, 1, None)) as dmask:
-                        for win in windows:
-                            rgb, m = render(layout, win)
-                            dimg.write(rgb, window=win)
-                            dmask.write(m, 1, window=win)
+                with rasterio.open(publication.file(mask), "w", **_profile(layout, 1, None)) as dmask:
+                    for win in windows:
+                        rgb, m = render(layout, win)
+                        dimg.write(rgb, window=win)
+                        dmask.write(m, 1, window=win)
 
 
 def _write_roofs(
