@@ -24,7 +24,7 @@ def _load(name: str):
 @pytest.mark.slow
 def test_oam_holdout_on_generated_cities(tmp_path, capsys):
     root = tmp_path / "data"
-    make_dataset(root, layout="flat", n_scenes=4, width=192, height=192, seed=3)
+    make_dataset(root, layout="buildings", n_scenes=4, width=192, height=192, seed=3, terraces=0.5)
     names = ["kampala_a", "catanduanes_a", "catanduanes_b", "zanzibar_a"]
     for i, name in enumerate(names):  # the city names of the shipped hold-out split files
         for folder in ("images", "labels"):
@@ -50,6 +50,19 @@ def test_oam_holdout_on_generated_cities(tmp_path, capsys):
     assert city["pixel"]["iou"] == (tp / (tp + fp + fn) if tp + fp + fn else 1.0)
     o = city["object"]
     assert o["f1"] == (2 * o["tp"] / (2 * o["tp"] + o["fp"] + o["fn"]) if o["tp"] + o["fp"] + o["fn"] else 1.0)
+    # Objects are scored against buildings.gpkg (one polygon per building, clipped to each tile).
+    import geopandas as gpd
+    import rasterio
+    import shapely
+
+    assert city["object_truth"] == "buildings.gpkg"
+    buildings = gpd.read_file(root / "buildings.gpkg")
+    true_objects = 0
+    for name in ("catanduanes_a", "catanduanes_b"):
+        with rasterio.open(root / "images" / f"{name}.tif") as src:
+            tile = shapely.box(*src.bounds)
+        true_objects += int((buildings.geometry.intersection(tile).area > 0).sum())
+    assert true_objects > 0 and o["tp"] + o["fn"] == true_objects
     printed = capsys.readouterr().out
     assert "$ " in printed and " train --config oam_cpu " in printed and "--set data.split_file=oam_val_catanduanes" in printed
     assert f"| catanduanes | 2 | {city['pixel']['iou']:.3f} |" in printed

@@ -43,21 +43,28 @@ def test_tiny_quickstart_writes_every_output_and_reruns_with_overwrite(tmp_path,
     r = runs[0]
     messages = [line[4:] for line in result.stderr.splitlines() if line.startswith("... ")]
     assert listing(out) == [
-        MARKER, "data/images/images/scene_000.tif", "data/images/images/scene_001.tif",
-        "data/label/label/scene_000_label.tif", "data/label/label/scene_001_label.tif",
+        MARKER, "data/buildings.gpkg", "data/images/scene_000.tif", "data/images/scene_001.tif",
+        "data/labels/scene_000.tif", "data/labels/scene_001.tif",
         *OUTPUTS[:2], "model/best_iou.pt", "model/history.csv", "model/learning_curves.png",
         "model/split.json", *OUTPUTS[2:],
         "test/test_scene.tif", "test/test_scene_mask.tif", "test/test_scene_roofs.gpkg",
     ]
     assert (r.roofs, r.mask, r.preview, r.evaluation) == tuple(out / n for n in
                                                                ("roofs.gpkg", "mask.tif", "preview.png", "evaluation.json"))
+    from geoseg.models import read_checkpoint
+
+    assert read_checkpoint(r.checkpoint).meta.target == "instances"  # terraces: split touching houses
     assert r.epochs == 1 and set(r.seconds) == {"data", "train", "predict", "preview", "evaluate", "total"}
     assert messages[0] == f"generating 2 training scenes of 128 x 128 px and a test scene of 96 x 96 px in {out}"
     assert any(m.startswith("epoch 1/1: train loss") for m in messages)
-    # evaluation.json is `geoseg evaluate --json` of the mask against the true mask
+    # evaluation.json is `geoseg evaluate --json` of what the user gets, roofs.gpkg, against the
+    # true buildings (one polygon each): the printed counts are the GeoPackage's
     saved = json.loads(r.evaluation.read_text())
     assert saved == json.loads(json.dumps(r.metrics))
-    assert saved["pred"] == str(r.mask) and saved["truth"] == str(r.truth_mask)
+    assert saved["pred"] == str(r.roofs) and saved["truth"] == str(r.truth_roofs)
+    assert saved["object"]["tp"] + saved["object"]["fp"] == r.polygons
+    assert len(gpd.read_file(r.roofs, layer="rooftops")) == r.polygons
+    assert gpd.read_file(r.checkpoint.parent.parent / "data" / "buildings.gpkg").geometry.is_valid.all()
     assert saved["pixel"]["iou"] == r.iou and saved["object"]["f1"] == r.object_f1
     with rasterio.open(r.mask) as m, rasterio.open(r.scene) as s:
         assert (m.crs, m.transform, m.shape) == (s.crs, s.transform, s.shape) == (s.crs, s.transform, (96, 96))
@@ -65,7 +72,7 @@ def test_tiny_quickstart_writes_every_output_and_reruns_with_overwrite(tmp_path,
     layout = preview_layout(96, 96)
     assert imread(r.preview).shape[:2] == (layout.height, layout.width)
     # stdout: the evaluation table, the metrics, every output and how to open it in QGIS
-    assert result.stdout.startswith(f"prediction  {r.mask}\ntruth       {r.truth_mask}\n")
+    assert result.stdout.startswith(f"prediction  {r.roofs}\ntruth       {r.truth_roofs}\n")
     assert f"rooftop IoU {r.iou:.4f}, object F1 {r.object_f1:.4f} on {r.scene}" in result.stdout
     for path in (r.roofs, r.mask, r.preview, r.evaluation, r.scene, r.checkpoint, r.data_dir):
         assert f"  {path} " in result.stdout
@@ -75,7 +82,7 @@ def test_tiny_quickstart_writes_every_output_and_reruns_with_overwrite(tmp_path,
     # a second run needs --overwrite, then replaces everything (a stale extra training scene too)
     with pytest.raises(OutputError):
         run_quickstart(out, device="cpu", **TINY)
-    stale = out / "data/images/images/scene_009.tif"
+    stale = out / "data/images/scene_009.tif"
     stale.write_bytes(b"stale")
     run_quickstart(out, device="cpu", overwrite=True, **TINY)
     assert not stale.exists() and "model/last.pt" not in listing(out)
