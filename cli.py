@@ -298,7 +298,7 @@ def chip_command(
 @click.option("--config", "config_path", default=None, metavar="FILE",
               help="YAML config whose 'predict' section gives the defaults of the options below.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Chips per model call [default: predict.batch_size; 128 on a GPU].")
+              help="Chips per model call [default: 16 on a CPU, 128 on a GPU; predict.batch_size of --config].")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Overlap between chips in pixels [default: a quarter of the chip].")
 @click.option("--block-size", type=click.IntRange(min=16), default=None,
@@ -359,6 +359,11 @@ def predict_command(
     from tqdm import tqdm
 
     from geoseg.config import PredictConfig, load_config
+    from geoseg.inputs import check_model_path, resolve_scenes
+
+    # Missing scenes or checkpoint are answered before torch and the model stack are imported.
+    resolve_scenes(scenes)
+    check_model_path(model_path)
     from geoseg.inference.job import predict_files
     from geoseg.publish import publishing
 

@@ -1196,3 +1196,26 @@ def test_an_existing_preview_is_refused_before_any_scene_is_read(here, oracle):
     refused(run("predict", "a/s.tif", "b/s.tif", "--out", "o.gpkg", "--preview", "pv"),
             "pv/b/s_preview.png: already exists; pass --overwrite to replace it")
     assert snapshot(here) == before and oracle.calls == 0
+
+
+# --- first contact: a missing input is answered at once ------------------------------------------
+
+
+def test_a_missing_scene_or_checkpoint_is_answered_before_torch_is_imported(tmp_path):
+    """The paths are checked before torch and the model stack are imported (seconds on a laptop)."""
+    scene = write_scene(tmp_path / "s.tif", draw_rectangles(40, 40, [(5, 5, 10, 10)]))
+    code = ("import sys\nfrom click.testing import CliRunner\nimport cli\n"
+            "r = CliRunner().invoke(cli.cli, sys.argv[1:])\n"
+            "print(r.exit_code, r.output.strip(), 'torch' in sys.modules, sep='|')\n")
+    cases = [
+        (["predict", "nothere.tif", "--out", "o.gpkg"], "Error: nothere.tif: file does not exist; check the path"),
+        (["predict", str(scene), "--model", "none.pt", "--out", "o.gpkg"],
+         "Error: none.pt: no checkpoint there; run `geoseg train` first or pass --model CKPT"),
+        (["predict", str(scene), "--out", "o.gpkg"],  # the default checkpoint, absent here
+         "Error: saved_models/best_iou.pt: no checkpoint there; run `geoseg train` first or pass --model CKPT"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stdout.strip().split("|") == ["1", message, "False"], done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]

@@ -7,31 +7,26 @@ appears only when the whole run succeeded (one geoseg.publish.Publication).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from geoseg.errors import CheckpointError, InputFileError, file_error
 from geoseg.inference.outputs import ProbDtype
 from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
 from geoseg.inference.pipeline import PredictionResult, predict_scene
+from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
-    check_distinct_outputs, check_local, check_not_inputs, check_output, open_scene, per_scene_paths,
+    check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
 )
 
 log = logging.getLogger(__name__)
 
-#: Default checkpoint, as written by ``geoseg train``.
-DEFAULT_MODEL = Path("saved_models") / "best_iou.pt"
-#: Raster extensions picked up from a scene folder.
-SCENE_EXTENSIONS = (".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -50,44 +45,6 @@ class PredictSummary:
     features: int
     results: tuple[PredictionResult, ...]
     shard: Shard = Shard()
-
-
-def resolve_scenes(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files, folders (their .tif/.tiff files) and glob patterns -> scene files, in order, no repeats.
-
-    Raises:
-        InputFileError: A path that does not exist, a URL, a glob or folder with no rasters, or no
-            scene at all.
-    """
-    found: list[Path] = []
-    for spec in specs:
-        text = os.fspath(spec)
-        check_local(text)
-        p = Path(text)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in SCENE_EXTENSIONS and f.is_file())
-            if not files:
-                raise file_error(InputFileError, p, "folder holds no .tif/.tiff scenes", "pass scene files")
-            found.extend(files)
-        elif p.exists():
-            found.append(p)
-        elif glob.has_magic(text):
-            files = sorted(Path(f) for f in glob.glob(text) if Path(f).is_file())
-            if not files:
-                raise file_error(InputFileError, text, "matches no files", "check the pattern")
-            found.extend(files)
-        else:
-            raise file_error(InputFileError, p, "file does not exist", "check the path")
-    unique: list[Path] = []
-    seen: set[Path] = set()
-    for f in found:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    if not unique:
-        raise InputFileError("no scenes given; pass one or more GeoTIFFs, folders or globs")
-    return unique
 
 
 def scene_names(scenes: Sequence[Path]) -> list[str]:
@@ -155,15 +112,7 @@ def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu"
     """
     from geoseg.models import load_checkpoint
 
-    if model_path is not None:
-        check_local(model_path, error=CheckpointError)
-    path = Path(model_path) if model_path is not None else DEFAULT_MODEL
-    if not path.exists():
-        raise file_error(
-            CheckpointError, path, "no checkpoint there",
-            "run `geoseg train` first or pass --model CKPT",
-        )
-    return load_checkpoint(path, map_location="cpu")
+    return load_checkpoint(check_model_path(model_path), map_location="cpu")
 
 
 def predict_files(
