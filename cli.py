@@ -523,8 +523,10 @@ def benchmark_command(
     click.echo(f"FLOPs      {r.flops_per_chip / 1e9:.1f} GFLOP/chip, matmul {r.matmul_tflops * 1000:.0f} GFLOP/s, "
                f"MFU {r.mfu:.1%}")
     for p in points:
+        split = f", split {p.stages['split']:.1f} s" if "split" in p.stages else ""
         click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
-                   f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB")
+                   f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB, vectorise "
+                   f"{p.stages.get('vectorise', 0.0):.1f} s{split}")
 
 
 def _benchmark_agreement(
