@@ -17,6 +17,7 @@ from shapely.geometry import box
 
 import cli
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
+from geoseg import inputs
 from geoseg.inference import job
 from geoseg.models import CheckpointMeta, create_model, save_checkpoint
 
@@ -49,6 +50,7 @@ def oracle(monkeypatch):
     """``geoseg predict`` with the oracle model instead of a checkpoint."""
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     return model
 
 
@@ -198,6 +200,7 @@ def test_failure_in_second_scene_removes_the_first_scenes_rasters(tmp_path, monk
 
     model = FailsLater()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     for name in ("a", "b"):
         write_scene(tmp_path / f"{name}.tif", draw_rectangles(100, 120, [(5, 5, 30, 30)]))
     before = files(tmp_path)

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from affine import Affine
 
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
+from geoseg import inputs
 from geoseg.inference.distributed import assign_scenes
 from geoseg.temporaries import TEMP_PREFIX
 
@@ -110,6 +111,7 @@ def test_two_ranks_write_what_one_process_writes(scenes, tmp_path, monkeypatch):
 
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     single = job.predict_files(**_kwargs(scenes, tmp_path / "one"))
     assert single.features == 5 and single.shard.world == 1
 

@@ -16,6 +16,7 @@ from shapely.geometry import box
 
 import cli
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
+from geoseg import inputs
 from geoseg import preview
 from geoseg.errors import ConfigError, OutputError
 from geoseg.inference import job
@@ -171,6 +172,7 @@ RECTS = [(20, 30, 40, 60), (120, 200, 50, 70)]  # (row, col, height, width) in s
 def oracle(monkeypatch):
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     return model
 
 

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 
 import cli
 from _prediction_helpers import UTM, UTM_TRANSFORM, Oracle, draw_rectangles, oracle_meta, write_scene
+from geoseg import inputs
 from geoseg import publish, raster_io
 from geoseg.errors import OutputError
 from geoseg.inference import job
@@ -80,6 +81,7 @@ def oracle(monkeypatch: pytest.MonkeyPatch) -> Oracle:
     """``predict`` with the oracle model, whatever the checkpoint path."""
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     return model
 
 
@@ -196,6 +198,7 @@ def test_predict_files_refuses_before_loading_the_model_or_reading_a_scene(here,
         raise AssertionError("read before the outputs were checked")
 
     monkeypatch.setattr(job, "load_model", never)
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     monkeypatch.setattr(job, "open_scene", never)
     scene("in.tif")
     Path("in.yaml").write_text("predict: {threshold: 0.4}\n")
@@ -669,6 +672,7 @@ def test_rescaled_values_land_in_the_learned_range_and_the_oracle_finds_the_roof
 def test_several_scenes_one_outside_the_learned_values_is_refused_before_any_is_predicted(here, monkeypatch):
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, learned_uint8()))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     scene("a.tif")  # uint8, in range
     uint16_scene("b.tif")
     refused(run("predict", "a.tif", "b.tif", "--out", "o.gpkg"), ORACLE_REFUSAL.replace("s.tif", "b.tif"))
@@ -744,6 +748,7 @@ def test_an_old_checkpoint_without_a_value_range_predicts_without_a_word(here, m
     # Such a model predicts the scene a recorded range refuses, as before: no check, no message.
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
     uint16_scene("s.tif")
     with caplog.at_level("WARNING"):
         result = run("predict", "s.tif", "--out", "o.gpkg")
