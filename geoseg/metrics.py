@@ -98,13 +98,7 @@ class ConfusionMatrix:
 
         Every rank must call this at the same point.
         """
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            buf = self._counts.to(device)
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            self._counts = buf.cpu()
+        self._counts = _sum_over_ranks(self._counts)
         return self
 
     def compute(self) -> dict[str, Any]:
@@ -178,13 +172,7 @@ class ChannelCounts:
 
     def all_reduce(self) -> "ChannelCounts":
         """Sum the counts over all DDP ranks (no-op outside torch.distributed); returns self."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            buf = self._counts.to(device)
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            self._counts = buf.cpu()
+        self._counts = _sum_over_ranks(self._counts)
         return self
 
     def compute(self) -> dict[str, float]:
@@ -193,3 +181,15 @@ class ChannelCounts:
         for name, (tp, fp, fn) in zip(self.names, self._counts.tolist()):
             out[f"{name}_iou"] = _ratio(tp, tp + fp + fn, empty=1.0)
         return out
+
+
+def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over all DDP ranks (unchanged outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        buf = counts.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return buf.cpu()
+    return counts
