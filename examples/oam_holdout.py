@@ -13,6 +13,7 @@ Writes OUT/summary.json (``--summary``) and prints a Markdown table.
 
     python examples/oam_holdout.py --data ../shared/data/hotosm-oam-buildings --out runs/oam
     python examples/oam_holdout.py --cities kampala --set train.epochs=3   # a quick try
+    python examples/oam_holdout.py --extra-data ../shared/data/hotosm-oam-more --out runs/oam_more
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/hotosm-oam-buildings", type=Path)
     ap.add_argument("--out", default="runs/oam", type=Path)
+    ap.add_argument("--extra-data", action="append", default=[], type=Path, metavar="DIR",
+                    help="more training folders (e.g. ../shared/data/hotosm-oam-more); the split file holds the "
+                         "city out of them too, and scoring stays on --data's tiles of that city")
     ap.add_argument("--config", default="oam_cpu", help="geoseg preset or YAML file")
     ap.add_argument("--cities", default=",".join(CITIES))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         t0 = time.perf_counter()
         if not args.skip_train:
-            run([*geoseg, "train", "--config", args.config, "--data", str(args.data), "--out-dir", str(out),
+            data = [a for d in (args.data, *args.extra_data) for a in ("--data", str(d))]
+            run([*geoseg, "train", "--config", args.config, *data, "--out-dir", str(out),
                  "--set", f"data.split_file=oam_val_{city}", *[a for s in args.overrides for a in ("--set", s)]])
         train_s: float | None = round(time.perf_counter() - t0, 1)
         run([*geoseg, "predict", *map(str, tiles), "--model", str(out / "best_iou.pt"), "--mask-out",
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         history = (out / "history.csv").read_text().splitlines()
         if args.skip_train:  # the training time of the run that trained, if this file has it
             train_s = summary.get(city, {}).get("train_seconds")
-        result.update(epochs=len(history) - 1, train_seconds=train_s,
+        result.update(epochs=len(history) - 1, train_seconds=train_s, extra_data=[d.name for d in args.extra_data],
                       config=args.config, overrides=args.overrides, predict_args=args.predict_args)
         summary[city] = result
         args.out.mkdir(parents=True, exist_ok=True)
