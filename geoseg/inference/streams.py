@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import queue
 import threading
 import time
@@ -10,7 +13,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -27,6 +30,28 @@ if TYPE_CHECKING:
 
 #: Finished block cores queued for the writer.
 WRITE_QUEUE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system.
+
+    The writer's strips, the split's per-building arrays and the polygons are many
+    medium-sized allocations made by several threads; glibc keeps the memory they
+    free in its arenas, so without this a long scene's resident memory creeps up with
+    its length (about 250 MB retained after an 8000² instances run, measured) although
+    the live data stays bounded. Called once per row of blocks: a few milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass
@@ -157,26 +182,33 @@ class CoreWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            while True:
-                item = self.queue.get()
-                if item is None or self.abort.is_set():
-                    return
-                t0 = time.perf_counter()
-                core = item.block.core
-                if self.mask_sink is not None:
-                    self.mask_sink.write(core, item.mask)
-                if self.prob_sink is not None:
-                    self.prob_sink.write(core, item.prob)
-                t1 = time.perf_counter()
-                self.write_s += t1 - t0
-                if item.row_done and self.polygonizer is not None:
-                    self._polygonise(int(core.row_off + core.height))
-                    self.vector_s += time.perf_counter() - t1
+            # One GDAL environment for the thread's life (rasterio would make one per call).
+            with rasterio.Env():
+                self._serve()
         except BaseException as exc:  # handed to the main thread, which raises it
             self.error = exc
             with contextlib.suppress(queue.Empty):
                 while True:  # unblock a main thread waiting on a full queue
                     self.queue.get_nowait()
+
+    def _serve(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None or self.abort.is_set():
+                return
+            t0 = time.perf_counter()
+            core = item.block.core
+            if self.mask_sink is not None:
+                self.mask_sink.write(core, item.mask)
+            if self.prob_sink is not None:
+                self.prob_sink.write(core, item.prob)
+            t1 = time.perf_counter()
+            self.write_s += t1 - t0
+            if item.row_done and self.polygonizer is not None:
+                self._polygonise(int(core.row_off + core.height))
+                self.vector_s += time.perf_counter() - t1
+            if item.row_done:
+                release_free_heap()
 
     def _polygonise(self, stop: int) -> None:
         if self.mask_sink is None:  # polygons always come with a mask sink
