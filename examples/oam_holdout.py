@@ -60,27 +60,28 @@ def score_city(data: Path, city: str, out: Path, tiles: list[Path]) -> dict:
     regions = dict(tp=0, fp=0, fn=0)  # the GeoPackage against the label rasters' regions
     buildings = data / "buildings.gpkg"
     polygons = gpd.read_file(out / "roofs.gpkg", layer="rooftops")
-    tmp = Path(tempfile.mkdtemp(prefix="oam-holdout-"))
-    for tile in tiles:
-        label = data / "labels" / tile.name
-        mask = out / "masks" / f"{tile.stem}_mask.tif"
-        by_mask = evaluate(mask, label).to_dict()
-        own = tmp / f"{tile.stem}.gpkg"  # this tile's polygons (the layer holds the whole city)
-        polygons[polygons["scene"] == tile.stem].to_file(own, layer="rooftops")
-        by_poly = evaluate(own, label).to_dict()
-        truth, mask_truth = by_poly, by_mask
-        if buildings.exists():
-            with rasterio.open(tile) as src:
-                aoi = tmp / f"{tile.stem}_aoi.gpkg"
-                gpd.GeoDataFrame(geometry=[shapely.box(*src.bounds)], crs=src.crs).to_file(aoi)
-            truth = evaluate(own, buildings, aoi=aoi).to_dict()
-            mask_truth = evaluate(mask, buildings, aoi=aoi).to_dict()
-        for k in px:
-            px[k] += by_mask["pixel"][k]
-        for k in ob:
-            ob[k] += truth["object"][k]
-            raw[k] += mask_truth["object"][k]
-            regions[k] += by_poly["object"][k]
+    with tempfile.TemporaryDirectory(prefix="oam-holdout-") as folder:  # per-tile layers and AOIs
+        tmp = Path(folder)
+        for tile in tiles:
+            label = data / "labels" / tile.name
+            mask = out / "masks" / f"{tile.stem}_mask.tif"
+            by_mask = evaluate(mask, label).to_dict()
+            own = tmp / f"{tile.stem}.gpkg"  # this tile's polygons (the layer holds the whole city)
+            polygons[polygons["scene"] == tile.stem].to_file(own, layer="rooftops")
+            by_poly = evaluate(own, label).to_dict()
+            truth, mask_truth = by_poly, by_mask
+            if buildings.exists():
+                with rasterio.open(tile) as src:
+                    aoi = tmp / f"{tile.stem}_aoi.gpkg"
+                    gpd.GeoDataFrame(geometry=[shapely.box(*src.bounds)], crs=src.crs).to_file(aoi)
+                truth = evaluate(own, buildings, aoi=aoi).to_dict()
+                mask_truth = evaluate(mask, buildings, aoi=aoi).to_dict()
+            for k in px:
+                px[k] += by_mask["pixel"][k]
+            for k in ob:
+                ob[k] += truth["object"][k]
+                raw[k] += mask_truth["object"][k]
+                regions[k] += by_poly["object"][k]
 
     def objects(c: dict) -> dict:
         p = ratio(c["tp"], c["tp"] + c["fp"], empty=1.0 if not c["fn"] else 0.0)
