@@ -18,14 +18,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from geoseg.config import AugmentConfig
+from geoseg.encoding import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 #: ImageNet statistics for RGB in [0, 1]; multiplied by the value range of the data.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: Mask value for pixels that loss and metrics skip (geoseg.labels.IGNORE_INDEX).
-IGNORE_INDEX = 255
 #: Ranges of the random transforms (the probabilities come from AugmentConfig).
 BRIGHTNESS_LIMIT = 0.2
 CONTRAST_LIMIT = 0.2

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from geoseg.encoding import MASK_NODATA
 from geoseg.temporaries import temporary_folder
 
 ProgressFn = Callable[[str], None]
@@ -23,7 +24,6 @@ ProgressFn = Callable[[str], None]
 #: Rows read at a time when comparing two masks.
 COMPARE_ROWS = 1024
 #: Value of nodata pixels in geoseg class masks.
-MASK_NODATA = 255
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from geoseg.encoding import DEFAULT_CLASS_NAMES
 from geoseg.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ class DataConfig:
     stride: int | None = None
     bands: tuple[int, ...] | None = None
     classes: int = 2
-    class_names: tuple[str, ...] = ("background", "rooftop")
+    class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
     label_values: Literal["auto", "binary255", "binary01", "classes"] = "auto"
     split: tuple[float, float, float] = (0.9, 0.05, 0.05)
     split_by: Literal["scene", "block"] = "scene"

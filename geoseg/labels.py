@@ -21,13 +21,12 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from geoseg.encoding import IGNORE_INDEX
 from geoseg.errors import GeoreferenceError, InputFileError, LabelError, file_error
 from geoseg.raster_io import SceneInfo, check_local, open_raster, open_scene
 
 log = logging.getLogger(__name__)
 
-#: Mask value for pixels that loss and metrics ignore.
-IGNORE_INDEX = 255
 
 LabelValues = Literal["auto", "binary255", "binary01", "classes"]
 LABEL_VALUE_MODES: tuple[str, ...] = ("auto", "binary255", "binary01", "classes")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from geoseg.encoding import IGNORE_INDEX
 from geoseg.errors import ConfigError
 
-#: Label value that loss and metrics skip (padding, nodata); same as geoseg.labels.IGNORE_INDEX.
-IGNORE_INDEX = 255
 
 
 class SegmentationLoss(nn.Module):

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoseg.encoding import IGNORE_INDEX
 from geoseg.errors import LabelError
 
 #: The class whose IoU, precision, recall and F1 are reported (rooftop in binary masks).
@@ -31,7 +32,7 @@ class ConfusionMatrix:
     are skipped.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         """Start with zero counts.
 
         Args:
@@ -143,7 +144,7 @@ class ChannelCounts:
     batches (and DDP ranks), as in :class:`ConfusionMatrix`.
     """
 
-    def __init__(self, names: tuple[str, ...], ignore_index: int = 255) -> None:
+    def __init__(self, names: tuple[str, ...], ignore_index: int = IGNORE_INDEX) -> None:
         """Start with zero counts for channels ``names`` (in order)."""
         self.names = tuple(names)
         self.ignore_index = ignore_index

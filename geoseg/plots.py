@@ -8,6 +8,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from geoseg.encoding import IGNORE_INDEX
+
 #: Learning-curve panels: (title, history key without the train_/val_ prefix).
 CURVES = (("loss", "loss"), ("pixel accuracy", "pixel_accuracy"), ("rooftop IoU", "iou"))
 #: Colours shared by every geoseg picture.
@@ -108,10 +110,10 @@ def _mask_rgb(mask: np.ndarray) -> np.ndarray:
     m = np.asarray(mask)
     rgb = np.zeros((*m.shape, 3))
     rgb[m > 0] = ROOF_COLOUR
-    if m.max(initial=0) > 1:  # several classes: grey levels, ignore (255) stays dark grey
-        classes = np.where(m == 255, 0, m).astype(float)
+    if m.max(initial=0) > 1:  # several classes: grey levels, ignore (IGNORE_INDEX) stays dark grey
+        classes = np.where(m == IGNORE_INDEX, 0, m).astype(float)
         rgb[:] = (classes / max(classes.max(), 1))[..., None]
-    rgb[m == 255] = 0.3
+    rgb[m == IGNORE_INDEX] = 0.3
     return rgb
 
 

@@ -32,13 +32,13 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, MASK_NODATA, stored_to_probability
+
 log = logging.getLogger(__name__)
 
 #: Pixels per strip when reading a mask for vectorisation (bounds memory; the
 #: strip height is this divided by the width).
 STRIP_PIXELS = 1 << 21
-#: Mask value that is never vectorised (nodata / ignore).
-MASK_NODATA = 255
 #: 4-connectivity: diagonal neighbours are separate objects (as in rasterio.features.shapes).
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 #: Distance (metres) under which buildingregulariser merges nearly parallel edges.
@@ -683,10 +683,9 @@ def mask_to_polygons(
     import rasterio
 
     from geoseg.errors import GeoreferenceError, file_error
-    from geoseg.inference.outputs import GDAL_CACHE_BYTES, stored_to_probability
     from geoseg.raster_io import open_raster
 
-    names = tuple(class_names) if class_names else ("background", "rooftop")
+    names = tuple(class_names) if class_names else DEFAULT_CLASS_NAMES
     classes = range(1, len(names)) if len(names) > 2 else (1,)
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))  # memory flat in raster size

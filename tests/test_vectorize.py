@@ -211,3 +211,25 @@ def test_speck_prefilter_changes_nothing_but_speed(tmp_path):
     key = lambda g: (g.bounds, g.area)  # noqa: E731
     for a, b in zip(sorted(fast.geometry, key=key), sorted(slow.geometry, key=key)):
         assert a.equals_exact(b, 0)
+
+
+def test_vectorising_a_mask_does_not_import_torch(tmp_path):
+    """Polygons from a mask (and the watershed split) need no torch: a fresh process proves it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.tif"
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    mask[5:15, 5:25] = 1
+    with rasterio.open(path, "w", driver="GTiff", width=50, height=40, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000)) as dst:
+        dst.write(mask, 1)
+    code = (
+        "import sys\n"
+        "from geoseg.vectorize import mask_to_polygons\n"
+        "import geoseg.instances\n"
+        f"gdf = mask_to_polygons({str(path)!r})\n"
+        "print(len(gdf), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "False"]

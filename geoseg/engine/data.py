@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from geoseg.config import Config
+from geoseg.encoding import IGNORE_INDEX
 from geoseg.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,6 @@ logger = logging.getLogger(__name__)
 RESOLUTION_SAMPLE = 16
 #: Training chips read before training to find out whether any pixel is labelled.
 USABLE_SAMPLE = 64
-#: Mask value of pixels that are padding, nodata or unlabelled (geoseg.labels.IGNORE_INDEX).
-IGNORE_INDEX = 255
 
 
 def zero_usable_error(config: Config) -> DatasetError:

@@ -32,7 +32,7 @@ import shapely.geometry
 from affine import Affine
 
 from geoseg.errors import ConfigError
-from geoseg.labels import IGNORE_INDEX  # mask value ignored by losses and metrics
+from geoseg.encoding import IGNORE_INDEX  # mask value ignored by losses and metrics
 
 logger = logging.getLogger(__name__)
 

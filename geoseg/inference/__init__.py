@@ -1,7 +1,7 @@
 """Sliding-window inference over whole scenes: blocks, blending, streamed outputs, throughput hooks."""
 
 from geoseg.inference.blending import WEIGHT_FLOOR, axis_weight_sum, taper_window
-from geoseg.inference.outputs import MASK_NODATA, PROB_NODATA, PROB_SCALE, stored_to_probability
+from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, stored_to_probability
 from geoseg.inference.checks import check_resolution, effective_block_size, scene_bands
 from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inference.runtime import (

@@ -19,27 +19,17 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, ProbDtype
 from geoseg.temporaries import write_errors
 from geoseg.raster_io import GTIFF_PROFILE
 
 log = logging.getLogger(__name__)
 
-#: GDAL block cache (bytes) while reading or writing scene-sized rasters. GDAL keeps
-#: every tile it touches up to its cache limit (5% of RAM by default); capping it
-#: keeps memory flat in raster size. The limit is process-wide: set it once, in the
-#: thread that drives the work (``rasterio.Env(GDAL_CACHEMAX=...)`` takes bytes).
-GDAL_CACHE_BYTES = 64 << 20
-#: Mask value of pixels that were not predicted (input nodata); the labels' ignore index.
-MASK_NODATA = 255
-#: A uint8 probability raster stores ``round(p * PROB_SCALE)``; PROB_NODATA marks nodata.
-PROB_SCALE = 254
-PROB_NODATA = 255
 #: Largest GeoTIFF tile edge used for outputs (pixels).
 MAX_TILE = 256
 #: Smallest overview edge worth building (pixels).
 MIN_OVERVIEW = 256
 
-ProbDtype = Literal["uint8", "float16"]
 SinkKind = Literal["mask", "prob"]
 
 
@@ -193,31 +183,3 @@ class RasterSink:
                 self._dst.close()
 
 
-def quantise_probability(prob: np.ndarray, valid: np.ndarray, prob_dtype: ProbDtype) -> np.ndarray:
-    """Probability in [0, 1] to the stored representation, nodata where not valid.
-
-    Args:
-        prob: float32 probabilities.
-        valid: bool, same shape.
-        prob_dtype: ``"uint8"`` or ``"float16"``.
-
-    Returns:
-        uint8 ``round(p * 254)`` (255 nodata) or float32 values rounded to
-        float16 precision (NaN nodata).
-    """
-    if prob_dtype == "uint8":
-        out = np.rint(prob * PROB_SCALE).astype(np.uint8)
-        out[~valid] = PROB_NODATA
-        return out
-    out = prob.astype(np.float16).astype(np.float32)
-    out[~valid] = np.nan
-    return out
-
-
-def stored_to_probability(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`quantise_probability`: (float32 probability, valid mask)."""
-    if stored.dtype == np.uint8:
-        valid = stored != PROB_NODATA
-        return stored.astype(np.float32) / PROB_SCALE, valid
-    valid = ~np.isnan(stored)
-    return np.where(valid, stored, 0).astype(np.float32), valid

@@ -32,7 +32,8 @@ from geoseg.errors import ConfigError
 from geoseg.inference.checks import (
     check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
 )
-from geoseg.inference.outputs import GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype, RasterSink, output_tile
+from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype
+from geoseg.inference.outputs import RasterSink, output_tile
 from geoseg.inference.runtime import (
     ChipPredictor,
     compile_wanted,
@@ -312,7 +313,7 @@ def _run(
     W, H, chip = info.width, info.height, int(meta.chip_size)
     blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
     classes = int(meta.classes)
-    names = tuple(meta.class_names) if meta.class_names else ("background", "rooftop")
+    names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
     chips_total = sum(len(b.chips) for b in blocks)
     extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
     predictor = ChipPredictor(

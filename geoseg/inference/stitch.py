@@ -16,7 +16,7 @@ import torch
 from rasterio.windows import Window
 
 from geoseg.inference.blending import axis_weight_sum, taper_window
-from geoseg.inference.outputs import MASK_NODATA, PROB_NODATA, PROB_SCALE, ProbDtype
+from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, ProbDtype
 from geoseg.tiling import Block, Chip, axis_starts
 
 
@@ -169,7 +169,7 @@ def finish_core(
 
 
 def _store(prob: torch.Tensor, nodata: torch.Tensor, prob_dtype: ProbDtype) -> np.ndarray:
-    """Probabilities (..., H, W) to their stored form (see ``outputs.quantise_probability``)."""
+    """Probabilities (..., H, W) to their stored form (see ``encoding.quantise_probability``)."""
     if prob_dtype == "uint8":
         stored = torch.round(prob * PROB_SCALE).clamp_(0, PROB_SCALE).to(torch.uint8)
         stored = stored.masked_fill(nodata, PROB_NODATA)

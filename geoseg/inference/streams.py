@@ -20,7 +20,8 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from geoseg.inference.outputs import RasterSink, stored_to_probability
+from geoseg.encoding import stored_to_probability
+from geoseg.inference.outputs import RasterSink
 from geoseg.raster_io import read_window
 from geoseg.tiling import Block
 
