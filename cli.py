@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import click
 
 from geoseg import __version__
+from geoseg.progress import PROGRESS_FORMATS
 
 #: Exit status after Ctrl-C and after SIGTERM: 128 + the signal number, as a shell reports a killed command.
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -62,6 +63,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _SIGTERM_OWNER.pop()
+
+
+#: ``--progress`` of the long commands (predict, evaluate, train); geoseg.progress draws or writes it.
+progress_option = click.option(
+    "--progress", "progress_format", type=click.Choice(PROGRESS_FORMATS), default="bar", show_default=True,
+    help="How progress is shown on stderr: tqdm bars, or one JSON object per line for programs "
+         "(e.g. {\"stage\": \"predict\", \"done\": 12, \"total\": 40, \"scene\": \"a\"}, last {\"stage\": \"done\"}).")
 
 
 class GeosegGroup(click.Group):
@@ -116,10 +124,11 @@ def cli(verbose: int) -> None:
               help="Pixel size in metres when both inputs are vector files (default 0.25).")
 @click.option("--assume-crs", default=None, help="CRS for inputs that have none, e.g. EPSG:32633.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --panels file.")
+@progress_option
 def evaluate_command(
     pred: str, truth: str, aoi: str | None, as_json: bool, panels: str | None,
     image: str | None, iou_threshold: float | None, class_id: int | None,
-    resolution: float | None, assume_crs: str | None, overwrite: bool,
+    resolution: float | None, assume_crs: str | None, overwrite: bool, progress_format: str,
 ) -> None:
     """Compare predicted rooftops with the truth: pixel and object (SpaceNet) metrics.
 
@@ -130,6 +139,7 @@ def evaluate_command(
 
     from geoseg import evaluation
     from geoseg.evaluation.panels import check_panels_output
+    from geoseg.progress import progress_reporter
     from geoseg.raster_io import open_scene
 
     if image is not None and panels is None:
@@ -140,10 +150,13 @@ def evaluate_command(
         open_scene(image, assume_crs=assume_crs)
     options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
                                  ("resolution", resolution)) if v is not None}
-    result = evaluation.evaluate(pred, truth, aoi=aoi, assume_crs=assume_crs, **options)
+    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
+    result = evaluation.evaluate(pred, truth, aoi=aoi, assume_crs=assume_crs, **options,
+                                 progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
     if panels is not None:
         evaluation.write_panels(result, panels, image=image, assume_crs=assume_crs,
                                 overwrite=overwrite)
+    reporter.finish()
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "panels": panels},
                               indent=2))
@@ -166,9 +179,10 @@ def evaluate_command(
               help="Continue the run of this last.pt (optimizer, scheduler, epoch, early stopping).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Where to train (default: train.device, auto).")
+@progress_option
 def train_command(
     config_path: str | None, data: tuple[str, ...], out_dir: str | None,
-    overrides: tuple[str, ...], resume: str | None, device: str | None,
+    overrides: tuple[str, ...], resume: str | None, device: str | None, progress_format: str,
 ) -> None:
     """Train a rooftop segmentation model (DeepLabV3+ by default) on labelled scenes.
 
@@ -179,10 +193,9 @@ def train_command(
     import dataclasses
     import os
 
-    from tqdm import tqdm
-
     from geoseg.config import load_config
     from geoseg.engine import fit
+    from geoseg.progress import progress_reporter
 
     config = load_config(config_path or "default", overrides)
     train_cfg = config.train
@@ -193,26 +206,19 @@ def train_command(
     data_cfg = dataclasses.replace(config.data, root=tuple(data)) if data else config.data
     config = dataclasses.replace(config, data=data_cfg, train=train_cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
-    bars: dict[str, Any] = {}
+    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
     finished: list[int] = []  # epochs whose checkpoints (last.pt among them) are saved
 
     def progress(event: Any) -> None:
         if event.kind in ("start", "epoch"):
-            tqdm.write(event.message)
+            reporter.message(event.message, **({"epoch": event.epoch, "epochs": event.epochs}
+                                               if event.kind == "epoch" else {}))
             if event.kind == "epoch":
                 finished.append(event.epoch)
             return
-        bar = bars.get("bar")
-        if event.step == 1 or bar is None:
-            if bar is not None:
-                bar.close()
-            bar = bars["bar"] = tqdm(total=event.steps, desc=f"epoch {event.epoch}/{event.epochs} {event.stage}",
-                                     unit="batch", leave=False, disable=None, dynamic_ncols=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{event.loss:.4f}", iou=f"{event.iou:.4f}", refresh=False)
-        if event.step >= event.steps:
-            bar.close()
-            bars.pop("bar", None)
+        reporter.update(event.stage, event.step, event.steps, label=f"epoch {event.epoch}/{event.epochs} "
+                        f"{event.stage}", unit="batch", epoch=event.epoch, epochs=event.epochs,
+                        loss=event.loss, iou=event.iou)
 
     try:
         result = fit(config, resume=resume, progress=progress if main_rank else None, config_file=config_path)
@@ -227,6 +233,7 @@ def train_command(
                     else "no epoch finished, no checkpoint was written")
         raise
     if main_rank:
+        reporter.finish()
         best = result.best_metrics
         where = "val" if best.get("val_iou") is not None else "train"
         if best:
@@ -337,6 +344,7 @@ def chip_command(
               help="With --instances: a rooftop pixel seeds a building where its border and contact "
                    "probabilities are below this [default: 0.5].")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@progress_option
 def predict_command(
     scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
     prob_out: str | None, prob_dtype: str, config_path: str | None, batch_size: int | None,
@@ -344,7 +352,7 @@ def predict_command(
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
-    rescale: bool,
+    rescale: bool, progress_format: str,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -356,10 +364,9 @@ def predict_command(
     """
     from pathlib import Path
 
-    from tqdm import tqdm
-
     from geoseg.config import PredictConfig, load_config
     from geoseg.inputs import check_model_path, resolve_scenes
+    from geoseg.progress import progress_reporter
 
     # Missing scenes or checkpoint are answered before torch and the model stack are imported.
     resolve_scenes(scenes)
@@ -374,16 +381,10 @@ def predict_command(
             band_list = [int(b) for b in bands.split(",") if b.strip()]
         except ValueError:
             raise click.BadParameter(f"{bands!r} should be band numbers like 1,2,3", param_hint="--bands")
-    bars: dict[str, Any] = {}
+    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
 
     def progress(name: str, done: int, total: int) -> None:
-        bar = bars.get(name)
-        if bar is None:
-            for old in bars.values():
-                old.close()
-            bar = bars[name] = tqdm(total=total, desc=name, unit="chip", leave=False, disable=None)
-        bar.total = total
-        bar.update(done - bar.n)
+        reporter.update("predict", done, total, label=name, unit="chip", scene=name)
 
     previews = {}  # scene (resolved) -> its preview PNG, checked by predict_files with the other outputs
     if preview is not None:
@@ -420,8 +421,7 @@ def predict_command(
             for res in summary.results:  # under torchrun: this rank's scenes
                 write_preview(res.scene, res.polygons, previews[Path(res.scene).resolve()],
                               overwrite=overwrite, publication=publication)
-    for bar in bars.values():
-        bar.close()
+    reporter.finish()
     for res in summary.results:
         n = len(res.polygons) if res.polygons is not None else 0
         extra = "".join(f", {kind} {p}" for kind, p in (("mask", res.mask_path), ("prob", res.prob_path)) if p)
@@ -629,6 +629,59 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
     click.echo(f"  {r.roofs} (the layer comes styled) and Layer > Add Layer > Add Raster Layer... for {r.scene}")
     click.echo("next: geoseg train --data YOUR_DATASET, then geoseg predict YOUR_SCENE.tif --out roofs.gpkg "
                "--preview preview.png")
+
+
+@cli.group("qgis")
+def qgis_group() -> None:
+    """geoseg inside QGIS: install the Processing plugin (Find rooftops, Evaluate rooftops, Train)."""
+
+
+@qgis_group.command("install")
+@click.option("--profile", default="default", show_default=True, help="QGIS user profile to install into.")
+@click.option("--python", "python", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Python of the environment that runs geoseg for QGIS, e.g. a GPU environment's "
+                   "bin/python [default: this one].")
+def qgis_install_command(profile: str, python: str | None) -> None:
+    """Copy the plugin into a QGIS profile, record the Python that runs geoseg, enable the plugin.
+
+    The profile folder is <QGIS settings>/profiles/PROFILE ($QGIS_CUSTOM_CONFIG_PATH, else
+    ~/.local/share/QGIS/QGIS3 on Linux, ~/Library/Application Support/QGIS/QGIS3 on macOS,
+    %APPDATA%\\QGIS\\QGIS3 on Windows).
+    """
+    from geoseg.qgis_install import install_plugin
+
+    r = install_plugin(profile=profile, python=python)
+    click.echo(f"{'replaced' if r.replaced else 'installed'} geoseg's QGIS plugin in {r.plugin_dir}")
+    click.echo(f"it runs geoseg {r.geoseg_version} with {r.python}")
+    if r.enabled:
+        click.echo(f"enabled in {r.settings}; restart QGIS (if QGIS is open, it may turn this off when it "
+                   "closes: enable geoseg in Plugins > Manage and Install Plugins)")
+    else:
+        click.echo(f"{r.settings} could not be read as text, left as it was: enable geoseg in QGIS "
+                   "(Plugins > Manage and Install Plugins)")
+    click.echo("algorithms: Processing > Toolbox > geoseg (Find rooftops, Evaluate rooftops, Train a rooftop "
+               "model); qgis_process run geoseg:findrooftops")
+
+
+@qgis_group.command("uninstall")
+@click.option("--profile", default="default", show_default=True, help="QGIS user profile to remove it from.")
+def qgis_uninstall_command(profile: str) -> None:
+    """Remove the plugin from a QGIS profile."""
+    from geoseg.qgis_install import uninstall_plugin
+
+    click.echo(f"removed {uninstall_plugin(profile=profile)}; restart QGIS")
+
+
+@qgis_group.command("package")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.zip",
+              help="The zip to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def qgis_package_command(out: str, overwrite: bool) -> None:
+    """Zip the plugin for QGIS's plugin manager (Plugins > Manage and Install Plugins > Install from ZIP)."""
+    from geoseg.qgis_install import package_plugin
+
+    click.echo(f"wrote {package_plugin(out, overwrite=overwrite)}; it runs $GEOSEG_PYTHON -m geoseg or the "
+               "geoseg on PATH, or run geoseg qgis install --python PATH to record an environment")
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""geoseg:findrooftops: ``geoseg predict`` on one raster layer or file, rooftops loaded styled."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterVectorDestination,
+)
+
+from .algorithm import DEVICES, RASTER_EXTENSIONS, VECTOR_EXTENSIONS, GeosegAlgorithm, advanced, number_text
+from .layers import MaskStyler, RooftopsStyler, layer_file, style_on_load
+
+#: geoseg predict's last line: "wrote N polygons to PATH".
+_WROTE = re.compile(r"^wrote (\d+) polygons to ")
+
+
+class FindRooftops(GeosegAlgorithm):
+    """Find rooftops in a scene with a geoseg checkpoint: ``geoseg predict`` with these options."""
+
+    INPUT, MODEL, THRESHOLD, MIN_AREA, SIMPLIFY = "INPUT", "MODEL", "THRESHOLD", "MIN_AREA", "SIMPLIFY"
+    REGULARIZE, TTA, OVERLAP, DEVICE = "REGULARIZE", "TTA", "OVERLAP", "DEVICE"
+    OUTPUT, MASK, PROBABILITY, ROOFTOPS = "OUTPUT", "MASK", "PROBABILITY", "ROOFTOPS"
+
+    def name(self) -> str:
+        return "findrooftops"
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS's names)
+        return "Find rooftops"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return ("Finds the rooftops in a scene (a GeoTIFF on this computer) with a geoseg model and writes "
+                "them as polygons in the scene's CRS, styled as roof outlines, with optional class-mask and "
+                "probability rasters. Runs geoseg predict of the Python environment recorded by "
+                "'geoseg qgis install' in a separate process: QGIS stays responsive, Cancel stops it and "
+                "leaves no output behind. Empty optional values take geoseg's defaults. Web, memory and "
+                "virtual layers are refused: save them as a GeoTIFF first.")
+
+    def initAlgorithm(self, config: Any = None) -> None:  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Scene (raster layer or file)"))
+        self.addParameter(QgsProcessingParameterFile(
+            self.MODEL, "Model checkpoint (geoseg train's best_iou.pt)", QgsProcessingParameterFile.File,
+            fileFilter="geoseg checkpoints (*.pt);;All files (*.*)"))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THRESHOLD, "Rooftop probability threshold (empty: geoseg's default, 0.5)",
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MIN_AREA, "Smallest rooftop in m² (empty: geoseg's default)",
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SIMPLIFY, "Simplification tolerance in metres, 0 for none (empty: geoseg's default)",
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.REGULARIZE, "Square the outlines to their main directions (regularise)", defaultValue=False))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.TTA, "Test-time augmentation (average flipped chips; slower)", defaultValue=False))
+        self.addParameter(advanced(QgsProcessingParameterNumber(
+            self.OVERLAP, "Overlap between chips in pixels (empty: a quarter of a chip)",
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=0)))
+        self.addParameter(advanced(QgsProcessingParameterEnum(
+            self.DEVICE, "Device (auto: a GPU when the environment has one)", options=DEVICES, defaultValue=0)))
+        self.addParameter(QgsProcessingParameterVectorDestination(
+            self.OUTPUT, "Rooftops", QgsProcessing.TypeVectorPolygon))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.MASK, "Rooftop mask (0 background, 1 rooftop, 255 nodata)", optional=True,
+            createByDefault=False))
+        self.addParameter(QgsProcessingParameterRasterDestination(
+            self.PROBABILITY, "Rooftop probability (value/254, 255 nodata)", optional=True,
+            createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber(self.ROOFTOPS, "Number of rooftops"))
+
+    def command(self, parameters: dict[str, Any], context: QgsProcessingContext) -> tuple[list[str], dict[str, Any]]:
+        """The ``geoseg predict`` arguments for ``parameters``, and the outputs they write."""
+        scene = layer_file(self.parameterAsRasterLayer(parameters, self.INPUT, context))
+        model = self.parameterAsFile(parameters, self.MODEL, context)
+        out = self.output_file(parameters, self.OUTPUT, context, VECTOR_EXTENSIONS)
+        mask = self.output_file(parameters, self.MASK, context, RASTER_EXTENSIONS)
+        prob = self.output_file(parameters, self.PROBABILITY, context, RASTER_EXTENSIONS)
+        args = ["predict", scene, "--model", model, "--out", out]
+        for name, option in ((self.THRESHOLD, "--threshold"), (self.MIN_AREA, "--min-area"),
+                             (self.SIMPLIFY, "--simplify")):
+            if self.is_set(parameters, name):
+                args += [option, number_text(self.parameterAsDouble(parameters, name, context))]
+        if self.is_set(parameters, self.OVERLAP):
+            args += ["--overlap", str(self.parameterAsInt(parameters, self.OVERLAP, context))]
+        if self.parameterAsBool(parameters, self.REGULARIZE, context):
+            args.append("--regularize")
+        if self.parameterAsBool(parameters, self.TTA, context):
+            args.append("--tta")
+        args += ["--device", DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]]
+        if mask:
+            args += ["--mask-out", mask]
+        if prob:
+            args += ["--prob-out", prob]
+        # A Processing output replaces the file chosen for it, as every QGIS algorithm does.
+        args.append("--overwrite")
+        return args, {self.OUTPUT: out, self.MASK: mask, self.PROBABILITY: prob}
+
+    def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
+                         feedback: QgsProcessingFeedback) -> dict[str, Any]:
+        args, outputs = self.command(parameters, context)
+        stdout = self.run_geoseg(args, feedback)
+        counts = [int(m.group(1)) for m in map(_WROTE.match, stdout) if m]
+        style_on_load(context, outputs[self.OUTPUT], RooftopsStyler.create())
+        if outputs[self.MASK]:
+            style_on_load(context, outputs[self.MASK], MaskStyler.create())
+        return {**outputs, self.ROOFTOPS: counts[-1] if counts else None}
