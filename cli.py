@@ -576,6 +576,32 @@ def _benchmark_training(
                    f"{p.chips_per_s:8.2f} chips/s  ({out['speedup_vs_fp32'].get(p.precision, 1):.2f}x fp32{gpu})")
 
 
+@cli.command("export-model")
+@click.argument("checkpoint", metavar="CKPT", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), metavar="FILE",
+              help="The exported model: MODEL.onnx for ONNX (geoseg predict --model MODEL.onnx runs it).")
+@click.option("--format", "export_format", default="onnx", show_default=True, metavar="[onnx|torchscript]",
+              help="onnx: ONNX Runtime, TensorRT, OpenVINO, ...; torchscript: LibTorch/C++ "
+                   "(deprecated by PyTorch).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def export_model_command(checkpoint: str, out: str, export_format: str, overwrite: bool) -> None:
+    """Export the model of checkpoint CKPT to ONNX (or TorchScript), its self-description inside.
+
+    The exported model takes normalised chips (N, bands, chip, chip), any batch size
+    N, and returns logits; the checkpoint's bands, normalisation, chip size, ground
+    resolution, classes and target are stored in it (ONNX: metadata_props key
+    'geoseg', JSON). Needs pip install 'geoseg[onnx]' for ONNX.
+    """
+    from geoseg.model_export import export_model
+
+    result = export_model(checkpoint, out=out, format=export_format, overwrite=overwrite)  # type: ignore[arg-type]
+    m = result.meta
+    click.echo(f"wrote {result.path} ({result.format}, {m.arch}/{m.encoder}, {m.in_channels} bands, "
+               f"{m.chip_size} px chips, {m.out_channels} outputs, any batch size) in {result.seconds:.1f} s")
+    if result.format == "onnx":
+        click.echo(f"predict with: geoseg predict SCENE.tif --model {result.path} --out roofs.gpkg")
+
+
 @cli.command("quickstart")
 @click.option("--dir", "out_dir", type=click.Path(file_okay=False), default="geoseg-quickstart",
               show_default=True, help="Output folder (must be empty unless --overwrite).")

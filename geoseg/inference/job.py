@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from geoseg.inference.outputs import ProbDtype
+from geoseg.encoding import ProbDtype
 from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
@@ -105,14 +105,20 @@ def predict_inputs(
 
 
 def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
-    """Load a checkpoint (default ``saved_models/best_iou.pt``).
+    """Load a checkpoint (default ``saved_models/best_iou.pt``), or an exported ``.onnx`` model.
 
     Raises:
-        CheckpointError: No checkpoint (with the hint to train one), or a corrupt one.
+        CheckpointError: No checkpoint (with the hint to train one), or a corrupt one; an
+            ``.onnx`` file without geoseg's description.
+        ModelError: An ``.onnx`` model where ONNX Runtime is not installed.
     """
     from geoseg.models import load_checkpoint
+    from geoseg.onnx_model import ONNX_SUFFIX, load_onnx_model
 
-    return load_checkpoint(check_model_path(model_path), map_location="cpu")
+    path = check_model_path(model_path)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        return load_onnx_model(path)
+    return load_checkpoint(path, map_location="cpu")
 
 
 def predict_files(
