@@ -188,10 +188,11 @@ def baseline_loop(
 def _benchmark_model(
     model_path: str | os.PathLike[str] | None, *, arch: str, encoder: str, chip_size: int
 ) -> tuple[Any, Any, str]:
-    from geoseg.models import CheckpointMeta, create_model, load_checkpoint
+    from geoseg.inference.job import load_model
+    from geoseg.models import CheckpointMeta, create_model
 
-    if model_path is not None:
-        model, meta = load_checkpoint(model_path)
+    if model_path is not None:  # a checkpoint, or an exported .onnx model (ONNX Runtime)
+        model, meta = load_model(model_path)
         return model, meta, str(model_path)
     model = create_model(arch=arch, encoder=encoder, encoder_weights=None, in_channels=3, classes=2)
     meta = CheckpointMeta(
