@@ -414,6 +414,7 @@ def predict_command(
             seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
             min_seed_area=cfg.min_seed_area, rescale=rescale,
             extra_outputs=[("--preview", p) for p in previews.values()], publication=publication,
+            keep_polygons=bool(previews),  # otherwise streamed to the layer as they are found
         )
         if previews:
             from geoseg.preview import write_preview
@@ -423,7 +424,7 @@ def predict_command(
                               overwrite=overwrite, publication=publication)
     reporter.finish()
     for res in summary.results:
-        n = len(res.polygons) if res.polygons is not None else 0
+        n = res.polygon_count
         extra = "".join(f", {kind} {p}" for kind, p in (("mask", res.mask_path), ("prob", res.prob_path)) if p)
         click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
                    f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}"

@@ -106,13 +106,13 @@ def mask_agreement(
     """
     from geoseg.inference.job import load_model, resolve_scenes
     from geoseg.inference.pipeline import predict_scene
-    from geoseg.inference.runtime import resolve_device, resolve_precision
+    from geoseg.devices import resolve_device, resolve_precision
 
     say = progress or (lambda _msg: None)
     paths = resolve_scenes(scenes)
     model, meta = load_model(model_path)
-    dev = resolve_device(device)
-    resolve_precision(precision, dev)  # refuse fp16 on a CPU before any work
+    dev = resolve_device(device, setting="device")
+    resolve_precision(precision, dev, setting="precision")  # refuse fp16 on a CPU before any work
     rooftop = 1  # class 1 is the rooftop class of geoseg checkpoints
     out: list[SceneAgreement] = []
     with temporary_folder(name="agreement") as tmp:

@@ -62,7 +62,7 @@ class TrainBenchmark:
 
 def default_precisions(device: torch.device) -> list[str]:
     """fp32 and every mixed precision the device runs natively."""
-    from geoseg.engine.devices import cpu_supports_bf16
+    from geoseg.devices import cpu_supports_bf16
 
     if device.type == "cuda":
         return ["32", "16", "bf16"] if torch.cuda.is_bf16_supported() else ["32", "16"]
@@ -115,7 +115,8 @@ def train_throughput(
         ConfigError: Unknown precision, fp16 on a CPU, batch size below 2 (BatchNorm),
             or no CUDA GPU when ``device`` is ``"cuda"``.
     """
-    from geoseg.engine.devices import DistContext, resolve_device, resolve_precision
+    from geoseg.devices import resolve_device, resolve_precision
+    from geoseg.engine.devices import DistContext
     from geoseg.engine.loop import EpochLoop
     from geoseg.losses import SegmentationLoss
     from geoseg.models import create_model
@@ -125,12 +126,12 @@ def train_throughput(
         raise ConfigError(f"--batch-size {batch_size} cannot train (BatchNorm needs at least 2 chips); use 2 or more")
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = resolve_device(device, local_rank=0, setting="train.device")
     names = list(precisions) if precisions else default_precisions(dev)
     for name in names:
         if name not in PRECISIONS:
             raise ConfigError(f"precision should be one of {', '.join(PRECISIONS)}, got {name!r}")
-        resolve_precision(name, dev)  # fp16 on a CPU is refused here, before any work
+        resolve_precision(name, dev, setting="train.precision")  # fp16 on a CPU is refused here, before any work
     cuda = dev.type == "cuda"
     batch = synthetic_batch(batch_size, chip_size, in_channels, classes)
     loader = [batch] * steps
@@ -141,7 +142,7 @@ def train_throughput(
         model = create_model(arch=arch, encoder=encoder, encoder_weights=None,
                              in_channels=in_channels, classes=classes).to(dev)
         model = model.to(memory_format=torch.channels_last)
-        amp_dtype, use_scaler = resolve_precision(name, dev)
+        amp_dtype, use_scaler = resolve_precision(name, dev, setting="train.precision")
         loops[name] = EpochLoop(
             model=model, criterion=SegmentationLoss().to(dev),
             optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4),

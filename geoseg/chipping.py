@@ -34,7 +34,6 @@ from geoseg.labels import (
     IGNORE_INDEX,
     LabelValues,
     VectorLabels,
-    is_vector_file,
     open_label_raster,
     to_class_ids,
 )
@@ -43,6 +42,7 @@ from geoseg.raster_io import (
     GTIFF_PROFILE, SceneInfo, check_local, check_not_inputs, check_output, open_scene, read_window,
 )
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
+from geoseg.vector_io import is_vector_file
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import sqlite3
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from geoseg.errors import OutputError, file_error
 from geoseg.publish import Publication, atomic_output, check_output, publishing
-from geoseg.temporaries import write_error
+from geoseg.temporaries import write_error, write_errors
 
 if TYPE_CHECKING:
     import geopandas
@@ -173,6 +173,129 @@ def write_polygons(
             add_layer_style(tmp, layer=layer, qml=default_style())
     log.info("wrote %d polygons to %s (%s)", len(frame), p, driver)
     return p
+
+
+#: Features per read when a spooled layer is copied into its output.
+SPOOL_CHUNK = 20000
+#: Features gathered in memory before the spool writes them (one GeoPackage transaction each).
+SPOOL_BATCH = 5000
+
+
+class PolygonSpool:
+    """Polygons written to a temporary GeoPackage batch by batch, as scenes produce them.
+
+    The streamed counterpart of collecting every scene's GeoDataFrame and
+    calling :func:`write_polygons`: memory holds one batch, not the layer. The
+    result is the same layer: one ``rooftops`` layer in the first scene's CRS
+    (other CRSs reprojected, with the same warning), ``id`` numbered 1..n in the
+    order the polygons came, Polygon or MultiPolygon as :func:`write_polygons`
+    decides. :meth:`write` copies the spool into the output in chunks
+    (GeoPackage) or, for the other formats, through :func:`write_polygons`.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, crs: object = None) -> None:
+        """Start an empty spool in ``folder`` (a temporary folder the caller removes).
+
+        Args:
+            folder: Where the spool's GeoPackage is written.
+            crs: The layer's CRS (the first scene's); None: the first batch's.
+        """
+        self.path = Path(folder) / f"spool{os.getpid()}.gpkg"
+        self.crs = crs
+        self.count = 0
+        self.multi = False
+        self._template: "geopandas.GeoDataFrame | None" = None
+        self._warned: set[str] = set()
+        self._pending: list["geopandas.GeoDataFrame"] = []
+        self._written = 0  # features in the file; count also holds the pending ones
+
+    def append(self, frame: "geopandas.GeoDataFrame") -> None:
+        """Add a batch (columns as :meth:`~geoseg.vectorize.PolygonBuilder.frame`; ``id`` is renumbered)."""
+        if self.crs is None:
+            self.crs = frame.crs
+        if frame.crs is not None and self.crs is not None and not frame.crs.equals(self.crs):
+            scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
+            if scenes not in self._warned:
+                self._warned.add(scenes)
+                log.warning("reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
+                            scenes, frame.crs.to_string(), self.crs.to_string())  # type: ignore[attr-defined]
+            frame = frame.to_crs(self.crs)
+        if self._template is None:
+            self._template = frame.iloc[:0].copy()
+        if not len(frame):
+            return
+        self.multi = self.multi or bool((frame.geom_type == "MultiPolygon").any())
+        self._pending.append(frame)
+        self.count += len(frame)
+        if self.count - self._written >= SPOOL_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import geopandas as gpd
+        import pandas as pd
+        import pyogrio
+
+        if not self._pending:
+            return
+        frame = gpd.GeoDataFrame(pd.concat(self._pending, ignore_index=True), geometry="geometry", crs=self.crs)
+        self._pending = []
+        frame["id"] = range(self._written + 1, self._written + len(frame) + 1)
+        with write_errors(self.path):
+            pyogrio.write_dataframe(frame, self.path, layer=LAYER, driver="GPKG", geometry_type="Unknown",
+                                    append=self._written > 0)
+        self._written += len(frame)
+
+    def chunks(self, size: int = SPOOL_CHUNK) -> "Iterator[geopandas.GeoDataFrame]":
+        """The spooled polygons in order, ``size`` at a time (nothing when empty)."""
+        import pyogrio
+
+        self._flush()
+        for first in range(1, self.count + 1, size):
+            chunk = pyogrio.read_dataframe(self.path, layer=LAYER, where=f"FID >= {first} AND FID < {first + size}")
+            yield chunk.set_crs(self.crs, allow_override=True) if self.crs is not None else chunk
+
+    def empty(self) -> "geopandas.GeoDataFrame":
+        """An empty layer with the spool's columns and CRS."""
+        import geopandas as gpd
+
+        if self._template is not None:
+            return self._template.set_crs(self.crs, allow_override=True) if self.crs is not None else self._template
+        return gpd.GeoDataFrame({c: [] for c in ("id", "scene", "area_m2", "perimeter_m", "confidence")},
+                                geometry=gpd.GeoSeries([], crs=self.crs), crs=self.crs)
+
+    def write(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, style: bool = True,
+        publication: Publication | None = None,
+    ) -> Path:
+        """Write the spooled layer to ``path`` atomically, as :func:`write_polygons` would write it.
+
+        Raises:
+            OutputError: As :func:`write_polygons`.
+        """
+        import geopandas as gpd
+        import pandas as pd
+        import pyogrio
+
+        p = check_vector_output(path, overwrite=overwrite)
+        driver = driver_for(p)
+        if driver != "GPKG" or not self.count:  # other formats (no appends everywhere): one frame
+            parts = list(self.chunks()) or [self.empty()]
+            frame = parts[0] if len(parts) == 1 else gpd.GeoDataFrame(
+                pd.concat(parts, ignore_index=True), geometry="geometry", crs=self.crs)
+            return write_polygons(frame, p, overwrite=overwrite, style=style, publication=publication)
+        geometry_type = "MultiPolygon" if self.multi else "Polygon"
+        with atomic_output(p, overwrite=overwrite, publication=publication) as tmp:
+            for k, chunk in enumerate(self.chunks()):
+                pyogrio.write_dataframe(
+                    chunk, tmp, layer=LAYER, driver="GPKG", geometry_type=geometry_type,
+                    promote_to_multi=self.multi, append=k > 0,
+                    layer_options={"SPATIAL_INDEX": "YES"} if k == 0 else None,
+                    dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None,
+                )
+            if style:
+                add_layer_style(tmp, layer=LAYER, qml=default_style())
+        log.info("wrote %d polygons to %s (GPKG)", self.count, p)
+        return p
 
 
 def _write_shapefile(

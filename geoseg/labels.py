@@ -22,8 +22,9 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geoseg.encoding import IGNORE_INDEX
-from geoseg.errors import GeoreferenceError, InputFileError, LabelError, file_error
-from geoseg.raster_io import SceneInfo, check_local, open_raster, open_scene
+from geoseg.errors import InputFileError, LabelError, file_error
+from geoseg.raster_io import GRID_TOLERANCE_PX, SceneInfo, open_raster, open_scene
+from geoseg.vector_io import read_frame
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,9 @@ log = logging.getLogger(__name__)
 LabelValues = Literal["auto", "binary255", "binary01", "classes"]
 LABEL_VALUE_MODES: tuple[str, ...] = ("auto", "binary255", "binary01", "classes")
 
-#: Two grids match when their origins differ by less than this fraction of a
-#: pixel and their pixel sizes are equal to this fraction of a pixel over the
-#: whole grid (a GeoTIFF written by another tool may round the transform).
-GRID_TOLERANCE_PX = 0.01
-
-#: Vector file suffixes geoseg reads as labels.
-VECTOR_SUFFIXES: tuple[str, ...] = (".gpkg", ".geojson", ".json", ".shp", ".fgb")
+#: Fixes named in the errors of a label vector file (geoseg.vector_io reads it).
+_VECTOR_FIX = "pass a GeoPackage, GeoJSON or Shapefile of label polygons"
+_VECTOR_CRS_FIX = "set one (ogr2ogr -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX"
 
 
 # --------------------------------------------------------------------------- raster labels
@@ -313,7 +310,8 @@ class VectorLabels:
 
     Args:
         path: The vector file.
-        layer: Layer name (None: the first layer).
+        layer: Layer name (None: as :func:`geoseg.vector_io.read_frame` chooses: the only
+            layer, else ``rooftops``, else the first with geometries).
         class_column: Attribute holding the class id (1..classes-1) of each
             polygon; None burns every polygon as class 1 (rooftop).
         classes: Number of classes (to check ``class_column`` values).
@@ -321,7 +319,7 @@ class VectorLabels:
 
     Raises:
         InputFileError: Missing file, a URL, or not a vector file.
-        GeoreferenceError: The file has no CRS (and none assumed).
+        GeoreferenceError: The file has no CRS (and none assumed), or ``assume_crs`` is not a CRS.
         LabelError: ``class_column`` missing or holding values outside 1..classes-1.
     """
 
@@ -334,34 +332,13 @@ class VectorLabels:
         classes: int = 2,
         assume_crs: str | CRS | None = None,
     ) -> None:
-        import geopandas as gpd
         import shapely
 
-        check_local(path)
         self.path = Path(path)
-        self.layer = layer
         self.class_column = class_column
         p = self.path
-        if not p.exists():
-            raise file_error(InputFileError, p, "file does not exist", "check the path")
-        if p.is_dir():
-            raise file_error(InputFileError, p, "is a folder, not a vector file",
-                             "pass a GeoPackage, GeoJSON or Shapefile")
-        try:
-            gdf = gpd.read_file(p, layer=layer, engine="pyogrio")
-        except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise file_error(
-                InputFileError, p, f"is not a vector file GDAL can read ({detail})",
-                "pass a GeoPackage, GeoJSON or Shapefile of label polygons",
-            ) from None
-        if gdf.crs is None:
-            if assume_crs is None:
-                raise file_error(
-                    GeoreferenceError, p, "has no CRS",
-                    "set one (ogr2ogr -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX",
-                )
-            gdf = gdf.set_crs(CRS.from_user_input(assume_crs).to_wkt())
+        gdf, self.layer = read_frame(p, layer=layer, assume_crs=assume_crs, fix=_VECTOR_FIX,
+                                     crs_fix=_VECTOR_CRS_FIX)
         if class_column is not None:
             if class_column not in gdf.columns:
                 raise file_error(
@@ -561,8 +538,3 @@ class VectorLabels:
         state = self.__dict__.copy()
         state["_by_crs"] = {}
         return state
-
-
-def is_vector_file(path: str | os.PathLike[str]) -> bool:
-    """Whether a path names a vector label file by its suffix."""
-    return Path(path).suffix.lower() in VECTOR_SUFFIXES

@@ -142,7 +142,11 @@ class OnnxModel(nn.Module):
     Attributes:
         path: The ONNX file.
         meta: Its self-description.
+        runs_own_precision: True: ``ChipPredictor`` neither autocasts nor compiles it, and
+            a prediction reports the fp32 it really runs in.
     """
+
+    runs_own_precision = True
 
     def __init__(self, path: str | os.PathLike[str], *, meta: CheckpointMeta,
                  session: "onnxruntime.InferenceSession | None" = None) -> None:

@@ -156,7 +156,7 @@ def _polygons(polygons: Any, crs: Any) -> "geopandas.GeoSeries":
         if CRS.from_wkt(series.crs.to_wkt()) == crs:
             return series
         return series.to_crs(crs.to_wkt())
-    from geoseg.evaluation.inputs import read_vector
+    from geoseg.vector_io import read_vector
 
     layer = read_vector(polygons, assume_crs=crs)
     return geopandas.GeoSeries(layer.in_crs(crs) if crs is not None else layer.geometries)

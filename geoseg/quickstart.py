@@ -191,7 +191,8 @@ def run_quickstart(
         ConfigError: A bad override, epoch count or device (e.g. ``"cuda"`` without a GPU).
     """
     from geoseg.config import load_config
-    from geoseg.engine import BEST_LOSS, CURVES, LAST, fit, resolve_device
+    from geoseg.devices import resolve_device
+    from geoseg.engine import BEST_LOSS, CURVES, LAST, fit
     from geoseg.errors import ConfigError
     from geoseg.evaluation import evaluate
     from geoseg.inference.job import predict_files
@@ -210,7 +211,7 @@ def run_quickstart(
         data=dataclasses.replace(config.data, root=(str(data_dir),), layout="flat", vector_labels=BUILDINGS),
         train=dataclasses.replace(config.train, out_dir=str(model_dir), device=device),
     )
-    where = resolve_device(device).type  # "cuda" without a GPU fails here, before anything is written
+    where = resolve_device(device, local_rank=0, setting="train.device").type  # "cuda" without a GPU fails here, before anything is written
     _check_out_dir(out, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"geoseg": __version__}) + "\n")
@@ -247,7 +248,7 @@ def run_quickstart(
         batch_size=p.batch_size, overlap=p.overlap, block_size=p.block_size, tta=p.tta,
         threshold=p.threshold, min_area=p.min_area, simplify=p.simplify, regularize=p.regularize,
         device=device, precision=p.precision, overwrite=overwrite, instances=p.instances,
-        seed_threshold=p.seed_threshold, min_seed_area=p.min_seed_area,
+        seed_threshold=p.seed_threshold, min_seed_area=p.min_seed_area, keep_polygons=True,  # for the preview
     )
     seconds["predict"] = time.perf_counter() - t0
 

@@ -39,6 +39,30 @@ GTIFF_PROFILE: dict[str, Any] = {
     "bigtiff": "IF_SAFER",
 }
 
+#: Two pixel grids are the same pixels when every corner of one lies within this fraction of a
+#: pixel of the other's (after a whole-pixel offset): GeoTIFFs written by other tools round
+#: their transforms, and a shift below a hundredth of a pixel moves no pixel centre out of
+#: its pixel, so such a raster reads exactly as a nearest-neighbour warp would give it.
+#: The one tolerance for label rasters (geoseg.labels) and evaluation inputs.
+GRID_TOLERANCE_PX = 0.01
+
+
+def parse_crs(value: str | CRS | None) -> CRS | None:
+    """The CRS of an ``--assume-crs`` value (``EPSG:32633``, WKT, PROJ string, ...); None stays None.
+
+    The one parser of CRS options, for rasters (:func:`open_scene`) and vector files
+    (:func:`geoseg.vector_io.read_frame`) alike.
+
+    Raises:
+        GeoreferenceError: Not a CRS.
+    """
+    if value is None or isinstance(value, CRS):
+        return value
+    try:
+        return CRS.from_user_input(value)
+    except Exception:  # noqa: BLE001 - rasterio raises CRSError, pyproj its own
+        raise GeoreferenceError(f"--assume-crs {value!r} is not a CRS; pass e.g. EPSG:32633") from None
+
 
 @dataclass(frozen=True)
 class SceneInfo:
@@ -245,12 +269,7 @@ def open_scene(
                     GeoreferenceError, p, "has no CRS",
                     "georeference it (gdal_edit.py -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX",
                 )
-            try:
-                crs = CRS.from_user_input(assume_crs)
-            except Exception:
-                raise GeoreferenceError(
-                    f"--assume-crs {assume_crs!r} is not a CRS; pass e.g. EPSG:32633"
-                ) from None
+            crs = parse_crs(assume_crs)
         if src.transform == Affine.identity() and not src.gcps[0]:
             raise file_error(
                 GeoreferenceError, p, "has no geotransform (pixel coordinates only)",

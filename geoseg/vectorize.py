@@ -470,6 +470,7 @@ class PolygonBuilder:
         simplify: float = 0.0,
         regularize: bool = False,
         class_names: Sequence[str] | None = None,
+        sink: "Callable[[geopandas.GeoDataFrame], None] | None" = None,  # noqa: F821
     ) -> None:
         """Set up the conversion.
 
@@ -484,6 +485,10 @@ class PolygonBuilder:
             regularize: Regularise outlines with buildingregulariser.
             class_names: Class names; with more than two classes a ``class``
                 attribute holds the name.
+            sink: Hand each batch's finished polygons, as a GeoDataFrame with
+                :meth:`frame`'s columns (``id`` 0: numbered by the sink), to this
+                callable instead of keeping them (memory then does not grow with
+                the number of buildings); :meth:`frame` returns None.
 
         Raises:
             GeoreferenceError: A CRS that cannot be related to ground metres.
@@ -496,6 +501,8 @@ class PolygonBuilder:
         self._geoms: list[np.ndarray] = []
         self._conf: list[np.ndarray] = []
         self._cls: list[np.ndarray] = []
+        self.sink = sink
+        self.count = 0  # polygons made so far
 
     def add(self, records: Sequence[PixelPolygon]) -> None:
         """Convert and keep a batch of finished components."""
@@ -532,23 +539,43 @@ class PolygonBuilder:
             ok = np.array([g is not None for g in cleaned], dtype=bool)
             geoms = np.array([g for g in cleaned if g is not None], dtype=object)
             records = [r for r, k in zip(records, ok) if k]
+        conf = np.array([r.prob_sum / r.count if r.count else np.nan for r in records])
+        cls = np.array([r.cls for r in records], dtype=np.int64)
+        if self.sink is not None:  # streamed: regularise and hand over this batch now
+            batch = self._frame(geoms, conf, cls, first_id=0)
+            self.count += len(batch)
+            if len(batch):
+                self.sink(batch)
+            return
+        self.count += len(geoms)
         self._geoms.append(geoms)
-        self._conf.append(np.array([r.prob_sum / r.count if r.count else np.nan for r in records]))
-        self._cls.append(np.array([r.cls for r in records], dtype=np.int64))
+        self._conf.append(conf)
+        self._cls.append(cls)
 
-    def frame(self, *, chunk: int = 4096) -> "geopandas.GeoDataFrame":  # noqa: F821
+    def frame(self, *, chunk: int = 4096) -> "geopandas.GeoDataFrame | None":  # noqa: F821
         """All polygons so far as a GeoDataFrame in the scene CRS (``id`` numbered 1..n).
 
         Returns:
             Columns ``id, scene, area_m2, perimeter_m, confidence`` (+ ``class``)
-            and the geometry.
+            and the geometry; None when the polygons went to a ``sink``.
         """
-        import geopandas as gpd
-
-        columns = ["id", "scene", "area_m2", "perimeter_m", "confidence"] + (["class"] if self.multi else [])
+        if self.sink is not None:  # the layer's columns, for a run that found nothing
+            self.sink(self._frame(np.array([], dtype=object), np.array([]), np.array([], np.int64), first_id=0))
+            return None
         geoms = np.concatenate(self._geoms) if self._geoms else np.array([], dtype=object)
         conf = np.concatenate(self._conf) if self._conf else np.array([])
         cls = np.concatenate(self._cls) if self._cls else np.array([], dtype=np.int64)
+        frame = self._frame(geoms, conf, cls, first_id=1, chunk=chunk)
+        self.count = len(frame)
+        return frame
+
+    def _frame(
+        self, geoms: np.ndarray, conf: np.ndarray, cls: np.ndarray, *, first_id: int, chunk: int = 4096,
+    ) -> "geopandas.GeoDataFrame":  # noqa: F821
+        """Regularise (if asked) and attribute polygons; ``id`` from ``first_id`` (0: all 0)."""
+        import geopandas as gpd
+
+        columns = ["id", "scene", "area_m2", "perimeter_m", "confidence"] + (["class"] if self.multi else [])
         if len(geoms) and self.regularize:
             parts = []
             for i in range(0, len(geoms), chunk):
@@ -565,8 +592,9 @@ class PolygonBuilder:
         perimeter = np.empty(len(geoms))
         for i in range(0, len(geoms), chunk):
             area[i:i + chunk], perimeter[i:i + chunk] = ground_area_perimeter(geoms[i:i + chunk], self.metric)
+        ids = np.arange(first_id, first_id + len(geoms), dtype=np.int64) if first_id else np.zeros(len(geoms), np.int64)
         data: dict[str, object] = {
-            "id": np.arange(1, len(geoms) + 1, dtype=np.int64),
+            "id": ids,
             "scene": [self.scene] * len(geoms),
             "area_m2": area,
             "perimeter_m": perimeter,

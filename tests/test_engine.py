@@ -14,7 +14,8 @@ import torch
 
 from geoseg.augment import imagenet_stats
 from geoseg.config import Config, load_config
-from geoseg.engine import BEST_IOU, FitEvent, fit, resolve_device, resolve_precision
+from geoseg.devices import resolve_device, resolve_precision
+from geoseg.engine import BEST_IOU, FitEvent, fit
 from geoseg.engine.loop import EpochLoop
 from geoseg.errors import CheckpointError, ConfigError, DatasetError, ModelError
 from geoseg.models import load_checkpoint, read_checkpoint
@@ -227,9 +228,9 @@ def test_precision_and_device_resolution(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("32", cpu) == (None, False)
     assert resolve_precision("bf16", cpu) == (torch.bfloat16, False)
-    monkeypatch.setattr("geoseg.engine.devices.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("geoseg.devices.cpu_supports_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == (torch.bfloat16, False)
-    monkeypatch.setattr("geoseg.engine.devices.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("geoseg.devices.cpu_supports_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == (None, False)
     with pytest.raises(ConfigError, match=r"train.precision '16' \(fp16\) needs a CUDA GPU"):
         resolve_precision("16", cpu)

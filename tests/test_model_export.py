@@ -190,6 +190,20 @@ def test_predict_with_onnx_gives_the_checkpoints_mask(exported, synthetic_scene,
     assert polygons[0] != "wrote 0 polygons"
 
 
+
+def test_onnx_prediction_reports_the_fp32_it_runs_in_and_is_not_compiled(exported, synthetic_scene, tmp_path):
+    """ONNX Runtime runs fp32 whatever --precision says, and torch.compile cannot reach into it."""
+    from geoseg.inference import predict_scene
+    from geoseg.inference.job import load_model
+
+    _, out, _, _, _ = exported
+    model, meta = load_model(out)
+    assert isinstance(model, OnnxModel) and model.runs_own_precision
+    res = predict_scene(synthetic_scene.image, model, meta, mask_out=tmp_path / "mask.tif", polygons=False,
+                        device="cpu", precision="bf16", compile_model=True, batch_size=8)
+    assert res.precision == "32"
+    assert not res.compiled
+
 # --- bad input: one line naming the file and the fix, exit 1, nothing written ------------------------
 
 def _error(args: list[str]) -> str:

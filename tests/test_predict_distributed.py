@@ -168,3 +168,51 @@ def test_torchrun_runs_the_predict_command(scenes, tmp_path):
     assert merged == [f"wrote {n} polygons to {out} (merged from 2 ranks)"]
     assert pyogrio.read_info(out, layer="rooftops")["features"] == n
     assert _files(out.parent) == ["roofs.gpkg"]
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".geojson"])
+def test_polygons_streamed_to_disk_make_the_layer_kept_polygons_make(scenes, tmp_path, monkeypatch, suffix):
+    """One process streams polygons into a spool batch by batch (memory flat in buildings);
+    the layer equals the one written from polygons kept in memory, appends and chunked
+    copy included (batches of 1 feature, chunks of 2), reprojected scene included."""
+    from geoseg import export
+    from geoseg.inference import job
+
+    model = Oracle()
+    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    monkeypatch.setattr(export, "SPOOL_BATCH", 1)
+    monkeypatch.setattr(export, "SPOOL_CHUNK", 2)
+    kept = job.predict_files(**{**_kwargs(scenes, tmp_path / "kept"), "out": str(tmp_path / "kept" / f"r{suffix}")},
+                             keep_polygons=True)
+    streamed = job.predict_files(**{**_kwargs(scenes, tmp_path / "st"), "out": str(tmp_path / "st" / f"r{suffix}")})
+    assert [len(r.polygons) for r in kept.results] == [r.polygon_count for r in streamed.results] == [2, 2, 1]
+    assert all(r.polygons is None for r in streamed.results)
+    assert kept.features == streamed.features == 5
+    assert _files(tmp_path / "st") == ["masks/a_mask.tif", "masks/b_mask.tif", "masks/c_mask.tif", f"r{suffix}"]
+    got = gpd.read_file(tmp_path / "st" / f"r{suffix}")
+    want = gpd.read_file(tmp_path / "kept" / f"r{suffix}")
+    assert got.crs == want.crs == "EPSG:32633"
+    assert list(got["id"]) == [1, 2, 3, 4, 5] and list(got["scene"]) == ["a", "a", "b", "b", "c"]
+    assert got.drop(columns="geometry").equals(want.drop(columns="geometry"))
+    assert all(g.equals_exact(w, 0) for g, w in zip(got.geometry, want.geometry))
+    if suffix == ".gpkg":
+        info = pyogrio.read_info(tmp_path / "st" / f"r{suffix}", layer="rooftops")
+        assert info["geometry_type"] == pyogrio.read_info(tmp_path / "kept" / f"r{suffix}", layer="rooftops")[
+            "geometry_type"] == "Polygon"
+        assert [n for n, _ in pyogrio.list_layers(tmp_path / "st" / f"r{suffix}")] == ["rooftops", "layer_styles"]
+
+
+def test_a_streamed_run_without_buildings_writes_an_empty_layer(tmp_path, monkeypatch):
+    from geoseg.inference import job
+
+    empty = write_scene(tmp_path / "e.tif", draw_rectangles(100, 120, []))
+    model = Oracle()
+    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    summary = job.predict_files([str(empty)], out=str(tmp_path / "o.gpkg"), device="cpu", precision="32")
+    assert summary.features == 0 and summary.results[0].polygon_count == 0
+    gdf = gpd.read_file(tmp_path / "o.gpkg", layer="rooftops")
+    assert len(gdf) == 0 and gdf.crs == "EPSG:32633"
+    assert list(gdf.columns) == ["id", "scene", "area_m2", "perimeter_m", "confidence", "geometry"]
+    assert sorted(os.listdir(tmp_path)) == ["e.tif", "o.gpkg"]

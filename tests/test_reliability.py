@@ -1128,7 +1128,8 @@ def test_an_output_folder_removed_during_the_run_is_one_line(here, oracle, monke
 
     monkeypatch.setattr(job, "predict_scene", then_remove_the_folder)
     result = run("predict", "in.tif", "--out", "out/o.gpkg", "--mask-out", "out/m.tif")
-    refused(result, "out/m.tif: cannot be written (no such file or directory); check that the folder still "
+    # The polygons are spooled into out/ as they are found: the layer is the first output found missing.
+    refused(result, "out/o.gpkg: cannot be written (no such file or directory); check that the folder still "
                     "exists (was it removed during the run?) or choose another one")
     assert sorted(os.listdir(here)) == ["in.tif"]
 

@@ -11,7 +11,7 @@ from typing import Literal, Sequence, Union
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError, DatasetError, InputFileError, file_error
-from geoseg.labels import VECTOR_SUFFIXES
+from geoseg.vector_io import VECTOR_SUFFIXES
 from geoseg.raster_io import check_local
 
 log = logging.getLogger(__name__)

@@ -3,17 +3,15 @@
 - :mod:`geoseg.engine.training`: :func:`fit` and :class:`FitResult`.
 - :mod:`geoseg.engine.loop`: one epoch of training or validation, :class:`FitEvent`.
 - :mod:`geoseg.engine.data`: scene discovery, splits and chip datasets for a run.
-- :mod:`geoseg.engine.devices`: device, precision and torch.distributed set-up.
+- :mod:`geoseg.engine.devices`: torch.distributed set-up (devices and precision: :mod:`geoseg.devices`).
 - :mod:`geoseg.engine.records`: history.csv rows, epoch summaries, best values.
 """
 
-from geoseg.engine.devices import cpu_supports_bf16, resolve_device, resolve_precision
 from geoseg.engine.loop import FitEvent, ProgressCallback
 from geoseg.engine.records import BEST_IOU, BEST_LOSS, BEST_OBJECT_F1, CURVES, HISTORY, LAST, SPLIT, write_history
 from geoseg.engine.training import FitResult, fit
 
 __all__ = [
     "BEST_IOU", "BEST_LOSS", "BEST_OBJECT_F1", "CURVES", "HISTORY", "LAST", "SPLIT",
-    "FitEvent", "FitResult", "ProgressCallback", "cpu_supports_bf16", "fit", "resolve_device",
-    "resolve_precision", "write_history",
+    "FitEvent", "FitResult", "ProgressCallback", "fit", "write_history",
 ]

@@ -81,7 +81,7 @@ def missing_root_error(root: str) -> DatasetError:
 
 def raster_only_error(root: str) -> DatasetError:
     """The error for ``model.target=instances`` on a dataset folder that has only raster masks."""
-    from geoseg.labels import VECTOR_SUFFIXES
+    from geoseg.vector_io import VECTOR_SUFFIXES
 
     folder = Path(root)
     files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in VECTOR_SUFFIXES) if folder.is_dir() else []

@@ -1,4 +1,7 @@
-"""Devices, precision and torch.distributed set-up for training."""
+"""torch.distributed set-up for training: rank context, process group, sums over ranks, seeding.
+
+Device and precision choices live in :mod:`geoseg.devices`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from geoseg.errors import ConfigError
+from geoseg.devices import resolve_device
+from geoseg.devices import resolve_precision  # noqa: F401 - re-exported for examples/gpu_check.py; import geoseg.devices instead
 
 logger = logging.getLogger(__name__)
 
@@ -33,54 +37,6 @@ class DistContext:
         return self.world > 1
 
 
-def resolve_device(name: str, *, local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` refuses a machine without GPU.
-
-    Raises:
-        ConfigError: CUDA asked for but not available.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"device should be one of 'auto', 'cpu', 'cuda', got {name!r}")
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Autocast dtype (None: full fp32) and whether to use a GradScaler.
-
-    ``"auto"``: bf16 on GPUs that support it (fp16 + GradScaler on older GPUs),
-    bf16 on CPUs with native bf16, else fp32. ``"32"`` is always fp32.
-
-    Raises:
-        ConfigError: fp16 asked for on a CPU, or an unknown value.
-    """
-    if precision == "32":
-        return None, False
-    cuda = device.type == "cuda"
-    if precision == "auto":
-        if cuda:
-            return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-        return (torch.bfloat16, False) if cpu_supports_bf16() else (None, False)
-    if precision == "bf16":
-        return torch.bfloat16, False
-    if precision == "16":
-        if not cuda:
-            raise ConfigError("train.precision '16' (fp16) needs a CUDA GPU; use 'bf16' or '32' on CPU")
-        return torch.float16, True
-    raise ConfigError(f"precision should be one of 'auto', '32', 'bf16', '16', got {precision!r}")
-
-
 def setup_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     """Join the torchrun process group when RANK/WORLD_SIZE say so (NCCL on GPUs, gloo on CPU).
 
@@ -93,7 +49,7 @@ def setup_distributed(device_name: str) -> tuple[DistContext, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank=local_rank)
+    device = resolve_device(device_name, local_rank=local_rank, setting="train.device")
     if world <= 1:
         return DistContext(), device
     if device.type == "cuda":

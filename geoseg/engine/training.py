@@ -16,7 +16,8 @@ from torch import nn
 from geoseg import __version__
 from geoseg.config import Config
 from geoseg.engine.data import ShardSampler, build_datasets, discover, split_record, zero_usable_error
-from geoseg.engine.devices import DistContext, resolve_precision, seed_everything, setup_distributed
+from geoseg.devices import precision_name, resolve_precision
+from geoseg.engine.devices import DistContext, seed_everything, setup_distributed
 from geoseg.engine.loop import EpochLoop, FitEvent, ProgressCallback
 from geoseg.engine.records import (
     BEST_IOU,
@@ -226,7 +227,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         raise ConfigError("train.monitor 'object_f1' needs train.object_f1_every >= 1")
     if len(d.class_names) != d.classes:
         raise ConfigError(f"data.class_names has {len(d.class_names)} names for data.classes {d.classes}; give one per class")
-    amp_dtype, use_scaler = resolve_precision(t.precision, device)
+    amp_dtype, use_scaler = resolve_precision(t.precision, device, setting="train.precision")
     seed_everything(t.seed)
 
     pairs, splits, bands, dtype, resolution = discover(config)
@@ -309,9 +310,9 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
             logger.warning("%s: replacing the checkpoints of an earlier run", out_dir)
         with atomic_output(out_dir / SPLIT, overwrite=True) as tmp:  # also clears temporaries of killed runs
             tmp.write_text(json.dumps(split_record(splits), indent=1))
-    precision_name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")  # type: ignore[arg-type]
+    precision_label = {"32": "fp32", "bf16": "bf16", "16": "fp16"}[precision_name(amp_dtype)]
     start_message = (
-        f"training {config.model.arch}/{config.model.encoder} on {device} ({precision_name}): "
+        f"training {config.model.arch}/{config.model.encoder} on {device} ({precision_label}): "
         f"{len(train_ds)} train chips, {len(val_ds) if val_ds is not None else 0} val chips, "
         f"batch {d.batch_size} x {ctx.world} process(es), epochs {start}-{t.epochs}; outputs in {out_dir}"
     )

@@ -24,15 +24,14 @@ from geoseg.evaluation.inputs import (
     EvalInput,
     Grid,
     RasterMask,
-    VectorLayer,
     VectorOnGrid,
-    _polygonal,
     open_input,
     raster_grid,
     raster_on_grid,
     read_aoi,
     vector_grid,
 )
+from geoseg.vector_io import VectorLayer, polygonal_parts
 from geoseg.evaluation.objects import (
     DEFAULT_IOU_THRESHOLD,
     ROOFTOP_CLASS,
@@ -290,7 +289,7 @@ def _clip(geoms: np.ndarray, area: Any) -> np.ndarray:
     inside = shapely.within(geoms, area)
     if not inside.all():
         geoms = geoms.copy()
-        geoms[~inside] = _polygonal(shapely.intersection(geoms[~inside], area))
+        geoms[~inside] = polygonal_parts(shapely.intersection(geoms[~inside], area))
     return geoms[~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)]
 
 

@@ -23,24 +23,19 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from geoseg.errors import GeoreferenceError, InputFileError, file_error
-from geoseg.evaluation.objects import IGNORE_INDEX, object_array
-from geoseg.raster_io import SceneInfo, check_local, open_scene, read_window
+from geoseg.errors import InputFileError, file_error
+from geoseg.evaluation.objects import IGNORE_INDEX
+from geoseg.raster_io import GRID_TOLERANCE_PX, SceneInfo, check_local, open_scene, read_window
+from geoseg.vector_io import VECTOR_SUFFIXES, VectorLayer, read_vector, same_crs
 
 logger = logging.getLogger(__name__)
 
-#: File suffixes read as vector files without trying GDAL's raster drivers first.
-VECTOR_SUFFIXES = frozenset(
-    {".gpkg", ".geojson", ".json", ".geojsonl", ".shp", ".fgb", ".gml", ".kml", ".sqlite"}
-)
 #: A mask has at most this many distinct values; more means an image or probabilities.
 MAX_MASK_VALUES = 256
 #: Pixel size (metres) of the grid on which two vector files are rasterised.
 DEFAULT_VECTOR_RESOLUTION = 0.25
 #: Side (pixels) of the blocks a raster is read in: bounds memory for any scene size.
 DEFAULT_BLOCK_SIZE = 2048
-#: Fraction of a pixel by which two grids may differ and still count as aligned.
-GRID_TOLERANCE = 1e-6
 
 FORMATS_FIX = "pass a mask GeoTIFF or a vector file (GeoPackage, GeoJSON, Shapefile)"
 
@@ -104,66 +99,15 @@ class RasterMask:
         return _transform_bounds(self.info.crs, crs, self.info.bounds)
 
 
-@dataclass(frozen=True)
-class VectorLayer:
-    """Polygons read from a vector file, one object per feature.
-
-    Attributes:
-        path: The file.
-        layer: The layer read (None for single-layer formats).
-        crs: The layer's CRS (the assumed one if the file has none).
-        geometries: Object array of polygonal shapely geometries in ``crs``.
-    """
-
-    path: Path
-    layer: str | None
-    crs: CRS
-    geometries: np.ndarray
-
-    def in_crs(self, crs: CRS) -> np.ndarray:
-        """The geometries reprojected to ``crs`` (made valid again after reprojection)."""
-        if len(self.geometries) == 0 or _same_crs(self.crs, crs):
-            return self.geometries
-        import geopandas
-
-        out = np.asarray(geopandas.GeoSeries(self.geometries, crs=self.crs).to_crs(crs).values)
-        return object_array(_polygonal(shapely.make_valid(out)))
-
-    def extent(self, crs: CRS) -> tuple[float, float, float, float] | None:
-        """Bounds in ``crs``; None when the layer has no features."""
-        geoms = self.in_crs(crs)
-        if len(geoms) == 0:
-            return None
-        return tuple(float(v) for v in shapely.total_bounds(geoms))  # type: ignore[return-value]
-
-
 EvalInput = Union[RasterMask, VectorLayer]
-
-
-def _same_crs(a: CRS, b: CRS) -> bool:
-    return a == b or a.to_wkt() == b.to_wkt()
 
 
 def _transform_bounds(
     src: CRS, dst: CRS, bounds: tuple[float, float, float, float]
 ) -> tuple[float, float, float, float]:
-    if _same_crs(src, dst):
+    if same_crs(src, dst):
         return bounds
     return tuple(rasterio.warp.transform_bounds(src, dst, *bounds, densify_pts=21))  # type: ignore
-
-
-def _polygonal(geoms: np.ndarray) -> np.ndarray:
-    """Keep only the polygonal parts of each geometry (empty polygon where none)."""
-    out = []
-    for g in geoms:
-        if g is None or g.is_empty:
-            out.append(shapely.Polygon())
-        elif g.geom_type in ("Polygon", "MultiPolygon"):
-            out.append(g)
-        else:
-            parts = [p for p in shapely.get_parts(g) if p.geom_type in ("Polygon", "MultiPolygon")]
-            out.append(shapely.union_all(parts) if parts else shapely.Polygon())
-    return object_array(out)
 
 
 def _check_exists(path: Path, fix: str) -> None:
@@ -171,100 +115,6 @@ def _check_exists(path: Path, fix: str) -> None:
         raise file_error(InputFileError, path, "file does not exist", "check the path")
     if path.is_dir():
         raise file_error(InputFileError, path, "is a folder, not a file", fix)
-
-
-def _parse_crs(assume_crs: str | CRS | None) -> CRS | None:
-    if assume_crs is None or isinstance(assume_crs, CRS):
-        return assume_crs
-    try:
-        return CRS.from_user_input(assume_crs)
-    except Exception:
-        raise GeoreferenceError(
-            f"--assume-crs {assume_crs!r} is not a CRS; pass e.g. EPSG:32633"
-        ) from None
-
-
-def read_vector(
-    path: str | os.PathLike[str],
-    *,
-    assume_crs: str | CRS | None = None,
-    fix: str = FORMATS_FIX,
-) -> VectorLayer:
-    """Read the polygons of a vector file (GeoPackage, GeoJSON, Shapefile, ...).
-
-    A file with several layers is read from its ``rooftops`` layer (the
-    layer ``geoseg predict`` writes) if it has one, else from its first layer
-    with geometries (with a warning when there are several). Geometries are made
-    valid; features without polygonal parts become empty polygons and are
-    dropped.
-
-    Args:
-        path: The file.
-        assume_crs: CRS for a file that has none.
-        fix: The fix named in errors about the file's kind.
-
-    Returns:
-        The layer.
-
-    Raises:
-        InputFileError: Missing, a URL, unreadable, or holds no polygon geometries.
-        GeoreferenceError: No CRS and none assumed.
-    """
-    import geopandas
-    import pyogrio
-
-    check_local(path)
-    p = Path(path)
-    _check_exists(p, fix)
-    try:
-        listed = [(str(name), kind) for name, kind in pyogrio.list_layers(p)]
-    except Exception as exc:  # pyogrio raises DataSourceError and plain errors alike
-        detail = str(exc).split("\n")[0]
-        raise file_error(
-            InputFileError, p, f"is not a vector file GDAL can read ({detail})", fix
-        ) from None
-    layer = None
-    if len(listed) > 1:
-        # tables without geometry (e.g. a GeoPackage's layer_styles) are not candidates
-        layers = [name for name, kind in listed if kind is not None] or [listed[0][0]]
-        layer = "rooftops" if "rooftops" in layers else layers[0]
-        if layer != "rooftops" and len(layers) > 1:
-            logger.warning("%s: has %d layers, reading the first one (%s)", p, len(layers), layer)
-    try:
-        gdf = geopandas.read_file(p, layer=layer, engine="pyogrio")
-    except Exception as exc:
-        detail = str(exc).split("\n")[0]
-        raise file_error(
-            InputFileError, p, f"is not a vector file GDAL can read ({detail})", fix
-        ) from None
-    if "geometry" not in gdf or not isinstance(gdf, geopandas.GeoDataFrame):
-        raise file_error(InputFileError, p, "has no geometry column", "pass a polygon layer")
-    crs = gdf.crs
-    if crs is None:
-        assumed = _parse_crs(assume_crs)
-        if assumed is None:
-            raise file_error(
-                GeoreferenceError, p, "has no CRS",
-                "define one (ogr2ogr -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX",
-            )
-        rio_crs = assumed
-    else:
-        rio_crs = CRS.from_wkt(crs.to_wkt())
-    geoms = object_array(gdf.geometry.values)
-    present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    geoms = geoms[present]
-    if len(geoms):
-        types = set(shapely.get_type_id(geoms).tolist())
-        polygon_types = {3, 6}  # Polygon, MultiPolygon
-        if not types & polygon_types and not types & {7}:  # 7: GeometryCollection
-            names = sorted({g.geom_type for g in geoms})
-            raise file_error(
-                InputFileError, p, f"has no polygon geometries (found {', '.join(names)})",
-                "pass a polygon layer (building outlines)",
-            )
-        geoms = _polygonal(shapely.make_valid(geoms))
-        geoms = geoms[~shapely.is_empty(geoms)]
-    return VectorLayer(path=p, layer=layer, crs=rio_crs, geometries=object_array(geoms))
 
 
 def _scan_values(src: rasterio.io.DatasetReader, path: Path, block_size: int) -> dict[float, int]:
@@ -353,13 +203,13 @@ def open_input(
     p = Path(path)
     _check_exists(p, FORMATS_FIX)
     if p.suffix.lower() in VECTOR_SUFFIXES:
-        return read_vector(p, assume_crs=assume_crs)
+        return read_vector(p, assume_crs=assume_crs, fix=FORMATS_FIX)
     try:
         with rasterio.open(p):
             pass
     except (RasterioIOError, RasterioError):
         try:
-            return read_vector(p, assume_crs=assume_crs)
+            return read_vector(p, assume_crs=assume_crs, fix=FORMATS_FIX)
         except InputFileError as exc:
             if "is not a vector file" not in str(exc):
                 raise
@@ -438,16 +288,18 @@ def raster_grid(mask: RasterMask) -> Grid:
 
 def _integer_offset(info: SceneInfo, grid: Grid) -> tuple[int, int] | None:
     """(col, row) offset of the grid in the raster's pixels when both grids align, else None."""
-    t, g = info.transform, grid.transform
-    if not _same_crs(info.crs, grid.crs):
+    if not same_crs(info.crs, grid.crs):
         return None
-    pairs = ((t.a, g.a), (t.b, g.b), (t.d, g.d), (t.e, g.e))
-    if any(abs(x - y) > GRID_TOLERANCE * abs(t.a) for x, y in pairs):
-        return None
-    col, row = ~t @ (g.c, g.f)
-    if abs(col - round(col)) > GRID_TOLERANCE or abs(row - round(row)) > GRID_TOLERANCE:
-        return None
-    return round(col), round(row)
+    to_raster = ~info.transform
+    col, row = to_raster @ (grid.transform.c, grid.transform.f)
+    dc, dr = round(col), round(row)
+    # Every corner of the grid within GRID_TOLERANCE_PX of the raster pixel corner it should be:
+    # also bounds the drift of slightly different pixel sizes over the whole grid.
+    for c, r in ((0, 0), (grid.width, 0), (0, grid.height), (grid.width, grid.height)):
+        x, y = to_raster @ (grid.transform @ (c, r))
+        if abs(x - (c + dc)) > GRID_TOLERANCE_PX or abs(y - (r + dr)) > GRID_TOLERANCE_PX:
+            return None
+    return dc, dr
 
 
 @contextlib.contextmanager

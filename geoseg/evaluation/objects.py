@@ -33,6 +33,7 @@ from affine import Affine
 
 from geoseg.errors import ConfigError
 from geoseg.encoding import IGNORE_INDEX  # mask value ignored by losses and metrics
+from geoseg.vector_io import object_array
 
 logger = logging.getLogger(__name__)
 
@@ -158,14 +159,6 @@ def _check_threshold(iou_threshold: float) -> None:
         raise ConfigError(
             f"iou_threshold should be in (0, 1], got {iou_threshold!r}; pass e.g. 0.5 (SpaceNet)"
         )
-
-
-def object_array(geoms: Iterable[Any]) -> np.ndarray:
-    """A 1-D object array of geometries (never a 2-D array, whatever the items are)."""
-    items = list(geoms)
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
 
 
 def _geometry_array(polys: Iterable[Any] | None) -> np.ndarray:

@@ -151,6 +151,7 @@ def predict_files(
     rescale: bool = False,
     extra_outputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
     publication: Publication | None = None,
+    keep_polygons: bool = False,
 ) -> PredictSummary:
     """Predict scenes and write all their polygons into one layer (and rasters if asked).
 
@@ -188,6 +189,10 @@ def predict_files(
             none existing without ``overwrite``.
         publication: Publish the outputs with this publication's others when it ends (the
             caller's previews) instead of when this call returns.
+        keep_polygons: Also return each scene's polygons in ``results`` (memory grows with
+            the number of buildings). Otherwise, in a single process, polygons go to a
+            temporary GeoPackage batch by batch as they are found (``export.PolygonSpool``)
+            and ``results[i].polygons`` is None (``polygon_count`` holds the count).
 
     Returns:
         What was written.
@@ -199,7 +204,7 @@ def predict_files(
             first); a failed write (disk full, ...), after which nothing is left behind.
         GeosegError: Any bad input, before anything is written.
     """
-    from geoseg.export import SHAPEFILE_PARTS, check_vector_output, driver_for, write_polygons
+    from geoseg.export import SHAPEFILE_PARTS, PolygonSpool, check_vector_output, driver_for, write_polygons
 
     scene_paths = resolve_scenes(scenes)
     names = scene_names(scene_paths)
@@ -230,6 +235,8 @@ def predict_files(
     shard = shard_from_env()
     mine = [i for i, r in enumerate(assign_scenes(sizes, shard.world)) if r == shard.rank]
     run_device = rank_device(device, shard)
+    first_crs = open_scene(scene_paths[0], assume_crs=assume_crs).crs  # the layer's CRS
+    spool: PolygonSpool | None = None  # single process, polygons not kept: streamed to disk
     own_rasters = [p for i in mine for p in (masks[i], probs[i]) if p is not None]
     results: list[PredictionResult] = []
 
@@ -253,6 +260,7 @@ def predict_files(
                 scene_name=names[i], temp_dir=out_path.parent if out_path.parent.exists()
                 else None, progress=cb, overwrite=True, compile_model=compile, instances=instances,
                 seed_threshold=seed_threshold, min_seed_area=min_seed_area, rescale=rescale,
+                polygon_sink=spool.append if spool is not None else None,
             )
             res.mask_path, res.prob_path = mpath, ppath
             results.append(res)
@@ -265,6 +273,9 @@ def predict_files(
         """Rank 0 (or the only process) writes the one layer; under torchrun from every rank's partials."""
         if shard.rank != 0:
             return None
+        if spool is not None:
+            spool.write(out_path, overwrite=overwrite, publication=pub)
+            return spool.count
         if shard.active:
             frames = read_partials(partials, range(len(scene_paths)))
         write_polygons(frames, out_path, overwrite=overwrite, publication=pub)
@@ -279,6 +290,8 @@ def predict_files(
             made = group.run(lambda: pub.folder(out_path.parent, name="partials", output=out_path)
                              if shard.rank == 0 else None)
             partials = group.gather(made)[0]
+        if not shard.active and not keep_polygons:
+            spool = PolygonSpool(pub.folder(out_path.parent, name="spool", output=out_path), crs=first_crs)
         frames = group.run(predict_share)
         features = group.gather(group.run(merge, frames))[0]
     return PredictSummary(out=out_path, features=features, results=tuple(results), shard=shard)

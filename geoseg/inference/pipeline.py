@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import rasterio
@@ -34,16 +34,8 @@ from geoseg.inference.checks import (
 )
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype
 from geoseg.inference.outputs import RasterSink, output_tile
-from geoseg.inference.runtime import (
-    ChipPredictor,
-    compile_wanted,
-    keep_heap_flat,
-    precision_name,
-    resolve_device,
-    resolve_precision,
-    rooftop_index,
-    torch_threads,
-)
+from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads
+from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
 from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.streams import BlockData, BlockReader, CoreWriter, FinishedCore
@@ -81,7 +73,8 @@ class PredictionResult:
         name: Scene name (the ``scene`` attribute of its polygons).
         mask_path: Class mask written, or None.
         prob_path: Probability raster written, or None.
-        polygons: The polygons (scene CRS), or None when not asked for.
+        polygons: The polygons (scene CRS), or None when not asked for or handed to a sink.
+        polygon_count: How many polygons the scene gave (also when handed to a sink).
         width: Scene width in pixels.
         height: Scene height in pixels.
         chips_total: Chips in the grid.
@@ -124,6 +117,7 @@ class PredictionResult:
     overlap: int = 0
     block_size: int = 0
     compiled: bool = False
+    polygon_count: int = 0
 
     @property
     def chips_per_s(self) -> float:
@@ -163,6 +157,7 @@ def predict_scene(
     seed_threshold: float = 0.5,
     min_seed_area: float = MIN_SEED_AREA,
     rescale: bool = False,
+    polygon_sink: Callable[[Any], None] | None = None,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -205,6 +200,10 @@ def predict_scene(
         min_seed_area: Seeds smaller than this (m²) are ignored.
         rescale: Map the scene's values linearly onto the range the model learned, per band
             (``checks.check_value_range``), instead of refusing a scene far outside it.
+        polygon_sink: With ``polygons``: hand each batch of finished polygons (a GeoDataFrame)
+            to this callable as the scene is predicted (e.g. ``export.PolygonSpool.append``)
+            instead of returning them; ``result.polygons`` is then None and
+            ``result.polygon_count`` says how many there were.
 
     Returns:
         Paths, polygons, chip counts and stage timings.
@@ -233,8 +232,8 @@ def predict_scene(
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold should be a probability in [0, 1], got {threshold}")
     split = _wants_instances(instances, meta, seed_threshold, min_seed_area)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dev = resolve_device(device, setting="device")
+    dtype = resolve_precision(precision, dev, setting="precision").dtype
     if batch_size is None:
         batch_size = GPU_BATCH if dev.type == "cuda" else CPU_BATCH
     if batch_size < 1:
@@ -263,7 +262,7 @@ def predict_scene(
             simplify=simplify, regularize=regularize,
             scene_name=scene_name or scene_path.stem, threads=threads, read_workers=read_workers,
             compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
-            min_seed_area=min_seed_area,
+            min_seed_area=min_seed_area, polygon_sink=polygon_sink,
         )
     result.mask_path = Path(mask_out) if mask_out else None
     result.prob_path = Path(prob_out) if prob_out else None
@@ -305,6 +304,7 @@ def _run(
     split: bool,
     seed_threshold: float,
     min_seed_area: float,
+    polygon_sink: Callable[[Any], None] | None = None,
 ) -> PredictionResult:
     from geoseg import vectorize
     from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
@@ -342,7 +342,7 @@ def _run(
         )
         builder = vectorize.PolygonBuilder(
             transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
-            simplify=simplify, regularize=regularize, class_names=names,
+            simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
         )
     writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=poly, builder=builder,
                         strip_rows=vectorize.strip_height(W), width=W, splitter=splitter)
@@ -396,9 +396,10 @@ def _run(
     check_rooftop_share(info.path, work.rooftop_pixels, work.valid_pixels)
     return PredictionResult(
         scene=info.path, name=scene_name, mask_path=None, prob_path=None, polygons=frame,
+        polygon_count=builder.count if builder is not None else 0,
         width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
         blocks=len(blocks), seconds=time.perf_counter() - t_start, stages=work.stages, device=str(dev),
-        precision=precision_name(dtype), threads=n_threads, batch_size=batch_size, overlap=overlap,
+        precision=precision_name(predictor.autocast_dtype), threads=n_threads, batch_size=batch_size, overlap=overlap,
         block_size=block, compiled=predictor.compiled,
     )
 

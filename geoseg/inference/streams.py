@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import queue
 import threading
 import time
@@ -13,7 +10,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -22,6 +19,7 @@ from rasterio.windows import Window
 
 from geoseg.encoding import stored_to_probability
 from geoseg.inference.outputs import RasterSink
+from geoseg.inference.runtime import release_free_heap
 from geoseg.raster_io import read_window
 from geoseg.tiling import Block
 
@@ -33,26 +31,6 @@ if TYPE_CHECKING:
 WRITE_QUEUE = 2
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows, musl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    return None
-
-
-def release_free_heap() -> None:
-    """Hand the C heap's free pages back to the system.
-
-    The writer's strips, the split's per-building arrays and the polygons are many
-    medium-sized allocations made by several threads; glibc keeps the memory they
-    free in its arenas, so without this a long scene's resident memory creeps up with
-    its length (about 250 MB retained after an 8000² instances run, measured) although
-    the live data stays bounded. Called once per row of blocks: a few milliseconds.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 @dataclass
