@@ -526,8 +526,8 @@ def benchmark_command(
     for p in points:
         split = f", split {p.stages['split']:.1f} s" if "split" in p.stages else ""
         click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
-                   f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB, vectorise "
-                   f"{p.stages.get('vectorise', 0.0):.1f} s{split}")
+                   f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB, {p.polygons} polygons, "
+                   f"vectorise {p.stages.get('vectorise', 0.0):.1f} s{split}")
 
 
 def _benchmark_agreement(

@@ -375,6 +375,7 @@ class ScalingPoint:
     chips_per_s: float
     peak_rss_mb: float
     stages: dict[str, float] = field(default_factory=dict)
+    polygons: int = 0  # streamed to disk and written as geoseg predict writes them
 
 
 def _terraces_for(meta: Any) -> float:
@@ -434,15 +435,23 @@ def _scaling_worker(args: dict[str, Any]) -> dict[str, Any]:
     model, meta, _ = _benchmark_model(
         args["model_path"], arch=args["arch"], encoder=args["encoder"], chip_size=256
     )
+    from geoseg.export import PolygonSpool
+
+    folder = Path(args["out"]).parent
+    spool = PolygonSpool(folder)  # as geoseg predict: polygons streamed to disk, then the layer written
     res = predict_scene(
         args["scene"], model, meta, mask_out=args["out"], polygons=True,
         batch_size=args["batch_size"], device=args["device"], precision=args["precision"],
-        temp_dir=str(Path(args["out"]).parent), compile_model=bool(args.get("compile", False)),
+        temp_dir=str(folder), compile_model=bool(args.get("compile", False)), polygon_sink=spool.append,
     )
+    spool.write(folder / "roofs.gpkg", overwrite=True)
+    for p in (spool.path, folder / "roofs.gpkg"):
+        p.unlink(missing_ok=True)
     return {
         "width": res.width, "height": res.height, "chips": res.chips_predicted,
         "seconds": round(res.seconds, 2), "chips_per_s": round(res.chips_per_s, 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1), "stages": {k: round(v, 3) for k, v in res.stages.items()},
+        "polygons": res.polygon_count,
     }
 
 

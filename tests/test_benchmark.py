@@ -87,3 +87,18 @@ def test_peak_rss_of_a_fresh_process_is_its_own_not_its_parents() -> None:
                            capture_output=True, text=True, check=True)
     assert parent > 600 and float(child.stdout) < 300
     del ballast
+
+
+def test_scaling_runs_each_size_in_a_fresh_process_as_predict_does(tmp_path, monkeypatch) -> None:
+    """One point per size, polygons streamed and written as `geoseg predict` writes them, nothing left."""
+    import tempfile
+
+    from geoseg.benchmark import scaling
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    points = scaling([300], encoder="resnet18", batch_size=4, precision="32", device="cpu")
+    assert [(p.width, p.height) for p in points] == [(300, 300)]
+    p = points[0]
+    assert p.chips == 4 and p.seconds > 0 and p.peak_rss_mb > 100 and p.polygons >= 0
+    assert set(p.stages) >= {"read", "model", "blend_write", "vectorise"}
+    assert list(tmp_path.iterdir()) == []
