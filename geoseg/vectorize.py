@@ -277,9 +277,22 @@ class StripPolygonizer:
         for rid, rec in new_records.items():
             if rid in still_open:
                 self._open[rid] = rec
+                self._own_chunks(rid)
             else:
                 self._finalise(rid, rec)
         self._prev_ids = last_row_ids
+
+    def _own_chunks(self, rid: int) -> None:
+        """Copy an open component's pixel chunks that are views of this strip's arrays.
+
+        A view keeps its strip's whole arrays (every object pixel of the strip) alive; a
+        component open across many strips (a long row of touching roofs) would then hold
+        every strip it crossed: 1.3 GB more at 20000² with such rows, measured.
+        """
+        chunks = self._chunks.get(rid)
+        if chunks:
+            self._chunks[rid] = [c if all(a.base is None for a in c.values())
+                                 else {k: a.copy() for k, a in c.items()} for c in chunks]
 
     def _strip_chunks(
         self,

@@ -233,3 +233,28 @@ def test_vectorising_a_mask_does_not_import_torch(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "False"]
+
+
+def test_open_components_keep_their_own_pixels_not_views_of_whole_strips():
+    """A component open across strips must not pin the strips' arrays (views would keep every
+    object pixel of every strip it crossed alive: memory growing with the scene's height)."""
+    from geoseg.vectorize import StripPolygonizer
+
+    h, w = 60, 40
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[:, 5:8] = 1  # a column of roof through every strip
+    mask[2:4, 20:30] = 1  # small components that finish inside strips
+    mask[22:25, 20:30] = 1
+    seed = mask.astype(bool)
+    elev = np.zeros((h, w), dtype=np.uint8)
+    poly = StripPolygonizer(width=w, height=h, keep_pixels=("seed", "elevation"))
+    for r0 in range(0, h, 10):
+        sl = slice(r0, r0 + 10)
+        poly.add_strip(r0, mask[sl], mask[sl].astype(np.float32), {"seed": seed[sl], "elevation": elev[sl]})
+        for rid in poly._open:
+            for chunk in poly._chunks[rid]:
+                assert all(a.base is None for a in chunk.values()), f"strip {r0}: a kept chunk is a view"
+    done = poly.take_finished() + poly.finish()
+    column = [r for r in done if r.count == 3 * h]
+    assert len(column) == 1 and len(column[0].pixels["row"]) == 3 * h
+    assert sorted(column[0].pixels["row"].tolist()) == sorted(list(range(h)) * 3)
