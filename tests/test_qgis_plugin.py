@@ -562,6 +562,16 @@ def _qgis_process() -> str | None:
     return str(binary) if binary.exists() else found
 
 
+def _outside_venv(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without this virtual environment's folders on PATH: qgis_process's embedded Python
+    finds its home through ``python3`` on PATH, and an activated venv (as in .ci/run) would give
+    it the venv's interpreter and standard library instead of the system's (no ``qgis`` module)."""
+    venv = Path(sys.prefix).resolve()
+    keep = [p for p in env.get("PATH", "").split(os.pathsep)
+            if p and not Path(p).resolve().is_relative_to(venv)]
+    return {**env, "PATH": os.pathsep.join(keep)}
+
+
 def test_qgis_process_runs_find_rooftops(tmp_path, qgis_home, checkpoint, scenes, cli_prediction):
     missing = _qgis_missing()
     if missing:
@@ -573,7 +583,7 @@ def test_qgis_process_runs_find_rooftops(tmp_path, qgis_home, checkpoint, scenes
     run = subprocess.run(
         [program, "--json", "run", "geoseg:findrooftops", "--", f"INPUT={scenes['tiny']}", f"MODEL={checkpoint}",
          *args, f"OUTPUT={tmp_path / 'roofs.gpkg'}"],
-        capture_output=True, text=True, env={**_qgis_env(), "QGIS_CUSTOM_CONFIG_PATH": str(qgis_home)},
+        capture_output=True, text=True, env={**_outside_venv(_qgis_env()), "QGIS_CUSTOM_CONFIG_PATH": str(qgis_home)},
         timeout=SESSION_TIMEOUT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = json.loads(run.stdout)
