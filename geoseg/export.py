@@ -93,20 +93,27 @@ def combine_frames(frames: Sequence["geopandas.GeoDataFrame"]) -> "geopandas.Geo
     if not frames:
         raise ValueError("no polygons to combine")
     target = frames[0].crs
-    parts = []
-    for frame in frames:
-        if frame.crs is not None and target is not None and not frame.crs.equals(target):
-            scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
-            log.warning(
-                "reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
-                scenes, frame.crs.to_string(), target.to_string(),
-            )
-            frame = frame.to_crs(target)
-        parts.append(frame)
+    parts = [_in_layer_crs(frame, target) for frame in frames]
     combined = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs=target)
     if "id" in combined:
         combined["id"] = range(1, len(combined) + 1)
     return combined
+
+
+def _in_layer_crs(
+    frame: "geopandas.GeoDataFrame", target: object, *, warned: set[str] | None = None,
+) -> "geopandas.GeoDataFrame":
+    """``frame`` in the layer's CRS ``target`` (the first scene's), with a warning per scene
+    reprojected (once per scene when ``warned`` collects the scenes already named)."""
+    if frame.crs is None or target is None or frame.crs.equals(target):
+        return frame
+    scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
+    if warned is None or scenes not in warned:
+        if warned is not None:
+            warned.add(scenes)
+        log.warning("reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
+                    scenes, frame.crs.to_string(), target.to_string())  # type: ignore[attr-defined]
+    return frame.to_crs(target)
 
 
 def write_polygons(
@@ -213,13 +220,7 @@ class PolygonSpool:
         """Add a batch (columns as :meth:`~geoseg.vectorize.PolygonBuilder.frame`; ``id`` is renumbered)."""
         if self.crs is None:
             self.crs = frame.crs
-        if frame.crs is not None and self.crs is not None and not frame.crs.equals(self.crs):
-            scenes = ", ".join(sorted(set(frame["scene"]))) if len(frame) else "a scene"
-            if scenes not in self._warned:
-                self._warned.add(scenes)
-                log.warning("reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
-                            scenes, frame.crs.to_string(), self.crs.to_string())  # type: ignore[attr-defined]
-            frame = frame.to_crs(self.crs)
+        frame = _in_layer_crs(frame, self.crs, warned=self._warned)
         if self._template is None:
             self._template = frame.iloc[:0].copy()
         if not len(frame):
