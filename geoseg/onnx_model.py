@@ -143,17 +143,19 @@ class OnnxModel(nn.Module):
         path: The ONNX file.
         meta: Its self-description.
         runs_own_precision: True: ``ChipPredictor`` neither autocasts nor compiles it, and
-            a prediction reports the fp32 it really runs in.
+            a prediction reports the precision it really runs in.
+        precision: ``"32"`` (fp32), or ``"int8"`` for a model quantised by :mod:`geoseg.quantize`.
     """
 
     runs_own_precision = True
 
     def __init__(self, path: str | os.PathLike[str], *, meta: CheckpointMeta,
-                 session: "onnxruntime.InferenceSession | None" = None) -> None:
+                 session: "onnxruntime.InferenceSession | None" = None, precision: str = "32") -> None:
         """Wrap an ONNX file (see :func:`load_onnx_model`, which checks it first)."""
         super().__init__()
         self.path = Path(path)
         self.meta = meta
+        self.precision = precision
         self._sessions: dict[tuple[str, int], Any] = {}
         if session is not None:
             self._sessions[("cpu", session.get_session_options().intra_op_num_threads)] = session
@@ -212,8 +214,8 @@ class OnnxModel(nn.Module):
             )
         if _autocast_on(x.device) and "autocast" not in self._warned:
             self._warned.add("autocast")
-            log.info("%s: ONNX Runtime runs the model in fp32; the mixed precision asked for applies to "
-                     "torch models only", self.path)
+            log.info("%s: ONNX Runtime runs the model in %s; the mixed precision asked for applies to "
+                     "torch models only", self.path, "int8" if self.precision == "int8" else "fp32")
         session, cuda, index = self._session_for(x.device)
         chips = x.detach().to(dtype=torch.float32, device=x.device if cuda else "cpu").contiguous()
         out = torch.empty((chips.shape[0], meta.out_channels, *chips.shape[2:]), dtype=torch.float32,
@@ -232,7 +234,8 @@ class OnnxModel(nn.Module):
     def extra_repr(self) -> str:
         """Shown by ``print(model)``."""
         m = self.meta
-        return f"{self.path}, {m.arch}/{m.encoder}, {m.in_channels} bands, {m.chip_size} px chips, {m.out_channels} outputs"
+        return (f"{self.path}, {m.arch}/{m.encoder}, {m.in_channels} bands, {m.chip_size} px chips, "
+                f"{m.out_channels} outputs, {'int8' if self.precision == 'int8' else 'fp32'}")
 
 
 def _check_graph(session: Any, meta: CheckpointMeta, path: Path) -> None:
@@ -265,10 +268,15 @@ def load_onnx_model(path: str | os.PathLike[str]) -> tuple[OnnxModel, Checkpoint
     if p.is_dir():
         raise file_error(CheckpointError, p, "is a folder, not an ONNX model",
                          "pass a model written by geoseg export-model")
+    from geoseg.quantize import quantization_of
+
     session = _session(p, cuda_device=None, threads=torch.get_num_threads())
-    meta = meta_from_props(session.get_modelmeta().custom_metadata_map, p)
+    props = session.get_modelmeta().custom_metadata_map
+    meta = meta_from_props(props, p)
     _check_graph(session, meta, p)
-    return OnnxModel(p, meta=meta, session=session), meta
+    quantized = quantization_of(props)
+    precision = "int8" if quantized and quantized.get("precision") == "int8" else "32"
+    return OnnxModel(p, meta=meta, session=session, precision=precision), meta
 
 
 def read_onnx_meta(path: str | os.PathLike[str]) -> CheckpointMeta:

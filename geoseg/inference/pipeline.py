@@ -34,7 +34,7 @@ from geoseg.inference.checks import (
 )
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype
 from geoseg.inference.outputs import RasterSink, output_tile
-from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads
+from geoseg.devices import resolve_device, resolve_precision, torch_threads
 from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
 from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.models import INSTANCE_CHANNELS
@@ -399,7 +399,7 @@ def _run(
         polygon_count=builder.count if builder is not None else 0,
         width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
         blocks=len(blocks), seconds=time.perf_counter() - t_start, stages=work.stages, device=str(dev),
-        precision=precision_name(predictor.autocast_dtype), threads=n_threads, batch_size=batch_size, overlap=overlap,
+        precision=predictor.precision, threads=n_threads, batch_size=batch_size, overlap=overlap,
         block_size=block, compiled=predictor.compiled,
     )
 

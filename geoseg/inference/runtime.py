@@ -171,9 +171,9 @@ class ChipPredictor:
             raise ConfigError(f"normalisation std {tuple(std)} has a zero; the checkpoint is broken")
         if getattr(model, "runs_own_precision", False):  # autocast cannot reach it; compiling gains nothing
             if autocast_dtype is not None or compile:
-                log.info("%s: runs in its own precision (fp32 for ONNX Runtime); the mixed precision and "
+                log.info("%s: runs in its own precision (%s); the mixed precision and "
                          "torch.compile asked for apply to torch models only",
-                         getattr(model, "path", type(model).__name__))
+                         getattr(model, "path", type(model).__name__), getattr(model, "precision", "32"))
             autocast_dtype, compile = None, False
         self.device = device
         self.autocast_dtype = autocast_dtype
@@ -191,6 +191,13 @@ class ChipPredictor:
             self.model = compiled_model(self.eager, device)
         self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device)
         self.inv_std = 1.0 / torch.tensor([float(s) for s in std], dtype=torch.float32, device=device)
+
+    @property
+    def precision(self) -> str:
+        """The precision the model really runs in: ``"32"``, ``"bf16"``, ``"16"`` or ``"int8"``."""
+        if getattr(self.eager, "runs_own_precision", False):
+            return str(getattr(self.eager, "precision", "32"))
+        return precision_name(self.autocast_dtype)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -334,5 +341,5 @@ def model_throughput(
     med = times[len(times) // 2]
     return Throughput(
         chips_per_s=batch_size / med, seconds=med, batch_size=batch_size, repeats=repeats,
-        device=str(dev), precision=precision_name(predictor.autocast_dtype), threads=n,
+        device=str(dev), precision=predictor.precision, threads=n,
     )

@@ -1,0 +1,245 @@
+"""int8 models for the CPU: post-training static quantisation of an exported model with ONNX Runtime.
+
+``predict --precision int8`` (and ``benchmark``, and ``export-model --int8``) turn a
+checkpoint into an int8 ONNX graph: the fp32 graph of :mod:`geoseg.model_export`,
+calibrated on chips of the scenes being predicted, quantised by ONNX Runtime's
+maintained static quantiser (QDQ format, int8 weights per output channel, uint8
+activations, min/max calibration) and run by :class:`geoseg.onnx_model.OnnxModel`.
+
+Why ONNX Runtime: measured against PyTorch's own paths on the same machine, it was
+the fastest (see the README's Speed section), and it needs no C++ compiler at run time
+(PyTorch's PT2E x86 quantiser runs through ``torch.compile``/inductor).
+
+Why the scenes' own chips for calibration: they work with every checkpoint ever
+written (none stores training chips), they calibrate the activation ranges on the
+imagery actually predicted (its brightness and value range), and they cost a few
+seconds. The chips are spread evenly over the scenes (a regular grid, skipping chips
+that are mostly nodata), so the result depends only on the model and the scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from geoseg.errors import ModelError, file_error
+from geoseg.models import CheckpointMeta
+
+log = logging.getLogger(__name__)
+
+#: ``metadata_props`` key that marks a quantised geoseg model (JSON: precision, calibration).
+QUANT_KEY = "geoseg_quantization"
+#: Chips the activation ranges are calibrated on (ONNX Runtime's examples use tens to hundreds).
+CALIBRATION_CHIPS = 32
+#: Chips per calibration batch.
+_CALIBRATION_BATCH = 4
+#: A calibration chip is skipped when less than this share of it is valid data.
+_MIN_VALID = 0.5
+#: The fix for a missing quantiser.
+INSTALL_HINT = "pip install 'geoseg[onnx]' (onnx and onnxruntime)"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What an int8 model was calibrated on.
+
+    Attributes:
+        chips: Normalised chips (N, bands, chip, chip) float32, as the model sees them.
+        sources: Name of the scene of each chip.
+    """
+
+    chips: np.ndarray
+    sources: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        """The record stored in the quantised model's metadata."""
+        names = sorted(set(self.sources))
+        return {"chips": int(self.chips.shape[0]), "scenes": names[:20], "method": "minmax",
+                "format": "QDQ", "weights": "int8 per channel", "activations": "uint8"}
+
+
+def _grid(width: int, height: int, chip: int, count: int) -> list[tuple[int, int]]:
+    """At most ``count`` chip offsets ``(row, col)`` on a regular grid spread over the whole scene.
+
+    The grid has about the scene's aspect ratio; its first and last chips touch the scene's
+    edges (a scene smaller than a chip gives one chip at the origin, read with padding).
+    """
+    span_y, span_x = max(height - chip, 0), max(width - chip, 0)
+    rows = max(1, min(count, round(math.sqrt(count * (span_y + chip) / (span_x + chip)))))
+    cols = max(1, count // rows)
+    ys = np.linspace(0, span_y, rows).round().astype(int) if rows > 1 else np.array([span_y // 2])
+    xs = np.linspace(0, span_x, cols).round().astype(int) if cols > 1 else np.array([span_x // 2])
+    return sorted({(int(y), int(x)) for y in ys for x in xs})
+
+
+def calibration_chips(
+    scenes: Sequence[str | os.PathLike[str]],
+    meta: CheckpointMeta,
+    *,
+    count: int = CALIBRATION_CHIPS,
+) -> Calibration:
+    """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
+
+    Each scene gives a regular grid of about ``count / len(scenes)`` chips over its whole
+    extent, read with the model's bands and normalised with its mean and std, exactly as
+    prediction feeds them; chips with less than half valid pixels are skipped unless the
+    scene has no other.
+
+    Raises:
+        GeosegError: A scene cannot be read (the reader's own one-line errors).
+        ModelError: No scene gives a single chip.
+    """
+    from rasterio.windows import Window
+
+    from geoseg.raster_io import open_raster, read_window
+
+    chip = int(meta.chip_size)
+    mean = np.asarray(meta.mean, np.float32)[:, None, None]
+    inv_std = (1.0 / np.asarray(meta.std, np.float32))[:, None, None]
+    per_scene = max(1, math.ceil(count / max(len(scenes), 1)))
+    chips: list[np.ndarray] = []
+    sources: list[str] = []
+    for scene in scenes:
+        kept: list[np.ndarray] = []
+        empty: list[np.ndarray] = []
+        with open_raster(scene) as src:
+            for row, col in _grid(src.width, src.height, chip, per_scene):
+                data, valid = read_window(src, Window(col, row, chip, chip), bands=list(meta.bands))
+                normalised = (data.astype(np.float32) - mean) * inv_std
+                (kept if valid.mean() >= _MIN_VALID else empty).append(normalised)
+        picked = kept or empty  # a scene of nodata only still calibrates what prediction will feed
+        chips.extend(picked)
+        sources.extend([Path(scene).name] * len(picked))
+        if len(chips) >= count:
+            break
+    if not chips:
+        raise ModelError("no chip could be read from the scenes to calibrate the int8 model; "
+                         "pass at least one readable scene")
+    return Calibration(np.ascontiguousarray(np.stack(chips[:count]), dtype=np.float32), tuple(sources[:count]))
+
+
+def _quantiser(path: Path) -> Any:
+    try:
+        import onnx
+        import onnxruntime.quantization as quantization
+    except ImportError:
+        raise file_error(ModelError, path, "cannot be quantised to int8: ONNX Runtime's quantiser is not installed",
+                         INSTALL_HINT) from None
+    return onnx, quantization
+
+
+def quantize_onnx(
+    fp32_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calibration: Calibration,
+) -> Path:
+    """Write an int8 (QDQ) copy of a geoseg fp32 ONNX model, calibrated on ``calibration``.
+
+    The geoseg description of the fp32 model is kept, and :data:`QUANT_KEY` records the
+    precision and what it was calibrated on. ``out``'s folder must exist; ``out`` is written
+    directly (callers write into a temporary folder and publish).
+
+    Raises:
+        ModelError: The quantiser is missing or fails on this graph.
+    """
+    from geoseg.onnx_model import INPUT_NAME
+
+    src, dst = Path(fp32_path), Path(out)
+    onnx, quantization = _quantiser(src)
+    prepared = dst.with_name(dst.stem + ".prepared.onnx")
+    chips = calibration.chips
+
+    class Reader(quantization.CalibrationDataReader):  # type: ignore[misc]  # untyped base class
+        def __init__(self) -> None:
+            self._batches = iter([{INPUT_NAME: chips[i:i + _CALIBRATION_BATCH]}
+                                  for i in range(0, len(chips), _CALIBRATION_BATCH)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    start = time.perf_counter()
+    try:
+        # Graph clean-up (constant folding, shape inference) before quantising, as ORT recommends.
+        quantization.shape_inference.quant_pre_process(os.fspath(src), os.fspath(prepared),
+                                                       skip_symbolic_shape=True)
+        quantization.quantize_static(
+            os.fspath(prepared), os.fspath(dst), Reader(),
+            quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+            calibrate_method=quantization.CalibrationMethod.MinMax,
+        )
+    except Exception as exc:  # the quantiser raises whatever its graph passes raise
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise file_error(ModelError, src, f"could not be quantised to int8 ({detail})",
+                         "predict with --precision 32 or bf16") from None
+    finally:
+        prepared.unlink(missing_ok=True)
+        for leftover in dst.parent.glob("*augmented_model*.onnx"):  # the calibrator's scratch graph
+            leftover.unlink(missing_ok=True)
+    described = onnx.load(os.fspath(src), load_external_data=False).metadata_props
+    model = onnx.load(os.fspath(dst))
+    del model.metadata_props[:]
+    for prop in described:
+        if prop.key != QUANT_KEY:
+            model.metadata_props.add(key=prop.key, value=prop.value)
+    model.metadata_props.add(key=QUANT_KEY, value=json.dumps({"precision": "int8", **calibration.describe()},
+                                                             sort_keys=True))
+    onnx.save(model, os.fspath(dst))
+    log.info("quantised %s to int8 in %.1f s (%d calibration chips)", src.name, time.perf_counter() - start,
+             len(chips))
+    return dst
+
+
+def quantization_of(props: dict[str, str]) -> dict[str, Any] | None:
+    """The quantisation record of a model's ``metadata_props`` (None: a float model)."""
+    raw = props.get(QUANT_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def int8_model(
+    model_path: str | os.PathLike[str],
+    scenes: Sequence[str | os.PathLike[str]],
+    workdir: str | os.PathLike[str],
+    *,
+    count: int = CALIBRATION_CHIPS,
+) -> tuple[Any, CheckpointMeta]:
+    """An int8 :class:`~geoseg.onnx_model.OnnxModel` for a checkpoint or ONNX model, calibrated on ``scenes``.
+
+    A ``.pt`` is exported to ONNX first; an ONNX model that is already int8 is used as it
+    is. The files are written in ``workdir`` (a temporary folder the caller removes).
+
+    Returns:
+        ``(model, meta)`` as ``load_checkpoint`` gives them.
+    """
+    from geoseg.onnx_model import ONNX_SUFFIX, load_onnx_model
+
+    path, work = Path(model_path), Path(workdir)
+    if path.suffix.lower() == ONNX_SUFFIX:
+        model, meta = load_onnx_model(path)
+        if model.precision == "int8":
+            return model, meta
+        fp32 = path
+    else:
+        from geoseg.model_export import export_model
+
+        fp32 = export_model(path, out=work / "model.onnx", format="onnx").path
+        from geoseg.onnx_model import read_onnx_meta
+
+        meta = read_onnx_meta(fp32)
+    calibration = calibration_chips(scenes, meta, count=count)
+    quantized = quantize_onnx(fp32, work / "model.int8.onnx", calibration)
+    return load_onnx_model(quantized)

@@ -1,0 +1,177 @@
+"""int8 models: calibration chips from the scenes, ONNX Runtime static quantisation, the int8 OnnxModel.
+
+One small DeepLabV3+ (resnet18, random weights made decisive, 64 px chips) is exported and
+quantised once per module; the int8 graph must really be int8 (QDQ nodes, int8 weights), keep
+the geoseg description, record its calibration, and give nearly the fp32 model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from geoseg.errors import ModelError
+from geoseg.models import create_model, save_checkpoint
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from geoseg.model_export import export_model  # noqa: E402
+from geoseg.onnx_model import METADATA_KEY, load_onnx_model, meta_from_props  # noqa: E402
+from geoseg.quantize import (  # noqa: E402
+    QUANT_KEY, Calibration, _grid, calibration_chips, int8_model, quantize_onnx,
+)
+from test_model_export import CHIP, _decisive, _meta  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory, _scene_cache):
+    """(checkpoint, fp32 onnx, torch model, meta, scene) of a decisive random model."""
+    folder = tmp_path_factory.mktemp("quant")
+    torch.manual_seed(0)
+    model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
+    meta = _meta()
+    scene = _scene_cache["synthetic"][0].image
+    _decisive(model, scene, meta)
+    ckpt = save_checkpoint(folder / "model.pt", model, meta)
+    out = export_model(ckpt, out=folder / "model.onnx", format="onnx").path
+    return ckpt, out, model.eval(), meta, scene
+
+
+@pytest.fixture(scope="module")
+def int8(fp32, tmp_path_factory):
+    """(int8 onnx, its calibration) quantised into a folder of its own."""
+    _, onnx_path, _, meta, scene = fp32
+    folder = tmp_path_factory.mktemp("int8")
+    calibration = calibration_chips([scene], meta, count=8)
+    return quantize_onnx(onnx_path, folder / "model.int8.onnx", calibration), calibration
+
+
+def test_grid_spreads_chips_over_the_whole_scene():
+    # 2 x 2 for a 3:2 scene: the corners (the last chips touch the right and bottom edges).
+    assert _grid(300, 200, 64, 4) == [(0, 0), (0, 236), (136, 0), (136, 236)]
+    # A tall strip: one column, centred, rows from top to bottom.
+    assert _grid(64, 1000, 64, 3) == [(0, 0), (468, 0), (936, 0)]
+    # A scene smaller than a chip: one chip at the origin (read with padding).
+    assert _grid(50, 40, 64, 8) == [(0, 0)]
+    # Never more chips than asked for.
+    assert len(_grid(4096, 2048, 256, 64)) <= 64 and len(_grid(4096, 2048, 256, 64)) >= 48
+
+
+def test_calibration_chips_are_normalised_exactly_as_prediction_feeds_them(fp32):
+    _, _, _, meta, scene = fp32
+    calibration = calibration_chips([scene], meta, count=4)
+    with rasterio.open(scene) as src:
+        width, height = src.width, src.height
+        offsets = _grid(width, height, CHIP, 4)
+        want = []
+        for row, col in offsets:
+            raw = src.read(list(meta.bands), window=((row, row + CHIP), (col, col + CHIP))).astype(np.float32)
+            want.append((raw - np.array(meta.mean, np.float32)[:, None, None]) / np.array(meta.std, np.float32)[:, None, None])
+    assert calibration.chips.dtype == np.float32 and calibration.chips.shape == (4, 3, CHIP, CHIP)
+    np.testing.assert_allclose(calibration.chips, np.stack(want), rtol=1e-6, atol=1e-6)
+    assert calibration.sources == (scene.name,) * 4
+
+
+def test_calibration_skips_chips_of_nodata(fp32, tmp_path):
+    _, _, _, meta, scene = fp32
+    with rasterio.open(scene) as src:
+        profile, data = src.profile, src.read()
+    data[:, :, : data.shape[2] * 3 // 5] = 0  # the left three fifths are nodata
+    half = tmp_path / "half.tif"
+    with rasterio.open(half, "w", **{**profile, "nodata": 0}) as dst:
+        dst.write(data)
+    offsets = _grid(data.shape[2], data.shape[1], CHIP, 16)
+    valid = [(data[:, r:r + CHIP, c:c + CHIP] != 0).all(0).mean() >= 0.5 for r, c in offsets]
+    assert 0 < sum(valid) < len(valid)  # the scene has both kinds of chip
+    calibration = calibration_chips([half], meta, count=16)
+    assert calibration.chips.shape[0] == sum(valid)
+    # A scene of nodata only still gives its chips (prediction feeds them too).
+    data[:] = 0
+    with rasterio.open(tmp_path / "empty.tif", "w", **{**profile, "nodata": 0}) as dst:
+        dst.write(data)
+    assert calibration_chips([tmp_path / "empty.tif"], meta, count=16).chips.shape[0] == len(offsets)
+
+
+def test_calibration_shares_the_chips_among_scenes(fp32, small_scene):
+    _, _, _, meta, scene = fp32
+    calibration = calibration_chips([scene, small_scene.image], meta, count=8)
+    assert calibration.sources.count(scene.name) == 4
+    assert calibration.sources.count(small_scene.image.name) == 4
+
+
+def test_int8_graph_is_quantised_and_keeps_its_description(fp32, int8):
+    _, onnx_path, _, meta, scene = fp32
+    path, calibration = int8
+    graph = onnx.load(str(path))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 20  # every convolution's weights (resnet18 + decoder)
+    props = {p.key: p.value for p in graph.metadata_props}
+    assert meta_from_props(props, path) == meta
+    record = json.loads(props[QUANT_KEY])
+    assert record == {"precision": "int8", "chips": 8, "scenes": [scene.name], "method": "minmax",
+                      "format": "QDQ", "weights": "int8 per channel", "activations": "uint8"}
+    # Only the model was written: no pre-processed or calibration graphs left beside it.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.int8.onnx"]
+    assert path.stat().st_size < onnx_path.stat().st_size / 2.5  # int8 weights: about a quarter
+
+
+def test_int8_model_gives_nearly_the_fp32_logits(fp32, int8):
+    _, _, model, meta, _ = fp32
+    path, calibration = int8
+    wrapped, loaded = load_onnx_model(path)
+    assert wrapped.precision == "int8" and loaded == meta
+    assert "int8" in repr(wrapped)
+    x = torch.from_numpy(calibration.chips)
+    with torch.inference_mode():
+        want = model(x)
+        got = wrapped(x)
+    # Quantisation error: small against the spread of the logits, and the decisions agree.
+    error = (got - want).abs().mean() / want.std()
+    assert error < 0.1, float(error)
+    agree = ((got[:, 1] > got[:, 0]) == (want[:, 1] > want[:, 0])).float().mean()
+    assert agree > 0.95, float(agree)
+
+
+def test_int8_model_from_a_checkpoint_leaves_only_its_work_files(fp32, tmp_path):
+    ckpt, onnx_path, _, meta, scene = fp32
+    model, loaded = int8_model(ckpt, [scene], tmp_path, count=4)
+    assert model.precision == "int8" and loaded == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx", "model.onnx"]
+    # An int8 ONNX model is used as it is; an fp32 one is quantised.
+    again, _ = int8_model(model.path, [scene], tmp_path / "unused")
+    assert again.path == model.path and not (tmp_path / "unused").exists()
+    (tmp_path / "fp32").mkdir()
+    from_onnx, _ = int8_model(onnx_path, [scene], tmp_path / "fp32", count=4)
+    assert from_onnx.precision == "int8" and from_onnx.path.parent == tmp_path / "fp32"
+
+
+def test_float_onnx_model_says_fp32(fp32):
+    wrapped, _ = load_onnx_model(fp32[1])
+    assert wrapped.precision == "32" and "fp32" in repr(wrapped)
+
+
+def test_missing_quantiser_is_one_line(fp32, tmp_path, monkeypatch):
+    _, onnx_path, _, meta, _ = fp32
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)
+    calibration = Calibration(np.zeros((1, 3, CHIP, CHIP), np.float32), ("x.tif",))
+    with pytest.raises(ModelError) as err:
+        quantize_onnx(onnx_path, tmp_path / "q.onnx", calibration)
+    assert str(err.value) == (f"{onnx_path}: cannot be quantised to int8: ONNX Runtime's quantiser is not "
+                              "installed; pip install 'geoseg[onnx]' (onnx and onnxruntime)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_readable_chip_is_one_line(fp32):
+    _, _, _, meta, _ = fp32
+    with pytest.raises(ModelError, match="^no chip could be read from the scenes to calibrate the int8 model"):
+        calibration_chips([], meta)
