@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from geoseg.model_export import export_model  # noqa: E402
-from geoseg.onnx_model import METADATA_KEY, load_onnx_model, meta_from_props  # noqa: E402
+from geoseg.onnx_model import load_onnx_model, meta_from_props  # noqa: E402
 from geoseg.quantize import (  # noqa: E402
     QUANT_KEY, Calibration, _grid, calibration_chips, int8_model, quantize_onnx,
 )
