@@ -30,7 +30,8 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from geoseg.vectorize import PixelPolygon, _geojson_polygon
+from geoseg.vectorize.strips import FOUR_CONNECTED as _CROSS  # 4-connectivity, as the footprint components
+from geoseg.vectorize.strips import PixelPolygon, _geojson_polygon
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ ELEVATION_SCALE = 254
 #: wall between two buildings) last, so neighbours meet on their wall.
 BORDER_WEIGHT = 0.25
 CONTACT_WEIGHT = 0.75
-#: 4-connectivity, as the footprint components and polygons.
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 def seeds_and_elevation(

@@ -37,12 +37,11 @@ from geoseg.evaluation.objects import (
     ROOFTOP_CLASS,
     ObjectMatch,
     _check_threshold,
-    mask_polygons,
     match_objects,
-    merge_block_polygons,
     IGNORE_INDEX,
     object_array,
 )
+from geoseg.vectorize import PixelPolygon, StripPolygonizer, apply_affine, strip_height
 from geoseg.metrics import ConfusionMatrix
 from geoseg.raster_io import ground_pixel_size
 
@@ -257,27 +256,36 @@ def _region(grid: Grid, aoi_geom: Any, aoi_path: Path | None) -> Window:
         return full
 
 
-def _blocks(region: Window, block_size: int) -> list[Window]:
+def _strips(region: Window, block_size: int) -> list[Window]:
+    """Full-width strips of the region, each of about as many pixels as a ``block_size`` square."""
     c0, r0 = int(region.col_off), int(region.row_off)
-    c1, r1 = c0 + int(region.width), r0 + int(region.height)
-    return [
-        Window(c, r, min(block_size, c1 - c), min(block_size, r1 - r))
-        for r in range(r0, r1, block_size)
-        for c in range(c0, c1, block_size)
-    ]
+    width, height = int(region.width), int(region.height)
+    if width < 1 or height < 1:
+        return []
+    rows = strip_height(width, strip_pixels=block_size * block_size)
+    return [Window(c0, r, width, min(rows, r0 + height - r)) for r in range(r0, r0 + height, rows)]
 
 
-def _to_crs_units(pixel_polys: np.ndarray, transform: Affine) -> np.ndarray:
-    """Polygons in grid pixel coordinates -> CRS units."""
-    if len(pixel_polys) == 0:
-        return pixel_polys
-    t = transform
-    return shapely.transform(
-        pixel_polys,
-        lambda xy: np.column_stack(
-            (t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f)
-        ),
-    )
+def _region_polygons(records: list[PixelPolygon], region: Window, transform: Affine) -> np.ndarray:
+    """Components polygonised in region pixel coordinates -> CRS units, in raster order.
+
+    The order is that of each component's first pixel (top row, then left), whatever
+    the strips were: the order :func:`~geoseg.evaluation.objects.mask_polygons` and the
+    object metrics of masks number regions in.
+    """
+    if not records:
+        return np.empty(0, dtype=object)
+    geoms = object_array([r.geometry for r in records])
+    top = shapely.bounds(geoms)[:, 1]
+    # The first pixel's top-left corner is the leftmost vertex on the top row (of the exterior ring).
+    xy, index = shapely.get_coordinates(shapely.get_exterior_ring(geoms), return_index=True)
+    on_top = xy[:, 1] == top[index]
+    left = np.full(len(geoms), np.inf)
+    np.minimum.at(left, index[on_top], xy[on_top, 0])
+    geoms = geoms[np.lexsort((left, top))]
+    # integer shift to grid pixels (exact), then the grid transform
+    geoms = apply_affine(geoms, Affine.translation(region.col_off, region.row_off))
+    return apply_affine(geoms, transform)
 
 
 def _clip(geoms: np.ndarray, area: Any) -> np.ndarray:
@@ -315,11 +323,12 @@ def evaluate(
     in another CRS are reprojected. Pixels count where both inputs have data
     (raster nodata, GDAL masks and the ignore value 255 of class-id masks are
     ignored) and, with ``aoi``, whose centre lies inside the AOI. Rasters are
-    read in blocks of ``block_size`` pixels, so memory does not grow with the
-    scene (except for the polygons).
+    read in full-width strips of about ``block_size``² pixels, so memory does
+    not grow with the scene (except for the polygons).
 
-    Objects are the 4-connected regions of a mask (polygonised block by block
-    and merged across block edges) or the features of a vector file clipped to
+    Objects are the 4-connected regions of a mask (polygonised strip by strip
+    by :class:`geoseg.vectorize.StripPolygonizer`, merged across strips, in
+    raster order of their first pixel) or the features of a vector file clipped to
     the evaluated area (the grid or the AOI, minus pixels without data); they
     are matched one-to-one at IoU >= ``iou_threshold`` by :func:`match_objects`
     (greedy by descending IoU, ties to the lower truth index, then the lower
@@ -334,8 +343,8 @@ def evaluate(
         class_id: Class evaluated in class-id masks (255 of a 0/255 mask is class 1).
         assume_crs: CRS for inputs that have none.
         resolution: Pixel size in metres when both inputs are vector files.
-        block_size: Side of the raster blocks in pixels.
-        progress: Called with (blocks done, blocks total) after each block.
+        block_size: Side in pixels of the square whose pixel count a strip read at a time has.
+        progress: Called with (strips done, strips total) after each strip.
 
     Returns:
         The metrics, counts and polygons.
@@ -408,15 +417,22 @@ def _scan(
 ) -> tuple[ConfusionMatrix, np.ndarray, np.ndarray]:
     """One pass over the region: confusion counts and the polygons of both sides."""
     inputs = (pred_in, truth_in)
-    any_vector = any(isinstance(i, VectorLayer) for i in inputs)
-    pieces: tuple[list[Any], list[Any]] = ([], [])
-    no_data: list[Any] = []
+    width, height = int(region.width), int(region.height)
+    if width < 1 or height < 1:  # an empty grid: nothing to read
+        width = height = 0
+
+    def polygonizer() -> StripPolygonizer:
+        return StripPolygonizer(width=width, height=height)
+
+    # Regions of raster masks, and pixels without data where a vector side is clipped to them.
+    sides = [polygonizer() if isinstance(i, RasterMask) else None for i in inputs]
+    no_data = polygonizer() if any(isinstance(i, VectorLayer) for i in inputs) else None
     matrix = ConfusionMatrix(2, ignore_index=IGNORE_INDEX)
     with contextlib.ExitStack() as stack:
         readers = [_reader(i, grid, stack) for i in inputs]
         aoi_reader = VectorOnGrid(object_array([aoi_geom]), grid) if aoi_geom is not None else None
-        blocks = _blocks(region, block_size)
-        for n, win in enumerate(blocks, start=1):
+        strips = _strips(region, block_size)
+        for n, win in enumerate(strips, start=1):
             shape = (int(win.height), int(win.width))
             (p, p_valid), (t, t_valid) = (read(win) for read in readers)
             data = np.ones(shape, dtype=bool)
@@ -426,26 +442,26 @@ def _scan(
             valid = data & aoi_reader.read(win) if aoi_reader is not None else data
             p, t = p & valid, t & valid
             matrix.update(p.view(np.uint8), np.where(valid, t.view(np.uint8), IGNORE_INDEX))
-            # polygons in whole-grid pixel coordinates: exact integers across blocks
-            px = Affine.translation(win.col_off, win.row_off)
-            for side, (inp, m) in enumerate(zip(inputs, (p, t))):
-                if isinstance(inp, RasterMask):
-                    pieces[side].extend(mask_polygons(m, transform=px))
-            if any_vector and not data.all():
-                no_data.extend(mask_polygons(~data, transform=px))
+            row = int(win.row_off - region.row_off)
+            for side, m in zip(sides, (p, t)):
+                if side is not None:
+                    side.add_strip(row, m.view(np.uint8))
+            if no_data is not None:
+                no_data.add_strip(row, (~data).view(np.uint8))
             if progress is not None:
-                progress(n, len(blocks))
+                progress(n, len(strips))
 
     area = shapely.box(*rasterio.windows.bounds(region, grid.transform))
     if aoi_geom is not None:
         area = area.intersection(aoi_geom)
-    if no_data:
-        area = area.difference(shapely.union_all(_to_crs_units(object_array(no_data), grid.transform)))
+    if no_data is not None:
+        holes = _region_polygons(no_data.finish(), region, grid.transform)
+        if len(holes):
+            area = area.difference(shapely.union_all(holes))
     polys = []
-    for inp, side_pieces in zip(inputs, pieces):
-        if isinstance(inp, RasterMask):
-            merged = merge_block_polygons(object_array(side_pieces))
-            polys.append(_to_crs_units(merged, grid.transform))
+    for inp, side in zip(inputs, sides):
+        if side is not None:
+            polys.append(_region_polygons(side.finish(), region, grid.transform))
         else:
             polys.append(_clip(_vector_geoms(inp, grid), area))
     return matrix, polys[0], polys[1]

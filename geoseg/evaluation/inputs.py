@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 MAX_MASK_VALUES = 256
 #: Pixel size (metres) of the grid on which two vector files are rasterised.
 DEFAULT_VECTOR_RESOLUTION = 0.25
-#: Side (pixels) of the blocks a raster is read in: bounds memory for any scene size.
+#: Side (pixels) of the blocks a raster is read in (``evaluate``: full-width strips of as many
+#: pixels): bounds memory for any scene size.
 DEFAULT_BLOCK_SIZE = 2048
 
 FORMATS_FIX = "pass a mask GeoTIFF or a vector file (GeoPackage, GeoJSON, Shapefile)"
