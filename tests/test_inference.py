@@ -144,6 +144,38 @@ def test_oracle_mask_equals_label_exactly(tmp_path, height, width, overlap):
     assert res.chips_skipped == 0
 
 
+class _BatchSizes(Oracle):
+    """The oracle, recording the size of every batch it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(int(x.shape[0]))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("block_size,batch_size", [(256, 8), (128, 5), (384, 16), (128, 64)])
+def test_batches_fill_across_blocks_and_only_the_last_is_partial(tmp_path, block_size, batch_size):
+    """Chips left at the end of a block share a batch with the next block's: the mask stays exact."""
+    height, width = 700, 517
+    label = draw_rectangles(height, width, _rects_for(height, width, seed=11))
+    nodata = np.zeros((height, width), bool)
+    nodata[:, :200] = True  # whole chips of nodata are skipped: blocks hold different chip counts
+    scene = write_scene(tmp_path / "scene.tif", label, nodata_mask=nodata)
+    model = _BatchSizes()
+    res = predict_scene(scene, model, oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif",
+                        polygons=False, overlap=32, block_size=block_size, batch_size=batch_size, **CPU)
+    mask = _read(tmp_path / "mask.tif")
+    np.testing.assert_array_equal(mask[~nodata], label[~nodata])
+    n = res.chips_predicted
+    assert res.blocks > 1 and res.chips_skipped > 0
+    assert sum(model.sizes) == n
+    assert model.sizes == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    assert res.batches == len(model.sizes) == -(-n // batch_size)
+
+
 @pytest.mark.parametrize("height,width", [(50, 90), (40, 300), (200, 30)])
 def test_scene_smaller_than_a_chip_along_an_axis(tmp_path, height, width):
     label = draw_rectangles(height, width, [(5, 5, 20, 20), (height - 10, width - 10, 10, 10)])

@@ -15,6 +15,7 @@ scene-sized is ever held in memory.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -95,6 +96,8 @@ class PredictionResult:
         overlap: Overlap between chips in pixels.
         block_size: Block core size in pixels.
         compiled: Whether a ``torch.compile``d model predicted (see ``compile_model``).
+        polygon_count: Polygons written (also when they were streamed, not kept).
+        batches: Model calls: ``ceil(chips_predicted / batch_size)`` (batches fill across blocks).
     """
 
     scene: Path
@@ -118,6 +121,7 @@ class PredictionResult:
     block_size: int = 0
     compiled: bool = False
     polygon_count: int = 0
+    batches: int = 0
 
     @property
     def chips_per_s(self) -> float:
@@ -368,6 +372,7 @@ def _run(
                     work.stages["wait_read"] += time.perf_counter() - t_wait
                     work.run(item)
                     t_wait = time.perf_counter()
+                work.flush()
                 writer.finish()
             t0 = time.perf_counter()
             for sink in sinks:
@@ -400,7 +405,7 @@ def _run(
         width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
         blocks=len(blocks), seconds=time.perf_counter() - t_start, stages=work.stages, device=str(dev),
         precision=predictor.precision, threads=n_threads, batch_size=batch_size, overlap=overlap,
-        block_size=block, compiled=predictor.compiled,
+        block_size=block, compiled=predictor.compiled, batches=work.batches,
     )
 
 
@@ -421,8 +426,25 @@ def _wants_instances(
     return has if instances is None else bool(instances)
 
 
+@dataclass
+class _OpenBlock:
+    """A block whose chips are gathered but not all through the model yet (its accumulator is open)."""
+
+    block: Any
+    buffer: torch.Tensor
+    valid: torch.Tensor
+    pending: int = 0
+
+
 class _BlockWork:
-    """The model's thread: one block in, its finished core out to the writer."""
+    """The model's thread: blocks in, their finished cores out to the writer, in block order.
+
+    Chips fill batches across blocks: the chips left over at the end of one block
+    (fewer than a batch) go through the model together with the first chips of the
+    next, so only the last batch of a scene is partial (or padded, when compiled). A
+    block closes when all its chips are through; blocks close in grid order, so at most
+    the blocks a batch spans (two, unless blocks hold fewer chips than a batch) are open.
+    """
 
     def __init__(
         self,
@@ -446,9 +468,13 @@ class _BlockWork:
         self.stages = dict.fromkeys(("read", "preprocess", "model", "blend_write", "vectorise", "wait_read"), 0.0)
         self.done = self.skipped = 0
         self.valid_pixels = self.rooftop_pixels = 0  # of the finished cores: the rooftop share
+        self.batches = 0  # model calls, full or not
+        self._open: collections.deque[_OpenBlock] = collections.deque()
+        self._queue: list[tuple[_OpenBlock, torch.Tensor, torch.Tensor]] = []  # (block, pixel index, chips)
+        self._queued = 0
 
     def run(self, item: BlockData) -> None:
-        """Normalise, gather chips, run the model, blend; hand the finished core to the writer."""
+        """Normalise, gather the block's chips into batches (run each one that fills), close finished blocks."""
         predictor, stitcher, stages = self.predictor, self.stitcher, self.stages
         dev, chip = stitcher.device, stitcher.chip
         t0 = time.perf_counter()
@@ -460,33 +486,71 @@ class _BlockWork:
         if not item.all_valid:
             x.masked_fill_(~valid[..., None], 0.0)
         pixels = x.view(-1, x.shape[-1])
-        buffer = stitcher.new_buffer(blk)
+        entry = _OpenBlock(blk, stitcher.new_buffer(blk), valid)
+        self._open.append(entry)
         todo = [c for c, ok in zip(blk.chips, item.chip_ok) if ok]
         self.skipped += len(blk.chips) - len(todo)
         stages["preprocess"] += time.perf_counter() - t0
-        for i in range(0, len(todo), self.batch_size):
+        i = 0
+        while i < len(todo):
             t1 = time.perf_counter()
-            batch = todo[i:i + self.batch_size]
+            batch = todo[i:i + self.batch_size - self._queued]  # what fits in the batch being filled
+            i += len(batch)
             index = stitcher.chip_index(blk, batch)
-            # Gathered from an (H, W, C) block, the chips are channels_last already.
+            # Gathered (copied) from an (H, W, C) block, the chips are channels_last already.
             chips = pixels.index_select(0, index).view(len(batch), chip, chip, -1).permute(0, 3, 1, 2)
-            t2 = time.perf_counter()
-            probs = predictor(chips)
-            t3 = time.perf_counter()
-            stitcher.add(buffer, index, probs)
-            stages["preprocess"] += t2 - t1
-            stages["model"] += t3 - t2
-            stages["blend_write"] += time.perf_counter() - t3
-            self.done += len(batch)
-            if self.progress is not None:
-                self.progress(self.done, self.chips_total - self.skipped)
+            self._queue.append((entry, index, chips))
+            self._queued += len(batch)
+            entry.pending += len(batch)
+            stages["preprocess"] += time.perf_counter() - t1
+            if self._queued == self.batch_size:
+                self._predict()
+        self._close_ready()
+
+    def flush(self) -> None:
+        """Run the last, partial batch of the scene and close every block still open."""
+        if self._queued:
+            self._predict()
+        self._close_ready()
+
+    def _predict(self) -> None:
+        """The queued chips through the model as one batch, blended into their blocks."""
+        t1 = time.perf_counter()
+        pieces = self._queue
+        chips = pieces[0][2] if len(pieces) == 1 else torch.cat([c for _, _, c in pieces])
+        t2 = time.perf_counter()
+        probs = self.predictor(chips)
+        t3 = time.perf_counter()
+        start = 0
+        for entry, index, piece in pieces:
+            n = piece.shape[0]
+            self.stitcher.add(entry.buffer, index, probs[start:start + n])
+            entry.pending -= n
+            start += n
+        self.stages["preprocess"] += t2 - t1
+        self.stages["model"] += t3 - t2
+        self.stages["blend_write"] += time.perf_counter() - t3
+        self.done += self._queued
+        self.batches += 1
+        self._queue, self._queued = [], 0
+        if self.progress is not None:
+            self.progress(self.done, self.chips_total - self.skipped)
+
+    def _close_ready(self) -> None:
+        """Close, in grid order, the leading blocks whose chips are all through the model."""
+        while self._open and self._open[0].pending == 0:
+            self._close(self._open.popleft())
+
+    def _close(self, entry: _OpenBlock) -> None:
+        """Finish a block's core (halos handed on) and give it to the writer."""
         t4 = time.perf_counter()
-        core = stitcher.close_block(blk, buffer)
+        blk = entry.block
+        core = self.stitcher.close_block(blk, entry.buffer)
         ch, cw = int(blk.core.height), int(blk.core.width)
-        mask, prob = finish_core(core, valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
+        mask, prob = finish_core(core, entry.valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
                                  prob_dtype=self.prob_dtype, extra=self.extra)
         valid_here = int(np.count_nonzero(mask != MASK_NODATA))
         self.valid_pixels += valid_here
         self.rooftop_pixels += valid_here - int(np.count_nonzero(mask == 0))  # any class but background
-        stages["blend_write"] += time.perf_counter() - t4
+        self.stages["blend_write"] += time.perf_counter() - t4
         self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col))
