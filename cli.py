@@ -393,66 +393,39 @@ def predict_command(
     each process predicts a share of the scenes on its own GPU and rank 0
     merges them into the one layer.
     """
-    from pathlib import Path
+    import dataclasses
 
-    from geoseg.config import PredictConfig, load_config
+    from geoseg.config import load_config
     from geoseg.inputs import check_model_path, resolve_scenes
     from geoseg.progress import progress_reporter
 
     # Missing scenes or checkpoint are answered before torch and the model stack are imported.
     resolve_scenes(scenes)
     check_model_path(model_path)
-    from geoseg.inference.job import predict_files
-    from geoseg.publish import publishing
+    from geoseg.inference.job import predict
 
-    cfg = load_config(config_path).predict if config_path else PredictConfig()
     band_list = None
     if bands is not None:
         try:
             band_list = [int(b) for b in bands.split(",") if b.strip()]
         except ValueError:
             raise click.BadParameter(f"{bands!r} should be band numbers like 1,2,3", param_hint="--bands")
+    # Defaults < --config's predict section < flags.
+    flags = dict(batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta, threshold=threshold,
+                 min_area=min_area, simplify=simplify, regularize=regularize, device=device, precision=precision,
+                 compile=compile_model, instances=instances, seed_threshold=seed_threshold)
+    config = dataclasses.replace(load_config(config_path).predict,
+                                 **{k: v for k, v in flags.items() if v is not None})
     reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
 
     def progress(name: str, done: int, total: int) -> None:
         reporter.update("predict", done, total, label=name, unit="chip", scene=name)
 
-    previews = {}  # scene (resolved) -> its preview PNG, checked by predict_files with the other outputs
-    if preview is not None:
-        from geoseg.inference.job import resolve_scenes, scene_names
-        from geoseg.preview import preview_paths
-
-        found = resolve_scenes(scenes)
-        pngs = preview_paths(preview, found, names=scene_names(found))
-        previews = {s.resolve(): p for s, p in zip(found, pngs)}
-    # One publication: the layer, the rasters and the previews appear together, once all are written.
-    with publishing(overwrite=overwrite) as publication:
-        summary = predict_files(
-            scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
-            prob_dtype=prob_dtype,  # type: ignore[arg-type]
-            batch_size=batch_size if batch_size is not None else (cfg.batch_size if config_path else None),
-            overlap=overlap if overlap is not None else cfg.overlap,
-            block_size=block_size if block_size is not None else cfg.block_size,
-            tta=cfg.tta if tta is None else tta,
-            threshold=cfg.threshold if threshold is None else threshold,
-            min_area=cfg.min_area if min_area is None else min_area,
-            simplify=cfg.simplify if simplify is None else simplify,
-            regularize=cfg.regularize if regularize is None else regularize,
-            device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
-            assume_crs=assume_crs, overwrite=overwrite, progress=progress,
-            compile=cfg.compile if compile_model is None else compile_model, config_file=config_path,
-            instances=cfg.instances if instances is None else instances,
-            seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
-            min_seed_area=cfg.min_seed_area, rescale=rescale,
-            extra_outputs=[("--preview", p) for p in previews.values()], publication=publication,
-            keep_polygons=bool(previews),  # otherwise streamed to the layer as they are found
-        )
-        if previews:
-            from geoseg.preview import write_preview
-
-            for res in summary.results:  # under torchrun: this rank's scenes
-                write_preview(res.scene, res.polygons, previews[Path(res.scene).resolve()],
-                              overwrite=overwrite, publication=publication)
+    summary = predict(
+        scenes, out=out, config=config, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
+        prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,  # type: ignore[arg-type]
+        rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress,
+    )
     reporter.finish()
     for res in summary.results:
         n = res.polygon_count
@@ -463,9 +436,8 @@ def predict_command(
     if summary.shard.rank == 0:
         ranks = f" (merged from {summary.shard.world} ranks)" if summary.shard.active else ""
         click.echo(f"wrote {summary.features} polygons to {summary.out}{ranks}")
-    for res in summary.results:
-        if previews:
-            click.echo(f"preview {previews[Path(res.scene).resolve()]}")
+    for png in summary.previews:
+        click.echo(f"preview {png}")
 
 
 @cli.command("benchmark")
