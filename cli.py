@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -71,6 +71,41 @@ progress_option = click.option(
     help="How progress is shown on stderr: tqdm bars, or one JSON object per line for programs "
          "(e.g. {\"stage\": \"predict\", \"done\": 12, \"total\": 40, \"scene\": \"a\"}, last {\"stage\": \"done\"}).")
 
+#: Where a model runs, and in which precision (the choices of the config's ``device`` and ``precision``).
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "32", "bf16", "16")
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def device_option(help: str | None = None, *, default: str | None = None) -> Decorator:
+    """``--device``: auto, cpu or cuda; None (the default) leaves the choice to the config."""
+    return click.option("--device", type=click.Choice(DEVICES), default=default,
+                        show_default=default is not None, help=help)
+
+
+def precision_option(help: str, *, default: str | None = None) -> Decorator:
+    """``--precision``: auto, 32, bf16 or 16; None (the default) leaves the choice to the config."""
+    return click.option("--precision", type=click.Choice(PRECISIONS), default=default,
+                        show_default=default is not None, help=help)
+
+
+def compile_option(help: str, *, negatable: bool) -> Decorator:
+    """``--compile`` (torch.compile) as ``compile_model``: a flag, or ``--compile/--no-compile`` (default None)."""
+    if negatable:
+        return click.option("--compile/--no-compile", "compile_model", default=None, help=help)
+    return click.option("--compile", "compile_model", is_flag=True, help=help)
+
+
+def overwrite_option(help: str) -> Decorator:
+    """``--overwrite``: replace existing outputs (never an input: geoseg refuses that anyway)."""
+    return click.option("--overwrite", is_flag=True, help=help)
+
+
+def assume_crs_option(inputs: str = "scenes") -> Decorator:
+    """``--assume-crs``: the CRS of ``inputs`` that have none."""
+    return click.option("--assume-crs", default=None, help=f"CRS for {inputs} that have none, e.g. EPSG:32633.")
+
 
 class GeosegGroup(click.Group):
     """A click group that turns GeosegError into a one-line message and exit 1.
@@ -122,8 +157,8 @@ def cli(verbose: int) -> None:
               help="Class evaluated in class-id masks (default 1, rooftop).")
 @click.option("--resolution", type=click.FloatRange(0, min_open=True), default=None,
               help="Pixel size in metres when both inputs are vector files (default 0.25).")
-@click.option("--assume-crs", default=None, help="CRS for inputs that have none, e.g. EPSG:32633.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --panels file.")
+@assume_crs_option("inputs")
+@overwrite_option("Replace an existing --panels file.")
 @progress_option
 def evaluate_command(
     pred: str, truth: str, aoi: str | None, as_json: bool, panels: str | None,
@@ -177,8 +212,7 @@ def evaluate_command(
               help="Override a config value, e.g. --set train.epochs=5 (repeatable).")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, metavar="CKPT",
               help="Continue the run of this last.pt (optimizer, scheduler, epoch, early stopping).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Where to train (default: train.device, auto).")
+@device_option("Where to train (default: train.device, auto).")
 @progress_option
 def train_command(
     config_path: str | None, data: tuple[str, ...], out_dir: str | None,
@@ -253,8 +287,8 @@ def train_command(
               help="Chip side in pixels.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Step between chips in pixels [default: --size, no overlap].")
-@click.option("--overwrite", is_flag=True, help="Replace existing chips and index.")
-@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@overwrite_option("Replace existing chips and index.")
+@assume_crs_option()
 @click.option("--demo", "demo_dir", type=click.Path(file_okay=False), default=None,
               help="Generate a synthetic scene in this folder and chip it into DIR/chips.")
 def chip_command(
@@ -319,13 +353,11 @@ def chip_command(
               help="Simplification tolerance in metres, 0 for none [default: 0.25].")
 @click.option("--regularize/--no-regularize", default=None,
               help="Square building outlines to their dominant directions [default: no].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Where the model runs [default: auto].")
-@click.option("--precision", type=click.Choice(["auto", "32", "bf16", "16"]), default=None,
-              help="auto: bf16 where the CPU/GPU has it, else fp32 [default: auto].")
+@device_option("Where the model runs [default: auto].")
+@precision_option("auto: bf16 where the CPU/GPU has it, else fp32 [default: auto].")
 @click.option("--bands", default=None, metavar="B1,B2,...",
               help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
-@click.option("--assume-crs", default=None, help="CRS for scenes that have none, e.g. EPSG:32633.")
+@assume_crs_option()
 @click.option("--rescale", is_flag=True,
               help="Map each band of a scene linearly onto the value range the model learned (its 1st-99th "
                    "percentiles onto the training data's), e.g. 16-bit imagery on a model trained on 8-bit; "
@@ -333,9 +365,8 @@ def chip_command(
 @click.option("--preview", default=None, metavar="PATH",
               help="Also draw the scene (downsampled) with its polygons into a PNG. Several scenes: "
                    "a folder (gets SCENE_preview.png files) or a template with {scene}.")
-@click.option("--compile/--no-compile", "compile_model", default=None,
-              help="torch.compile the model: slower start (about 30 s), faster chips [default: on a "
-                   "CPU for scenes of 2000 chips or more].")
+@compile_option("torch.compile the model: slower start (about 30 s), faster chips [default: on a "
+                "CPU for scenes of 2000 chips or more].", negatable=True)
 @click.option("--instances/--no-instances", default=None,
               help="Split touching buildings into one polygon each (seeded watershed on the border and "
                    "contact a model trained with model.target=instances predicts) [default: when the "
@@ -343,7 +374,7 @@ def chip_command(
 @click.option("--seed-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="With --instances: a rooftop pixel seeds a building where its border and contact "
                    "probabilities are below this [default: 0.5].")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@overwrite_option("Replace existing outputs.")
 @progress_option
 def predict_command(
     scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
@@ -362,66 +393,39 @@ def predict_command(
     each process predicts a share of the scenes on its own GPU and rank 0
     merges them into the one layer.
     """
-    from pathlib import Path
+    import dataclasses
 
-    from geoseg.config import PredictConfig, load_config
+    from geoseg.config import load_config
     from geoseg.inputs import check_model_path, resolve_scenes
     from geoseg.progress import progress_reporter
 
     # Missing scenes or checkpoint are answered before torch and the model stack are imported.
     resolve_scenes(scenes)
     check_model_path(model_path)
-    from geoseg.inference.job import predict_files
-    from geoseg.publish import publishing
+    from geoseg.inference.job import predict
 
-    cfg = load_config(config_path).predict if config_path else PredictConfig()
     band_list = None
     if bands is not None:
         try:
             band_list = [int(b) for b in bands.split(",") if b.strip()]
         except ValueError:
             raise click.BadParameter(f"{bands!r} should be band numbers like 1,2,3", param_hint="--bands")
+    # Defaults < --config's predict section < flags.
+    flags = dict(batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta, threshold=threshold,
+                 min_area=min_area, simplify=simplify, regularize=regularize, device=device, precision=precision,
+                 compile=compile_model, instances=instances, seed_threshold=seed_threshold)
+    config = dataclasses.replace(load_config(config_path).predict,
+                                 **{k: v for k, v in flags.items() if v is not None})
     reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
 
     def progress(name: str, done: int, total: int) -> None:
         reporter.update("predict", done, total, label=name, unit="chip", scene=name)
 
-    previews = {}  # scene (resolved) -> its preview PNG, checked by predict_files with the other outputs
-    if preview is not None:
-        from geoseg.inference.job import resolve_scenes, scene_names
-        from geoseg.preview import preview_paths
-
-        found = resolve_scenes(scenes)
-        pngs = preview_paths(preview, found, names=scene_names(found))
-        previews = {s.resolve(): p for s, p in zip(found, pngs)}
-    # One publication: the layer, the rasters and the previews appear together, once all are written.
-    with publishing(overwrite=overwrite) as publication:
-        summary = predict_files(
-            scenes, out=out, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
-            prob_dtype=prob_dtype,  # type: ignore[arg-type]
-            batch_size=batch_size if batch_size is not None else (cfg.batch_size if config_path else None),
-            overlap=overlap if overlap is not None else cfg.overlap,
-            block_size=block_size if block_size is not None else cfg.block_size,
-            tta=cfg.tta if tta is None else tta,
-            threshold=cfg.threshold if threshold is None else threshold,
-            min_area=cfg.min_area if min_area is None else min_area,
-            simplify=cfg.simplify if simplify is None else simplify,
-            regularize=cfg.regularize if regularize is None else regularize,
-            device=device or cfg.device, precision=precision or cfg.precision, bands=band_list,
-            assume_crs=assume_crs, overwrite=overwrite, progress=progress,
-            compile=cfg.compile if compile_model is None else compile_model, config_file=config_path,
-            instances=cfg.instances if instances is None else instances,
-            seed_threshold=cfg.seed_threshold if seed_threshold is None else seed_threshold,
-            min_seed_area=cfg.min_seed_area, rescale=rescale,
-            extra_outputs=[("--preview", p) for p in previews.values()], publication=publication,
-            keep_polygons=bool(previews),  # otherwise streamed to the layer as they are found
-        )
-        if previews:
-            from geoseg.preview import write_preview
-
-            for res in summary.results:  # under torchrun: this rank's scenes
-                write_preview(res.scene, res.polygons, previews[Path(res.scene).resolve()],
-                              overwrite=overwrite, publication=publication)
+    summary = predict(
+        scenes, out=out, config=config, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
+        prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,  # type: ignore[arg-type]
+        rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress,
+    )
     reporter.finish()
     for res in summary.results:
         n = res.polygon_count
@@ -432,9 +436,8 @@ def predict_command(
     if summary.shard.rank == 0:
         ranks = f" (merged from {summary.shard.world} ranks)" if summary.shard.active else ""
         click.echo(f"wrote {summary.features} polygons to {summary.out}{ranks}")
-    for res in summary.results:
-        if previews:
-            click.echo(f"preview {previews[Path(res.scene).resolve()]}")
+    for png in summary.previews:
+        click.echo(f"preview {png}")
 
 
 @cli.command("benchmark")
@@ -449,18 +452,16 @@ def predict_command(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Chip overlap in pixels [default: a quarter of the chip].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "32", "bf16", "16"]), default="auto",
-              show_default=True, help="auto: bf16 where the hardware has it.")
+@device_option(default="auto")
+@precision_option("auto: bf16 where the hardware has it.", default="auto")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed repeats (medians are reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
 @click.option("--scaling", default=None, metavar="N,N,...",
               help="Also predict square scenes of these sizes, each in a fresh process "
                    "(time and peak memory per size), e.g. 1000,5000,10000,20000.")
-@click.option("--compile", "compile_model", is_flag=True,
-              help="torch.compile the model for the model-only and end-to-end measurements "
-                   "(the compile is untimed warm-up).")
+@compile_option("torch.compile the model for the model-only and end-to-end measurements "
+                "(the compile is untimed warm-up).", negatable=False)
 @click.option("--train", "train_mode", is_flag=True,
               help="Measure training throughput instead: the real training step in fp32 and each "
                    "mixed precision the device has (or fp32 and --precision), from one run.")
@@ -584,7 +585,7 @@ def _benchmark_training(
 @click.option("--format", "export_format", default="onnx", show_default=True, metavar="[onnx|torchscript]",
               help="onnx: ONNX Runtime, TensorRT, OpenVINO, ...; torchscript: LibTorch/C++ "
                    "(deprecated by PyTorch).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@overwrite_option("Replace an existing --out.")
 def export_model_command(checkpoint: str, out: str, export_format: str, overwrite: bool) -> None:
     """Export the model of checkpoint CKPT to ONNX (or TorchScript), its self-description inside.
 
@@ -606,9 +607,8 @@ def export_model_command(checkpoint: str, out: str, export_format: str, overwrit
 @cli.command("quickstart")
 @click.option("--dir", "out_dir", type=click.Path(file_okay=False), default="geoseg-quickstart",
               show_default=True, help="Output folder (must be empty unless --overwrite).")
-@click.option("--overwrite", is_flag=True, help="Replace the outputs of an earlier quickstart in --dir.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where to train and predict.")
+@overwrite_option("Replace the outputs of an earlier quickstart in --dir.")
+@device_option("Where to train and predict.", default="auto")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs [default: train.epochs of configs/quickstart.yaml].")
 def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int | None) -> None:
@@ -702,7 +702,7 @@ def qgis_uninstall_command(profile: str) -> None:
 @qgis_group.command("package")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="FILE.zip",
               help="The zip to write.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@overwrite_option("Replace an existing --out.")
 def qgis_package_command(out: str, overwrite: bool) -> None:
     """Zip the plugin for QGIS's plugin manager (Plugins > Manage and Install Plugins > Install from ZIP)."""
     from geoseg.qgis_install import package_plugin

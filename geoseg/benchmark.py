@@ -337,7 +337,7 @@ def run_benchmark(
             res = predict_scene(
                 scene_path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True,
                 batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
-                threads=threads, temp_dir=work, compile_model=compile,
+                threads=threads, temp_dir=work, compile_model=compile, min_area=0.0, simplify=0.0,
             )
             e2e_runs.append(res.chips_per_s)
             stage_runs.append(dict(res.stages))
@@ -443,6 +443,7 @@ def _scaling_worker(args: dict[str, Any]) -> dict[str, Any]:
         args["scene"], model, meta, mask_out=args["out"], polygons=True,
         batch_size=args["batch_size"], device=args["device"], precision=args["precision"],
         temp_dir=str(folder), compile_model=bool(args.get("compile", False)), polygon_sink=spool.append,
+        min_area=0.0, simplify=0.0,
     )
     spool.write(folder / "roofs.gpkg", overwrite=True)
     for p in (spool.path, folder / "roofs.gpkg"):

@@ -134,13 +134,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Sliding-window inference and vectorisation.
+    """Sliding-window inference and vectorisation: the defaults of ``geoseg predict`` and of the library.
 
-    ``overlap`` is in pixels (None: a quarter of the chip); ``min_area`` in m²;
-    ``simplify`` in metres; ``block_size`` in pixels.
+    ``batch_size`` is in chips (None: 16 on a CPU, 128 on a GPU); ``overlap`` in
+    pixels (None: a quarter of the chip); ``min_area`` in m²; ``simplify`` in
+    metres; ``block_size`` in pixels; ``min_seed_area`` in m².
     """
 
-    batch_size: int = 16
+    batch_size: int | None = None
     overlap: int | None = None
     block_size: int = 2048
     tta: bool = False

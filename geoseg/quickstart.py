@@ -6,7 +6,7 @@ training dataset with terraces of touching houses is generated with
 ``buildings.gpkg``), a small DeepLabV3+ is trained on it with
 ``configs/quickstart.yaml`` (:func:`geoseg.engine.fit`; ``model.target:
 instances``: footprint, border and contact), a second scene with another seed,
-never seen in training, is predicted (:func:`geoseg.inference.job.predict_files`;
+never seen in training, is predicted (:func:`geoseg.inference.job.predict`;
 touching houses are split by the seeded watershed), drawn
 (:func:`geoseg.preview.write_preview`), and the polygons the user gets are
 compared with the true buildings (:func:`geoseg.evaluation.evaluate`).
@@ -195,7 +195,7 @@ def run_quickstart(
     from geoseg.engine import BEST_LOSS, CURVES, LAST, fit
     from geoseg.errors import ConfigError
     from geoseg.evaluation import evaluate
-    from geoseg.inference.job import predict_files
+    from geoseg.inference.job import predict
     from geoseg.preview import write_preview
     from geoseg.synthetic import make_dataset, make_scene
 
@@ -242,13 +242,10 @@ def run_quickstart(
 
     t0 = time.perf_counter()
     _report(progress, f"predicting {test.image}")
-    p = config.predict
-    summary = predict_files(
-        [test.image], out=outputs[ROOFS], model_path=fit_result.best_iou, mask_out=outputs[MASK],
-        batch_size=p.batch_size, overlap=p.overlap, block_size=p.block_size, tta=p.tta,
-        threshold=p.threshold, min_area=p.min_area, simplify=p.simplify, regularize=p.regularize,
-        device=device, precision=p.precision, overwrite=overwrite, instances=p.instances,
-        seed_threshold=p.seed_threshold, min_seed_area=p.min_seed_area, keep_polygons=True,  # for the preview
+    summary = predict(
+        [test.image], out=outputs[ROOFS], config=dataclasses.replace(config.predict, device=device),
+        model_path=fit_result.best_iou, mask_out=outputs[MASK], overwrite=overwrite,
+        keep_polygons=True,  # for the preview
     )
     seconds["predict"] = time.perf_counter() - t0
 

@@ -25,7 +25,8 @@ from geoseg.instances import InstanceSplitter, seeds_and_elevation
 from geoseg.targets import instance_targets
 from geoseg.vectorize import PolygonBuilder, StripPolygonizer
 
-CPU = dict(device="cpu", precision="32")
+# Polygons as traced (no area filter, no simplification: predict_scene's defaults are predict's, 4 m² and 0.25 m).
+CPU = dict(device="cpu", precision="32", min_area=0.0, simplify=0.0)
 BORDER_PX, CONTACT_PX = 2.0, 2.0
 
 # (row, col, height, width) of each building. Block seams (block 128) at x, y = 128, 256, 384.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -17,7 +19,9 @@ from shapely.geometry import box
 
 import cli
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
-from geoseg import inputs
+from geoseg import inputs, raster_io
+from geoseg.config import PredictConfig
+from geoseg.errors import OutputError
 from geoseg.inference import job
 from geoseg.models import CheckpointMeta, create_model, save_checkpoint
 
@@ -209,3 +213,109 @@ def test_failure_in_second_scene_removes_the_first_scenes_rasters(tmp_path, monk
     assert result.exit_code != 0 and isinstance(result.exception, RuntimeError)
     assert files(tmp_path) == before
     assert not (tmp_path / "m").exists() or os.listdir(tmp_path / "m") == []
+
+
+# --- one set of defaults, one library call -------------------------------------------------------
+
+
+def test_library_and_command_give_the_same_polygons_with_default_options(tmp_path, oracle):
+    """`geoseg predict`, job.predict and predict_scene all default to PredictConfig (4 m², 0.25 m)."""
+    label = draw_rectangles(200, 260, [*RECTS[:2], (170, 200, 3, 3)])  # the 3 x 3 px speck is 2.25 m²
+    for i in range(40):  # a staircase roof: its 1-px steps lie within 0.25 m of the diagonal
+        label[150 + i, 20:20 + 40 - i] = 1
+    scene = write_scene(tmp_path / "scene.tif", label)
+    result = run(str(scene), "--out", str(tmp_path / "cli.gpkg"))
+    assert result.exit_code == 0, result.output
+    job.predict([str(scene)], out=str(tmp_path / "lib.gpkg"))
+    alone = job.predict_scene(scene, oracle, oracle_meta(chip_size=64)).polygons
+    raw = job.predict_scene(scene, oracle, oracle_meta(chip_size=64), min_area=0.0, simplify=0.0).polygons
+    cli_gdf = gpd.read_file(tmp_path / "cli.gpkg", layer="rooftops")
+    lib_gdf = gpd.read_file(tmp_path / "lib.gpkg", layer="rooftops")
+    assert len(cli_gdf) == 3 and len(raw) == 4  # the speck is dropped by default
+    assert cli_gdf.drop(columns="geometry").equals(lib_gdf.drop(columns="geometry"))
+    for got in (lib_gdf.geometry, alone.geometry):
+        assert len(got) == len(cli_gdf) and all(a.equals_exact(b, 0) for a, b in zip(cli_gdf.geometry, got))
+    vertices = [len(g.exterior.coords) for g in cli_gdf.geometry]
+    assert sum(vertices) < sum(len(g.exterior.coords) for g in raw.geometry if g.area > 4)  # simplified
+
+
+def test_config_and_flags_reach_the_library_call(tmp_path, oracle, monkeypatch):
+    """Defaults < --config's predict section < flags, in the one PredictConfig handed to job.predict."""
+    scene = write_scene(tmp_path / "s.tif", draw_rectangles(100, 120, RECTS[:1]))
+    (tmp_path / "p.yaml").write_text("predict: {threshold: 0.4, min_area: 9.0, block_size: 512}\n")
+    seen = {}
+    real = job.predict
+
+    def spy(scenes, **kwargs):
+        seen.update(kwargs)
+        return real(scenes, **kwargs)
+
+    monkeypatch.setattr(job, "predict", spy)
+    result = run(str(scene), "--out", str(tmp_path / "r.gpkg"), "--config", str(tmp_path / "p.yaml"),
+                 "--min-area", "2", "--no-tta", "--device", "cpu", "--preview", str(tmp_path / "p.png"))
+    assert result.exit_code == 0, result.output
+    assert seen["config"] == PredictConfig(threshold=0.4, min_area=2.0, block_size=512, tta=False, device="cpu")
+    assert seen["preview"] == str(tmp_path / "p.png") and seen["config_file"] == str(tmp_path / "p.yaml")
+    assert files(tmp_path) == ["p.png", "p.yaml", "r.gpkg", "s.tif"]
+
+
+# --- every output name checked for collisions before anything is read -----------------------------
+
+
+def test_two_scenes_whose_masks_are_one_file_are_refused_before_any_work(tmp_path, oracle, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(raster_io, "is_case_insensitive", lambda folder: True)  # as on macOS or Windows
+    for name in ("a/s.tif", "A/s.tif"):
+        Path(name).parent.mkdir()
+        write_scene(Path(name), draw_rectangles(60, 70, RECTS[:1]))
+    before = files(tmp_path)
+    result = run("a/s.tif", "A/s.tif", "--out", "o.gpkg", "--mask-out", "masks", "--preview", "pv")
+    assert result.exit_code == 1
+    assert result.output == ("Error: masks/A/s_mask.tif: --mask-out is the same file as --mask-out "
+                             "masks/a/s_mask.tif; give every output its own path\n")
+    assert files(tmp_path) == before and oracle.calls == 0
+
+
+def test_a_scenes_preview_on_another_scenes_mask_is_refused_before_any_work(tmp_path, oracle, monkeypatch):
+    """Scene a's preview pv/a_preview.png is also the mask of scene a_preview (--mask-out pv/{scene}.png)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "a_preview"):
+        write_scene(Path(f"{name}.tif"), draw_rectangles(60, 70, RECTS[:1]))
+    before = files(tmp_path)
+    result = run("a.tif", "a_preview.tif", "--out", "o.gpkg", "--mask-out", "pv/{scene}.png", "--preview", "pv")
+    assert result.exit_code == 1
+    assert result.output == ("Error: pv/a_preview.png: --preview is the same file as --mask-out pv/a_preview.png; "
+                             "give every output its own path\n")
+    assert files(tmp_path) == before and oracle.calls == 0 and not Path("pv").exists()
+
+
+def test_library_refuses_colliding_previews_before_loading_the_model(tmp_path, monkeypatch):
+    """The preview is an argument of job.predict: checked with the other outputs, before any work."""
+    def never(*args, **kwargs):
+        raise AssertionError("read before the outputs were checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(job, "load_model", never)
+    monkeypatch.setattr(job, "open_scene", never)
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    for name in ("a", "b"):
+        write_scene(Path(f"{name}.tif"), draw_rectangles(60, 70, RECTS[:1]))
+    before = files(tmp_path)
+    with pytest.raises(OutputError) as err:
+        job.predict(["a.tif", "b.tif"], out="o.gpkg", preview="pv/{scene}/../p.png")
+    assert str(err.value) == "pv/b/../p.png: --preview is the same file as --preview pv/a/../p.png; " \
+                             "give every output its own path"
+    with pytest.raises(OutputError) as err:
+        job.predict(["a.tif", "b.tif"], out="o.gpkg", preview="p.png")
+    assert str(err.value) == "p.png: is one preview file for 2 scenes; pass a folder or a template such as " \
+                             "{scene}.png"
+    assert files(tmp_path) == before
+
+
+def test_help_answers_without_importing_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nimport cli\n"
+            "for args in ([\"--help\"], [\"predict\", \"--help\"], [\"benchmark\", \"--help\"]):\n"
+            "    assert CliRunner().invoke(cli.cli, args).exit_code == 0\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr

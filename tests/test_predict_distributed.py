@@ -24,6 +24,7 @@ from affine import Affine
 
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
 from geoseg import inputs
+from geoseg.config import PredictConfig
 from geoseg.inference.distributed import assign_scenes
 from geoseg.temporaries import TEMP_PREFIX
 
@@ -80,7 +81,7 @@ def _rank_main(rank: int, world: int, port: int, kwargs: dict, fail_scene: str |
 
         job.predict_scene = predict_scene
     try:
-        summary = job.predict_files(**kwargs)
+        summary = job.predict(**kwargs)
         out = {"features": summary.features, "scenes": [r.name for r in summary.results],
                "rank": summary.shard.rank, "world": summary.shard.world}
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank raised
@@ -96,7 +97,7 @@ def _spawn(kwargs: dict, tmp_path: Path, fail_scene: str | None = None) -> list[
 
 def _kwargs(scenes: list[Path], out: Path) -> dict:
     return dict(scenes=[str(s) for s in scenes], out=str(out / "roofs.gpkg"), mask_out=str(out / "masks"),
-                device="cpu", precision="32", min_area=0.0, block_size=128)
+                config=PredictConfig(device="cpu", precision="32", min_area=0.0, block_size=128))
 
 
 def test_two_ranks_write_what_one_process_writes(scenes, tmp_path, monkeypatch):
@@ -112,7 +113,7 @@ def test_two_ranks_write_what_one_process_writes(scenes, tmp_path, monkeypatch):
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
     monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
-    single = job.predict_files(**_kwargs(scenes, tmp_path / "one"))
+    single = job.predict(**_kwargs(scenes, tmp_path / "one"))
     assert single.features == 5 and single.shard.world == 1
 
     ddp, one = tmp_path / "ddp", tmp_path / "one"
@@ -183,9 +184,9 @@ def test_polygons_streamed_to_disk_make_the_layer_kept_polygons_make(scenes, tmp
     monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
     monkeypatch.setattr(export, "SPOOL_BATCH", 1)
     monkeypatch.setattr(export, "SPOOL_CHUNK", 2)
-    kept = job.predict_files(**{**_kwargs(scenes, tmp_path / "kept"), "out": str(tmp_path / "kept" / f"r{suffix}")},
+    kept = job.predict(**{**_kwargs(scenes, tmp_path / "kept"), "out": str(tmp_path / "kept" / f"r{suffix}")},
                              keep_polygons=True)
-    streamed = job.predict_files(**{**_kwargs(scenes, tmp_path / "st"), "out": str(tmp_path / "st" / f"r{suffix}")})
+    streamed = job.predict(**{**_kwargs(scenes, tmp_path / "st"), "out": str(tmp_path / "st" / f"r{suffix}")})
     assert [len(r.polygons) for r in kept.results] == [r.polygon_count for r in streamed.results] == [2, 2, 1]
     assert all(r.polygons is None for r in streamed.results)
     assert kept.features == streamed.features == 5
@@ -210,7 +211,7 @@ def test_a_streamed_run_without_buildings_writes_an_empty_layer(tmp_path, monkey
     model = Oracle()
     monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
     monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
-    summary = job.predict_files([str(empty)], out=str(tmp_path / "o.gpkg"), device="cpu", precision="32")
+    summary = job.predict([str(empty)], out=str(tmp_path / "o.gpkg"), config=PredictConfig(device="cpu", precision="32"))
     assert summary.features == 0 and summary.results[0].polygon_count == 0
     gdf = gpd.read_file(tmp_path / "o.gpkg", layer="rooftops")
     assert len(gdf) == 0 and gdf.crs == "EPSG:32633"

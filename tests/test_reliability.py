@@ -204,10 +204,10 @@ def test_predict_files_refuses_before_loading_the_model_or_reading_a_scene(here,
     Path("in.yaml").write_text("predict: {threshold: 0.4}\n")
     before = snapshot(here)
     with pytest.raises(OutputError) as err:
-        job.predict_files(["in.tif"], out="o.gpkg", mask_out="in.tif", overwrite=True)
+        job.predict(["in.tif"], out="o.gpkg", mask_out="in.tif", overwrite=True)
     assert str(err.value) == "in.tif: --mask-out would overwrite the input scene in.tif; choose another output path"
     with pytest.raises(OutputError) as err:
-        job.predict_files(["in.tif"], out="o.gpkg", prob_out="{scene}.yaml", config_file="in.yaml", overwrite=True)
+        job.predict(["in.tif"], out="o.gpkg", prob_out="{scene}.yaml", config_file="in.yaml", overwrite=True)
     assert str(err.value) == ("in.yaml: --prob-out would overwrite the input config file in.yaml; "
                               "choose another output path")
     assert snapshot(here) == before

@@ -1,4 +1,4 @@
-"""Sliding-window inference over whole scenes: blocks, blending, streamed outputs, throughput hooks."""
+"""Sliding-window inference over whole scenes: blocks, blending, streamed outputs; ``predict`` is ``geoseg predict``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from geoseg.inference.blending import WEIGHT_FLOOR, axis_weight_sum, taper_windo
 from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, stored_to_probability
 from geoseg.inference.checks import check_resolution, effective_block_size, scene_bands
 from geoseg.inference.pipeline import PredictionResult, predict_scene
+from geoseg.inference.job import PredictSummary, predict
 from geoseg.inference.runtime import ChipPredictor, Throughput, model_throughput
 
 
@@ -41,6 +42,7 @@ __all__ = [
     "PROB_SCALE",
     "WEIGHT_FLOOR",
     "ChipPredictor",
+    "PredictSummary",
     "PredictionResult",
     "Throughput",
     "axis_weight_sum",
@@ -48,6 +50,7 @@ __all__ = [
     "default_cpu_threads",
     "effective_block_size",
     "model_throughput",
+    "predict",
     "predict_scene",
     "resolve_device",
     "resolve_precision",

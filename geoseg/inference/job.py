@@ -1,7 +1,7 @@
-"""``geoseg predict`` as a library call: scenes in, one polygon layer (and rasters) out.
+"""``geoseg predict`` as one library call: scenes in, one polygon layer (and rasters, previews) out.
 
-Everything that can be checked is checked before any work (checkpoint,
-every output path, every scene's CRS and bands), and every output of a run
+Everything that can be checked is checked before any work (every output path,
+then the checkpoint, every scene's CRS and bands), and every output of a run
 appears only when the whole run succeeded (one geoseg.publish.Publication).
 """
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from geoseg.config import PredictConfig
 from geoseg.encoding import ProbDtype
 from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
@@ -22,11 +23,10 @@ from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
-    check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
+    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
 )
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,51 @@ class PredictSummary:
         results: One result per scene this process predicted (timings, chip counts, raster paths):
             every scene, or under torchrun this rank's share.
         shard: This process's rank among the prediction processes.
+        previews: The previews this process drew, in the order of ``results`` (none unless asked).
     """
 
     out: Path
     features: int
     results: tuple[PredictionResult, ...]
     shard: Shard = Shard()
+    previews: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Every file a ``predict`` run writes (per-scene entries None where not asked for).
+
+    Attributes:
+        out: The polygon output.
+        layer: The files of the polygon output (a shapefile's parts, else ``out`` alone).
+        masks: Each scene's class mask.
+        probs: Each scene's probability raster.
+        previews: Each scene's preview PNG.
+    """
+
+    out: Path
+    layer: tuple[Path, ...]
+    masks: tuple[Path | None, ...]
+    probs: tuple[Path | None, ...]
+    previews: tuple[Path | None, ...]
+
+    @property
+    def has_previews(self) -> bool:
+        return any(p is not None for p in self.previews)
+
+    def by_option(self) -> list[tuple[str, Path | None]]:
+        """(option, path) of every output, as :func:`check_not_inputs` and :func:`check_distinct_outputs` take them."""
+        return [*(("--out", p) for p in self.layer), *(("--mask-out", p) for p in self.masks),
+                *(("--prob-out", p) for p in self.probs), *(("--preview", p) for p in self.previews)]
+
+
+@dataclass(frozen=True)
+class CheckedScenes:
+    """What :func:`check_scenes` found: each scene's bands and pixel count, and the layer's CRS (the first scene's)."""
+
+    bands: tuple[Sequence[int], ...]
+    sizes: tuple[int, ...]
+    crs: Any
 
 
 def scene_names(scenes: Sequence[Path]) -> list[str]:
@@ -121,78 +160,131 @@ def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu"
     return load_checkpoint(path, map_location="cpu")
 
 
-def predict_files(
+def plan_outputs(
+    scenes: Sequence[Path], names: Sequence[str], *, out: str | os.PathLike[str],
+    mask_out: str | os.PathLike[str] | None = None, prob_out: str | os.PathLike[str] | None = None,
+    preview: str | os.PathLike[str] | None = None,
+) -> OutputPlan:
+    """Every file a run writes: the layer (a shapefile's parts) and each scene's rasters and preview.
+
+    Raises:
+        OutputError: An unknown vector extension; one file (not a folder or a ``{scene}``
+            template) for the rasters or previews of several scenes.
+    """
+    from geoseg.export import SHAPEFILE_PARTS, driver_for
+    from geoseg.preview import preview_paths
+
+    previews: list[Path | None] = (list(preview_paths(preview, scenes, names=names)) if preview is not None
+                                   else [None] * len(scenes))
+    layer = ([Path(out).with_suffix(ext) for ext in SHAPEFILE_PARTS]
+             if driver_for(out) == "ESRI Shapefile" else [Path(out)])
+    return OutputPlan(
+        out=Path(out), layer=tuple(layer),
+        masks=tuple(raster_output_paths(mask_out, scenes, kind="mask", names=names)),
+        probs=tuple(raster_output_paths(prob_out, scenes, kind="prob", names=names)),
+        previews=tuple(previews),
+    )
+
+
+def check_outputs(
+    plan: OutputPlan, inputs: PathsByRole, *, overwrite: bool
+) -> Path:
+    """Refuse the run's outputs before anything is read; return the polygon output.
+
+    In this order: an output that is an input (before the existence checks, whose hint is
+    ``--overwrite``), two outputs that are one file (two scenes' masks or previews too),
+    an output that exists without ``overwrite``.
+
+    Raises:
+        OutputError: The first output refused, in one line with its fix.
+    """
+    from geoseg.export import check_vector_output
+
+    outputs = plan.by_option()
+    check_not_inputs(outputs, inputs)
+    check_distinct_outputs(outputs)
+    out_path = check_vector_output(plan.out, overwrite=overwrite)
+    for _, p in outputs:
+        if p is not None:
+            check_output(p, overwrite=overwrite)
+    return out_path
+
+
+def check_scenes(
+    scenes: Sequence[Path], meta: object, *, bands: Sequence[int] | None, assume_crs: str | None,
+    rescale: bool,
+) -> CheckedScenes:
+    """Open every scene and check its bands (and, without ``rescale``, its values) against the model.
+
+    Raises:
+        GeosegError: An unreadable scene, one without CRS (and no ``assume_crs``), bands
+            that do not fit the model, values far outside the range it learned.
+    """
+    chosen, sizes, crs = [], [], None
+    for path in scenes:
+        info = open_scene(path, assume_crs=assume_crs)
+        crs = info.crs if crs is None else crs
+        chosen.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
+        if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
+            check_value_range(info, meta, chosen[-1])  # type: ignore[arg-type]
+        sizes.append(info.width * info.height)
+    return CheckedScenes(bands=tuple(chosen), sizes=tuple(sizes), crs=crs)
+
+
+def scene_options(config: PredictConfig) -> dict[str, Any]:
+    """``config`` as the keyword arguments of :func:`~geoseg.inference.pipeline.predict_scene` (device apart)."""
+    return dict(
+        batch_size=config.batch_size, overlap=config.overlap, block_size=config.block_size, tta=config.tta,
+        threshold=config.threshold, precision=config.precision, min_area=config.min_area,
+        simplify=config.simplify, regularize=config.regularize, compile_model=config.compile,
+        instances=config.instances, seed_threshold=config.seed_threshold, min_seed_area=config.min_seed_area,
+    )
+
+
+def predict(
     scenes: Sequence[str | os.PathLike[str]],
     *,
     out: str | os.PathLike[str],
+    config: PredictConfig | None = None,
     model_path: str | os.PathLike[str] | None = None,
     mask_out: str | os.PathLike[str] | None = None,
     prob_out: str | os.PathLike[str] | None = None,
     prob_dtype: ProbDtype = "uint8",
-    batch_size: int | None = None,
-    overlap: int | None = None,
-    block_size: int = 2048,
-    tta: bool = False,
-    threshold: float = 0.5,
-    min_area: float = 0.0,
-    simplify: float = 0.0,
-    regularize: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
+    preview: str | os.PathLike[str] | None = None,
     bands: Sequence[int] | None = None,
     assume_crs: str | None = None,
-    overwrite: bool = False,
-    compile: bool | None = None,
-    instances: bool | None = None,
-    seed_threshold: float = 0.5,
-    min_seed_area: float = 0.5,
-    progress: Callable[[str, int, int], None] | None = None,
-    config_file: str | os.PathLike[str] | None = None,
     rescale: bool = False,
-    extra_outputs: Sequence[tuple[str, str | os.PathLike[str]]] = (),
-    publication: Publication | None = None,
+    overwrite: bool = False,
+    config_file: str | os.PathLike[str] | None = None,
     keep_polygons: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> PredictSummary:
-    """Predict scenes and write all their polygons into one layer (and rasters if asked).
+    """``geoseg predict``: scenes in, all their polygons in one layer (and rasters and previews if asked).
 
     Args:
         scenes: Files, folders or globs.
         out: Polygon output (.gpkg, .geojson, .fgb, .shp).
-        model_path: Checkpoint (default ``saved_models/best_iou.pt``).
+        config: How to predict and vectorise (default: ``PredictConfig()``, the defaults of
+            ``geoseg predict``).
+        model_path: Checkpoint (default ``saved_models/best_iou.pt``) or exported ``.onnx`` model.
         mask_out: Class-mask output: a file (one scene), a folder, or a
             template with ``{scene}``.
         prob_out: Probability output, like ``mask_out``.
         prob_dtype: ``"uint8"`` or ``"float16"``.
-        batch_size: Chips per batch (None: device default).
-        overlap: Chip overlap in pixels (None: chip/4).
-        block_size: Block size in pixels.
-        tta: Flip test-time augmentation.
-        threshold: Rooftop probability threshold.
-        min_area: Smallest polygon in m².
-        simplify: Simplification tolerance in metres.
-        regularize: Regularise outlines.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        precision: ``"auto"``, ``"32"``, ``"bf16"``, ``"16"``.
+        preview: A PNG of each scene with its polygons (``geoseg.preview``): a ``.png`` file
+            (one scene), a folder, or a template with ``{scene}``.
         bands: Scene bands to use instead of the checkpoint's.
         assume_crs: CRS for scenes without one.
-        overwrite: Replace existing outputs.
-        compile: ``torch.compile`` the model (None: on a CPU for scenes of many chips).
-        instances: Split touching buildings (None: when the checkpoint learned instances).
-        seed_threshold: Border/contact probability under which a rooftop pixel seeds a building.
-        min_seed_area: Smallest building seed in m².
-        progress: Called with (scene name, chips done, chips total).
-        config_file: The YAML file the options came from, if any (never overwritten).
         rescale: Map each scene's values linearly onto the range the model learned
             (``checks.check_value_range``) instead of refusing scenes far outside it.
-        extra_outputs: (option, path) of the caller's own outputs of the run (``--preview``
-            files), checked with these before any work: not an input, no two the same file,
-            none existing without ``overwrite``.
-        publication: Publish the outputs with this publication's others when it ends (the
-            caller's previews) instead of when this call returns.
+        overwrite: Replace existing outputs.
+        config_file: The YAML file ``config`` came from, if any (never overwritten).
         keep_polygons: Also return each scene's polygons in ``results`` (memory grows with
-            the number of buildings). Otherwise, in a single process, polygons go to a
-            temporary GeoPackage batch by batch as they are found (``export.PolygonSpool``)
-            and ``results[i].polygons`` is None (``polygon_count`` holds the count).
+            the number of buildings; always so with ``preview``). Otherwise, in a single
+            process, polygons go to a temporary GeoPackage batch by batch as they are found
+            (``export.PolygonSpool``) and ``results[i].polygons`` is None (``polygon_count``
+            holds the count).
+        progress: Called with (scene name, chips done, chips total).
 
     Returns:
         What was written.
@@ -204,94 +296,114 @@ def predict_files(
             first); a failed write (disk full, ...), after which nothing is left behind.
         GeosegError: Any bad input, before anything is written.
     """
-    from geoseg.export import SHAPEFILE_PARTS, PolygonSpool, check_vector_output, driver_for, write_polygons
+    from geoseg.export import PolygonSpool
 
+    config = PredictConfig() if config is None else config
     scene_paths = resolve_scenes(scenes)
     names = scene_names(scene_paths)
-    masks = raster_output_paths(mask_out, scene_paths, kind="mask", names=names)
-    probs = raster_output_paths(prob_out, scene_paths, kind="prob", names=names)
-    polygon_files = ([Path(out).with_suffix(ext) for ext in SHAPEFILE_PARTS]
-                     if driver_for(out) == "ESRI Shapefile" else [Path(out)])
-    outputs = [*(("--out", p) for p in polygon_files), *(("--mask-out", p) for p in masks),
-               *(("--prob-out", p) for p in probs), *extra_outputs]
-    # Every output, before any scene is read: not an input (before check_output, whose hint is
-    # --overwrite), no two the same file, none that exists without --overwrite.
-    check_not_inputs(outputs, predict_inputs(scene_paths, model_path=model_path, config_file=config_file))
-    check_distinct_outputs(outputs)
-    out_path = check_vector_output(out, overwrite=overwrite)
-    for _, p in outputs:
-        if p is not None:
-            check_output(p, overwrite=overwrite)
+    plan = plan_outputs(scene_paths, names, out=out, mask_out=mask_out, prob_out=prob_out, preview=preview)
+    out_path = check_outputs(plan, predict_inputs(scene_paths, model_path=model_path, config_file=config_file),
+                             overwrite=overwrite)
     model, meta = load_model(model_path)
-    chosen_bands, sizes = [], []
-    for path in scene_paths:
-        info = open_scene(path, assume_crs=assume_crs)
-        chosen_bands.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
-        if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
-            check_value_range(info, meta, chosen_bands[-1])  # type: ignore[arg-type]
-        sizes.append(info.width * info.height)
-
+    checked = check_scenes(scene_paths, meta, bands=bands, assume_crs=assume_crs, rescale=rescale)
     # Under torchrun each rank predicts its share of the scenes; alone, a process predicts them all.
     shard = shard_from_env()
-    mine = [i for i, r in enumerate(assign_scenes(sizes, shard.world)) if r == shard.rank]
-    run_device = rank_device(device, shard)
-    first_crs = open_scene(scene_paths[0], assume_crs=assume_crs).crs  # the layer's CRS
-    spool: PolygonSpool | None = None  # single process, polygons not kept: streamed to disk
-    own_rasters = [p for i in mine for p in (masks[i], probs[i]) if p is not None]
-    results: list[PredictionResult] = []
+    mine = [i for i, r in enumerate(assign_scenes(checked.sizes, shard.world)) if r == shard.rank]
+    run = _Run(
+        scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
+        model=model, meta=meta, bands=checked.bands,
+        options=dict(scene_options(config), device=rank_device(config.device, shard), prob_dtype=prob_dtype,
+                     assume_crs=assume_crs, rescale=rescale),
+        overwrite=overwrite, progress=progress,
+    )
+    with RankGroup(shard) as group, publishing(overwrite=overwrite) as pub:
+        # Each step ends with every rank agreeing: one failure fails all ranks. The rasters, the
+        # layer and the previews are published together (without replacing a file unless
+        # overwrite) when the publication ends normally.
+        if shard.active:
+            run.partials = group.gather(group.run(run.partials_folder, pub))[0]
+        elif not keep_polygons and not plan.has_previews:
+            run.spool = PolygonSpool(pub.folder(out_path.parent, name="spool", output=out_path), crs=checked.crs)
+        frames = group.run(run.predict_share, pub)
+        features = group.gather(group.run(run.merge, pub, frames))[0]
+        previews = group.run(run.draw_previews, pub)
+    return PredictSummary(out=out_path, features=features, results=tuple(run.results), shard=shard,
+                          previews=tuple(previews))
 
-    def predict_share() -> list[object]:
+
+@dataclass
+class _Run:
+    """The steps of one :func:`predict` run on this rank, and what they share."""
+
+    scenes: list[Path]
+    names: list[str]
+    plan: OutputPlan
+    out: Path  # the checked polygon output
+    shard: Shard
+    mine: list[int]  # indices of this rank's scenes
+    model: object
+    meta: object
+    bands: tuple[Sequence[int], ...]
+    options: dict[str, Any]  # predict_scene's keywords
+    overwrite: bool
+    progress: Callable[[str, int, int], None] | None
+    results: list[PredictionResult] = field(default_factory=list)
+    spool: Any = None  # export.PolygonSpool: single process, polygons streamed to disk
+    partials: Path | None = None  # under torchrun: rank 0's temporary folder of partial layers
+
+    def partials_folder(self, pub: Publication) -> Path | None:
+        """Rank 0 makes the temporary folder every rank writes its partial layers into."""
+        return pub.folder(self.out.parent, name="partials", output=self.out) if self.shard.rank == 0 else None
+
+    def predict_share(self, pub: Publication) -> list[object]:
         """Predict this process's scenes; under torchrun, leave their polygons in partial layers."""
+        own_rasters = [p for i in self.mine for p in (self.plan.masks[i], self.plan.probs[i]) if p is not None]
         # Raster outputs stay at temporary paths until the polygons are written too.
         tmp = {p: pub.file(p) for p in own_rasters}
-        for i in mine:
-            path, mpath, ppath = scene_paths[i], masks[i], probs[i]
-            cb = None
-            if progress is not None:
-                name = names[i]
-                cb = lambda done, total, name=name: progress(name, done, total)  # noqa: E731
+        temp_dir = self.out.parent if self.out.parent.exists() else None
+        for i in self.mine:
+            mpath, ppath = self.plan.masks[i], self.plan.probs[i]
             res = predict_scene(
-                path, model, meta,  # type: ignore[arg-type]
+                self.scenes[i], self.model, self.meta,  # type: ignore[arg-type]
                 mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
-                polygons=True, batch_size=batch_size, overlap=overlap, block_size=block_size,
-                tta=tta, threshold=threshold, device=run_device, precision=precision,
-                prob_dtype=prob_dtype, min_area=min_area, simplify=simplify,
-                regularize=regularize, bands=chosen_bands[i], assume_crs=assume_crs,
-                scene_name=names[i], temp_dir=out_path.parent if out_path.parent.exists()
-                else None, progress=cb, overwrite=True, compile_model=compile, instances=instances,
-                seed_threshold=seed_threshold, min_seed_area=min_seed_area, rescale=rescale,
-                polygon_sink=spool.append if spool is not None else None,
+                polygons=True, bands=self.bands[i], scene_name=self.names[i], temp_dir=temp_dir,
+                progress=self._scene_progress(self.names[i]), overwrite=True,
+                polygon_sink=self.spool.append if self.spool is not None else None, **self.options,
             )
             res.mask_path, res.prob_path = mpath, ppath
-            results.append(res)
-        frames = [r.polygons for r in results]
-        if shard.active:
-            write_partials(list(zip(mine, frames)), partials)
+            self.results.append(res)
+        frames = [r.polygons for r in self.results]
+        if self.shard.active:
+            write_partials(list(zip(self.mine, frames)), self.partials)  # type: ignore[arg-type]
         return frames
 
-    def merge(frames: list[object]) -> int | None:
-        """Rank 0 (or the only process) writes the one layer; under torchrun from every rank's partials."""
-        if shard.rank != 0:
+    def _scene_progress(self, name: str) -> Callable[[int, int], None] | None:
+        if self.progress is None:
             return None
-        if spool is not None:
-            spool.write(out_path, overwrite=overwrite, publication=pub)
-            return spool.count
-        if shard.active:
-            frames = read_partials(partials, range(len(scene_paths)))
-        write_polygons(frames, out_path, overwrite=overwrite, publication=pub)
+        report = self.progress
+        return lambda done, total: report(name, done, total)
+
+    def merge(self, pub: Publication, frames: list[object]) -> int | None:
+        """Rank 0 (or the only process) writes the one layer; under torchrun from every rank's partials."""
+        from geoseg.export import write_polygons
+
+        if self.shard.rank != 0:
+            return None
+        if self.spool is not None:
+            self.spool.write(self.out, overwrite=self.overwrite, publication=pub)
+            return self.spool.count
+        if self.shard.active:
+            frames = read_partials(self.partials, range(len(self.scenes)))  # type: ignore[arg-type]
+        write_polygons(frames, self.out, overwrite=self.overwrite, publication=pub)
         return sum(len(f) for f in frames)  # type: ignore[arg-type]
 
-    partials: Path | None = None  # under torchrun: rank 0's temporary folder of partial layers
-    with RankGroup(shard) as group, publishing(overwrite=overwrite, into=publication) as pub:
-        # Each step ends with every rank agreeing: one failure fails all ranks. The rasters and
-        # the layer are published together (without replacing a file unless overwrite) when the
-        # publication ends normally: here, or with the caller's own outputs.
-        if shard.active:
-            made = group.run(lambda: pub.folder(out_path.parent, name="partials", output=out_path)
-                             if shard.rank == 0 else None)
-            partials = group.gather(made)[0]
-        if not shard.active and not keep_polygons:
-            spool = PolygonSpool(pub.folder(out_path.parent, name="spool", output=out_path), crs=first_crs)
-        frames = group.run(predict_share)
-        features = group.gather(group.run(merge, frames))[0]
-    return PredictSummary(out=out_path, features=features, results=tuple(results), shard=shard)
+    def draw_previews(self, pub: Publication) -> list[Path]:
+        """The preview of each of this process's scenes, published with the other outputs."""
+        from geoseg.preview import write_preview
+
+        drawn = []
+        for i, res in zip(self.mine, self.results):
+            png = self.plan.previews[i]
+            if png is not None:
+                drawn.append(write_preview(res.scene, res.polygons, png, overwrite=self.overwrite, publication=pub))
+        return drawn

@@ -29,6 +29,7 @@ import rasterio
 import torch
 from torch import nn
 
+from geoseg.config import PredictConfig
 from geoseg.errors import ConfigError
 from geoseg.inference.checks import (
     check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
@@ -59,8 +60,8 @@ CPU_BATCH = 16
 GPU_BATCH = 128
 #: Most reader threads with a GPU (each decodes whole blocks; GDAL releases the GIL).
 MAX_GPU_READERS = 8
-#: Default smallest building seed (m²) when splitting touching buildings: smaller seeds are noise.
-MIN_SEED_AREA = 0.5
+#: The defaults of every prediction option: those of ``geoseg predict`` (one set, from the config).
+DEFAULTS = PredictConfig()
 
 ProgressFn = Callable[[int, int], None]
 
@@ -137,33 +138,36 @@ def predict_scene(
     mask_out: str | os.PathLike[str] | None = None,
     prob_out: str | os.PathLike[str] | None = None,
     polygons: bool = True,
-    batch_size: int | None = None,
-    overlap: int | None = None,
-    block_size: int = 2048,
-    tta: bool = False,
-    threshold: float = 0.5,
-    device: str = "auto",
-    precision: str = "auto",
+    batch_size: int | None = DEFAULTS.batch_size,
+    overlap: int | None = DEFAULTS.overlap,
+    block_size: int = DEFAULTS.block_size,
+    tta: bool = DEFAULTS.tta,
+    threshold: float = DEFAULTS.threshold,
+    device: str = DEFAULTS.device,
+    precision: str = DEFAULTS.precision,
     prob_dtype: ProbDtype = "uint8",
-    min_area: float = 0.0,
-    simplify: float = 0.0,
-    regularize: bool = False,
+    min_area: float = DEFAULTS.min_area,
+    simplify: float = DEFAULTS.simplify,
+    regularize: bool = DEFAULTS.regularize,
     bands: Sequence[int] | None = None,
     assume_crs: str | None = None,
     scene_name: str | None = None,
     threads: int | None = None,
     read_workers: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
-    compile_model: bool | None = None,
+    compile_model: bool | None = DEFAULTS.compile,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
-    instances: bool | None = None,
-    seed_threshold: float = 0.5,
-    min_seed_area: float = MIN_SEED_AREA,
+    instances: bool | None = DEFAULTS.instances,
+    seed_threshold: float = DEFAULTS.seed_threshold,
+    min_seed_area: float = DEFAULTS.min_seed_area,
     rescale: bool = False,
     polygon_sink: Callable[[Any], None] | None = None,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
+
+    The prediction options default to those of ``geoseg predict`` (:data:`DEFAULTS`, a
+    :class:`~geoseg.config.PredictConfig`), so a call gives the command's polygons.
 
     Args:
         scene_path: Georeferenced raster.
