@@ -74,6 +74,8 @@ progress_option = click.option(
 #: Where a model runs, and in which precision (the choices of the config's ``device`` and ``precision``).
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "32", "bf16", "16")
+#: Prediction (predict, benchmark) also runs int8 models (geoseg.quantize), on the CPU.
+PREDICT_PRECISIONS = (*PRECISIONS, "int8")
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -84,9 +86,10 @@ def device_option(help: str | None = None, *, default: str | None = None) -> Dec
                         show_default=default is not None, help=help)
 
 
-def precision_option(help: str, *, default: str | None = None) -> Decorator:
-    """``--precision``: auto, 32, bf16 or 16; None (the default) leaves the choice to the config."""
-    return click.option("--precision", type=click.Choice(PRECISIONS), default=default,
+def precision_option(help: str, *, default: str | None = None,
+                     choices: tuple[str, ...] = PRECISIONS) -> Decorator:
+    """``--precision``: auto, 32, bf16 or 16 (prediction: also int8); None (the default) leaves the choice to the config."""
+    return click.option("--precision", type=click.Choice(choices), default=default,
                         show_default=default is not None, help=help)
 
 
@@ -354,7 +357,9 @@ def chip_command(
 @click.option("--regularize/--no-regularize", default=None,
               help="Square building outlines to their dominant directions [default: no].")
 @device_option("Where the model runs [default: auto].")
-@precision_option("auto: bf16 where the CPU/GPU has it, else fp32 [default: auto].")
+@precision_option("auto: bf16 where the CPU/GPU has it; on a CPU without bf16, int8 for runs of 2000 chips "
+                  "or more (with geoseg[onnx]), else fp32. int8: the model quantised by ONNX Runtime, "
+                  "calibrated on chips of the scenes (CPU) [default: auto].", choices=PREDICT_PRECISIONS)
 @click.option("--bands", default=None, metavar="B1,B2,...",
               help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
 @assume_crs_option()
@@ -453,7 +458,8 @@ def predict_command(
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Chip overlap in pixels [default: a quarter of the chip].")
 @device_option(default="auto")
-@precision_option("auto: bf16 where the hardware has it.", default="auto")
+@precision_option("auto: bf16 where the hardware has it. int8: the model quantised by ONNX Runtime, "
+                  "calibrated on chips of the scene (CPU).", default="auto", choices=PREDICT_PRECISIONS)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed repeats (medians are reported).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")

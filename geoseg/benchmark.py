@@ -265,7 +265,8 @@ def run_benchmark(
         size: (width, height) in pixels of the generated scene.
         batch_size: Chips per model call (both measurements).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        precision: ``"auto"``, ``"32"``, ``"bf16"`` or ``"16"``.
+        precision: ``"auto"``, ``"32"``, ``"bf16"``, ``"16"`` or ``"int8"`` (the model
+            quantised by :mod:`geoseg.quantize`, calibrated on the scene; untimed, as a compile).
         overlap: Chip overlap in pixels (None: a quarter of the chip).
         repeats: Timed repeats of each measurement (medians are reported).
         chip_size: Chip size when no checkpoint is given (pixels).
@@ -285,6 +286,7 @@ def run_benchmark(
     """
     import torch
 
+    from geoseg.devices import wants_int8
     from geoseg.inference import model_throughput, predict_scene, resolve_device, resolve_precision
     from geoseg.inference.runtime import precision_name
     from geoseg.raster_io import check_local, open_scene
@@ -296,7 +298,7 @@ def run_benchmark(
         check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dtype = resolve_precision("32" if precision == "int8" else precision, dev)
     model, meta, model_name = _benchmark_model(model_path, arch=arch, encoder=encoder, chip_size=chip_size)
     chip = int(meta.chip_size)
     overlap = chip // 4 if overlap is None else int(overlap)
@@ -311,6 +313,14 @@ def run_benchmark(
             scene_path = Path(scene)
         info = open_scene(scene_path)
         n_chips = len(chip_grid(info.width, info.height, size=chip, stride=chip - overlap))
+        torch_model = model  # the fp32 per-chip baseline stays the torch model
+        if wants_int8(precision, dev, n_chips):
+            say("int8: export, calibration on the scene, quantisation")
+            from geoseg.quantize import int8_model
+
+            (work / "int8").mkdir()
+            model, meta = int8_model((model, meta), [scene_path], work / "int8")
+            precision, dtype = "32", None  # the int8 graph runs in its own precision
 
         say("matmul peak")
         from geoseg.inference.runtime import torch_threads
@@ -343,13 +353,14 @@ def run_benchmark(
             stage_runs.append(dict(res.stages))
             seconds_runs.append(res.seconds)
         say("fp32 per-chip baseline")
-        base = baseline_loop(model, scene_path, meta, chips=baseline_chips, overlap=overlap)
+        base = baseline_loop(torch_model, scene_path, meta, chips=baseline_chips, overlap=overlap)
 
     model_cps = statistics.median(model_runs)
     e2e_cps = statistics.median(e2e_runs)
     best = e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])
     return BenchmarkResult(
-        model=model_name, device=str(dev), precision=precision_name(dtype), threads=tp.threads,
+        model=model_name, device=str(dev), precision=getattr(model, "precision", None) or precision_name(dtype),
+        threads=tp.threads,
         batch_size=batch_size, chip_size=chip, overlap=overlap, scene=str(scene or "generated"),
         scene_size=(info.width, info.height), chips=n_chips,
         model_chips_per_s=round(model_cps, 3), e2e_chips_per_s=round(e2e_cps, 3),
@@ -429,6 +440,19 @@ def scaling(
     return points
 
 
+def _int8_for(precision: str, device: str, scene: str | os.PathLike[str], meta: Any) -> bool:
+    """Whether predicting ``scene`` in ``precision`` runs an int8 model (``geoseg.devices.wants_int8``)."""
+    from geoseg.devices import resolve_device, wants_int8
+    from geoseg.raster_io import open_scene
+    from geoseg.tiling import chip_grid
+
+    if precision not in ("int8", "auto"):
+        return False
+    info, chip = open_scene(scene), int(meta.chip_size)
+    chips = len(chip_grid(info.width, info.height, size=chip, stride=chip - chip // 4))
+    return wants_int8(precision, resolve_device(device, setting="device"), chips)
+
+
 def _scaling_worker(args: dict[str, Any]) -> dict[str, Any]:
     from geoseg.inference import predict_scene
 
@@ -438,10 +462,17 @@ def _scaling_worker(args: dict[str, Any]) -> dict[str, Any]:
     from geoseg.export import PolygonSpool
 
     folder = Path(args["out"]).parent
+    precision = args["precision"]
+    if _int8_for(precision, args["device"], args["scene"], meta):
+        from geoseg.quantize import int8_model
+
+        (folder / "int8").mkdir(exist_ok=True)
+        model, meta = int8_model((model, meta), [args["scene"]], folder / "int8")  # untimed, as a compile
+        precision = "32"  # the int8 graph runs in its own precision
     spool = PolygonSpool(folder)  # as geoseg predict: polygons streamed to disk, then the layer written
     res = predict_scene(
         args["scene"], model, meta, mask_out=args["out"], polygons=True,
-        batch_size=args["batch_size"], device=args["device"], precision=args["precision"],
+        batch_size=args["batch_size"], device=args["device"], precision=precision,
         temp_dir=str(folder), compile_model=bool(args.get("compile", False)), polygon_sink=spool.append,
         min_area=0.0, simplify=0.0,
     )

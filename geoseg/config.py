@@ -28,6 +28,8 @@ PRESETS_DIR = (
 )
 
 Precision = Literal["auto", "32", "bf16", "16"]
+#: Prediction also runs int8 models (geoseg.quantize), on the CPU.
+PredictPrecision = Literal["auto", "32", "bf16", "16", "int8"]
 #: What a model learns (the same names as geoseg.models.TARGETS).
 Target = Literal["footprint", "instances"]
 #: Loss of one instance channel (border or contact): a per-pixel term plus soft Dice, 1:1.
@@ -149,7 +151,7 @@ class PredictConfig:
     min_area: float = 4.0
     simplify: float = 0.25
     regularize: bool = False
-    precision: Precision = "auto"
+    precision: PredictPrecision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool | None = None  # torch.compile; null: on a CPU for scenes of 2000 chips or more
     instances: bool | None = None  # split touching buildings; null: when the checkpoint learned instances

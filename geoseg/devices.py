@@ -20,6 +20,14 @@ from geoseg.errors import ConfigError
 
 #: The precision values every command accepts (``geoseg.config.Precision``).
 PRECISIONS: tuple[str, ...] = ("auto", "32", "bf16", "16")
+#: Prediction's values (``geoseg.config.PredictPrecision``): also ``int8``, a quantised model
+#: (:mod:`geoseg.quantize`) rather than an autocast, for prediction on the CPU only.
+PREDICT_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "int8")
+#: With ``--precision auto``, a CPU without native bf16 predicts runs of at least this many chips
+#: with an int8 model: the export and calibration (about 20-40 s) then cost a few per cent.
+INT8_AUTO_MIN_CHIPS = 2000
+#: What int8 prediction imports (``pip install 'geoseg[onnx]'``).
+_INT8_MODULES = ("onnx", "onnxscript", "onnxruntime")
 
 #: CPUs with more logical cores than this keep one core free for reading and writing.
 _RESERVE_CORE_ABOVE = 4
@@ -101,6 +109,9 @@ def resolve_precision(precision: str, device: torch.device, *, setting: str = "t
         ConfigError: Unknown precision, or fp16 asked for on a CPU.
     """
     p = str(precision)
+    if p == "int8":
+        raise ConfigError(f"{setting} 'int8' is a quantised model for prediction on the CPU (geoseg predict, "
+                          "geoseg benchmark); use '32', 'bf16' or auto here")
     if p not in PRECISIONS:
         raise ConfigError(f"precision should be one of {', '.join(repr(x) for x in PRECISIONS)}, got {p!r}")
     if p == "32":
@@ -115,6 +126,34 @@ def resolve_precision(precision: str, device: torch.device, *, setting: str = "t
     if cuda:  # auto
         return Amp(torch.bfloat16, False) if torch.cuda.is_bf16_supported() else Amp(torch.float16, True)
     return Amp(torch.bfloat16, False) if cpu_supports_bf16() else Amp(None, False)
+
+
+def int8_available() -> bool:
+    """Whether ONNX export, ONNX Runtime and its quantiser are installed (``geoseg[onnx]``)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in _INT8_MODULES)
+
+
+def wants_int8(precision: str, device: torch.device, chips: int, *, setting: str = "precision") -> bool:
+    """Whether a prediction runs an int8 model (:mod:`geoseg.quantize`) instead of the checkpoint's.
+
+    ``"int8"``: yes (on the CPU only). ``"auto"``: on a CPU without native bf16 (where the
+    alternative is fp32, which int8 beats by well over 2x), for a run of at least
+    :data:`INT8_AUTO_MIN_CHIPS` chips (so that the export and calibration pay), where ONNX
+    Runtime is installed. A CPU with native bf16 keeps bf16 under ``auto``: closer to fp32
+    (see the README's Speed section); int8 is then asked for by name.
+
+    Raises:
+        ConfigError: ``int8`` asked for on a CUDA device.
+    """
+    if str(precision) == "int8":
+        if device.type != "cpu":
+            raise ConfigError(f"{setting} 'int8' runs on the CPU (ONNX Runtime); on a GPU use bf16 or 16, "
+                              "or pass --device cpu")
+        return True
+    return (str(precision) == "auto" and device.type == "cpu" and chips >= INT8_AUTO_MIN_CHIPS
+            and not cpu_supports_bf16() and int8_available())
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

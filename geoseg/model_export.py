@@ -124,7 +124,7 @@ def export_model(
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
     with atomic_output(out_path, overwrite=overwrite) as tmp:
         if format == "onnx":
-            _write_onnx(model, meta, tmp)
+            write_onnx(model, meta, tmp)
         else:
             _write_torchscript(model, meta, tmp)
     log.info("exported %s to %s (%s)", checkpoint, out_path, format)
@@ -143,8 +143,14 @@ def _fail(meta: CheckpointMeta, what: str, exc: Exception) -> ModelError:
                       "export a model of a supported architecture and encoder (deeplabv3plus/resnet50 is)")
 
 
-def _write_onnx(model: Any, meta: CheckpointMeta, path: Path) -> None:
-    """torch.onnx's maintained (torch.export-based) exporter; batch axis dynamic, chip size fixed."""
+def write_onnx(model: Any, meta: CheckpointMeta, path: Path) -> None:
+    """Write ``model`` to ``path`` as ONNX with ``meta`` inside (no checks: :func:`export_model` checks).
+
+    torch.onnx's maintained (torch.export-based) exporter; batch axis dynamic, chip size fixed.
+
+    Raises:
+        ModelError: The model cannot be exported.
+    """
     import onnx
     import torch
 

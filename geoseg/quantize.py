@@ -85,13 +85,15 @@ def calibration_chips(
     meta: CheckpointMeta,
     *,
     count: int = CALIBRATION_CHIPS,
+    bands: Sequence[Sequence[int]] | None = None,
 ) -> Calibration:
     """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
 
     Each scene gives a regular grid of about ``count / len(scenes)`` chips over its whole
     extent, read with the model's bands and normalised with its mean and std, exactly as
     prediction feeds them; chips with less than half valid pixels are skipped unless the
-    scene has no other.
+    scene has no other. ``bands``: each scene's bands, where they are not the model's
+    (``geoseg predict --bands``).
 
     Raises:
         GeosegError: A scene cannot be read (the reader's own one-line errors).
@@ -107,12 +109,13 @@ def calibration_chips(
     per_scene = max(1, math.ceil(count / max(len(scenes), 1)))
     chips: list[np.ndarray] = []
     sources: list[str] = []
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
+        read_bands = list(bands[i]) if bands is not None else list(meta.bands)
         kept: list[np.ndarray] = []
         empty: list[np.ndarray] = []
         with open_raster(scene) as src:
             for row, col in _grid(src.width, src.height, chip, per_scene):
-                data, valid = read_window(src, Window(col, row, chip, chip), bands=list(meta.bands))
+                data, valid = read_window(src, Window(col, row, chip, chip), bands=read_bands)
                 normalised = (data.astype(np.float32) - mean) * inv_std
                 (kept if valid.mean() >= _MIN_VALID else empty).append(normalised)
         picked = kept or empty  # a scene of nodata only still calibrates what prediction will feed
@@ -211,35 +214,48 @@ def quantization_of(props: dict[str, str]) -> dict[str, Any] | None:
 
 
 def int8_model(
-    model_path: str | os.PathLike[str],
+    source: "str | os.PathLike[str] | tuple[Any, CheckpointMeta]",
     scenes: Sequence[str | os.PathLike[str]],
     workdir: str | os.PathLike[str],
     *,
     count: int = CALIBRATION_CHIPS,
+    bands: Sequence[Sequence[int]] | None = None,
 ) -> tuple[Any, CheckpointMeta]:
-    """An int8 :class:`~geoseg.onnx_model.OnnxModel` for a checkpoint or ONNX model, calibrated on ``scenes``.
+    """An int8 :class:`~geoseg.onnx_model.OnnxModel`, calibrated on ``scenes``.
 
-    A ``.pt`` is exported to ONNX first; an ONNX model that is already int8 is used as it
-    is. The files are written in ``workdir`` (a temporary folder the caller removes).
+    ``source`` is a checkpoint (exported to ONNX first), an ONNX model (used as it is when
+    already int8) or a torch model with its description ``(model, meta)``. The files are
+    written in ``workdir`` (a temporary folder the caller removes). ``bands``: as
+    :func:`calibration_chips`.
 
     Returns:
         ``(model, meta)`` as ``load_checkpoint`` gives them.
+
+    Raises:
+        ModelError: The model cannot be exported or quantised, or no chip can be read.
+        CheckpointError: Not a geoseg checkpoint or ONNX model.
     """
+    from geoseg.model_export import write_onnx
     from geoseg.onnx_model import ONNX_SUFFIX, load_onnx_model
 
-    path, work = Path(model_path), Path(workdir)
-    if path.suffix.lower() == ONNX_SUFFIX:
-        model, meta = load_onnx_model(path)
-        if model.precision == "int8":
-            return model, meta
-        fp32 = path
+    work = Path(workdir)
+    if isinstance(source, tuple) and getattr(source[0], "runs_own_precision", False):
+        source = source[0].path  # an ONNX model already: quantise its file
+    if isinstance(source, tuple):
+        module, meta = source
+        fp32 = work / "model.onnx"
+        write_onnx(module, meta, fp32)
+    elif Path(source).suffix.lower() == ONNX_SUFFIX:
+        onnx_model, meta = load_onnx_model(source)
+        if onnx_model.precision == "int8":
+            return onnx_model, meta
+        fp32 = Path(source)
     else:
-        from geoseg.model_export import export_model
+        from geoseg.models import load_checkpoint
 
-        fp32 = export_model(path, out=work / "model.onnx", format="onnx").path
-        from geoseg.onnx_model import read_onnx_meta
-
-        meta = read_onnx_meta(fp32)
-    calibration = calibration_chips(scenes, meta, count=count)
+        module, meta = load_checkpoint(source, map_location="cpu")
+        fp32 = work / "model.onnx"
+        write_onnx(module, meta, fp32)
+    calibration = calibration_chips(scenes, meta, count=count, bands=bands)
     quantized = quantize_onnx(fp32, work / "model.int8.onnx", calibration)
     return load_onnx_model(quantized)

@@ -7,6 +7,7 @@ appears only when the whole run succeeded (one geoseg.publish.Publication).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -296,8 +297,6 @@ def predict(
             first); a failed write (disk full, ...), after which nothing is left behind.
         GeosegError: Any bad input, before anything is written.
     """
-    from geoseg.export import PolygonSpool
-
     config = PredictConfig() if config is None else config
     scene_paths = resolve_scenes(scenes)
     names = scene_names(scene_paths)
@@ -309,13 +308,54 @@ def predict(
     # Under torchrun each rank predicts its share of the scenes; alone, a process predicts them all.
     shard = shard_from_env()
     mine = [i for i, r in enumerate(assign_scenes(checked.sizes, shard.world)) if r == shard.rank]
-    run = _Run(
-        scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
-        model=model, meta=meta, bands=checked.bands,
-        options=dict(scene_options(config), device=rank_device(config.device, shard), prob_dtype=prob_dtype,
-                     assume_crs=assume_crs, rescale=rescale),
-        overwrite=overwrite, progress=progress,
-    )
+    options = dict(scene_options(config), device=rank_device(config.device, shard), prob_dtype=prob_dtype,
+                   assume_crs=assume_crs, rescale=rescale)
+    with contextlib.ExitStack() as scratch:
+        if _int8_run(config, options["device"], model, meta, checked.sizes):
+            model, meta = _int8_model(model_path, [scene_paths[i] for i in mine] or scene_paths,
+                                      [checked.bands[i] for i in mine] or list(checked.bands), scratch)
+            options["precision"] = "32"  # the int8 graph runs in its own precision
+        run = _Run(
+            scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
+            model=model, meta=meta, bands=checked.bands, options=options, overwrite=overwrite, progress=progress,
+        )
+        return _publish(run, shard, plan, keep_polygons=keep_polygons, crs=checked.crs, overwrite=overwrite)
+
+
+def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, sizes: Sequence[int]) -> bool:
+    """Whether this run quantises its model to int8 (``geoseg.devices.wants_int8``).
+
+    An int8 ONNX model runs as it is; an fp32 ONNX model is quantised when int8 is asked
+    for by name (``auto`` runs an exported model as it was exported).
+    """
+    from geoseg.devices import resolve_device, wants_int8
+
+    if getattr(model, "precision", None) == "int8" or config.precision not in ("int8", "auto"):
+        return False
+    if getattr(model, "runs_own_precision", False) and config.precision == "auto":
+        return False
+    stride = max(1, int(meta.chip_size) - (config.overlap if config.overlap is not None
+                                           else int(meta.chip_size) // 4))
+    chips = sum(-(-int(n) // (stride * stride)) for n in sizes)
+    return wants_int8(config.precision, resolve_device(device, setting="device"), chips)
+
+
+def _int8_model(model_path: str | os.PathLike[str] | None, scenes: Sequence[Path],
+                bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack) -> tuple[object, object]:
+    """The run's model quantised to int8, calibrated on its scenes, in a scratch folder removed after the run."""
+    from geoseg.quantize import int8_model
+    from geoseg.temporaries import temporary_folder
+
+    folder = scratch.enter_context(temporary_folder(name="int8"))
+    return int8_model(check_model_path(model_path), scenes, folder, bands=bands)
+
+
+def _publish(run: "_Run", shard: Shard, plan: OutputPlan, *, keep_polygons: bool, crs: Any,
+             overwrite: bool) -> PredictSummary:
+    """Predict, then publish the rasters, the layer and the previews together."""
+    from geoseg.export import PolygonSpool
+
+    out_path = run.out
     with RankGroup(shard) as group, publishing(overwrite=overwrite) as pub:
         # Each step ends with every rank agreeing: one failure fails all ranks. The rasters, the
         # layer and the previews are published together (without replacing a file unless
@@ -323,7 +363,7 @@ def predict(
         if shard.active:
             run.partials = group.gather(group.run(run.partials_folder, pub))[0]
         elif not keep_polygons and not plan.has_previews:
-            run.spool = PolygonSpool(pub.folder(out_path.parent, name="spool", output=out_path), crs=checked.crs)
+            run.spool = PolygonSpool(pub.folder(out_path.parent, name="spool", output=out_path), crs=crs)
         frames = group.run(run.predict_share, pub)
         features = group.gather(group.run(run.merge, pub, frames))[0]
         previews = group.run(run.draw_previews, pub)
