@@ -197,7 +197,8 @@ def calibrated_checkpoint(path: Path, scene: Path, s: dict[str, Any]) -> Path:
 
     from geoseg.benchmark import IMAGENET_MEAN, IMAGENET_STD
     from geoseg.inference import resolve_device
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+    from geoseg.models import create_model
 
     chip = s["chip"]
     torch.manual_seed(0)

@@ -189,7 +189,8 @@ def _benchmark_model(
     model_path: str | os.PathLike[str] | None, *, arch: str, encoder: str, chip_size: int
 ) -> tuple[Any, Any, str]:
     from geoseg.inference.job import load_model
-    from geoseg.models import CheckpointMeta, create_model
+    from geoseg.checkpoints import CheckpointMeta
+    from geoseg.models import create_model
 
     if model_path is not None:  # a checkpoint, or an exported .onnx model (ONNX Runtime)
         model, meta = load_model(model_path)
@@ -403,7 +404,7 @@ def scaling(
     points = []
     terraces = 0.0
     if model_path is not None:
-        from geoseg.models import read_checkpoint
+        from geoseg.checkpoints import read_checkpoint
 
         terraces = _terraces_for(read_checkpoint(model_path).meta)
     with temporary_folder(name="scaling") as tmp:

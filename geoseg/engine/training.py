@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from geoseg import __version__
+from geoseg.checkpoints import CheckpointMeta, read_checkpoint, save_checkpoint
 from geoseg.config import Config
 from geoseg.engine.data import ShardSampler, build_datasets, discover, split_record, zero_usable_error
 from geoseg.devices import precision_name, resolve_precision
@@ -33,10 +34,7 @@ from geoseg.engine.records import (
     write_history,
 )
 from geoseg.errors import CheckpointError, ConfigError, DatasetError
-from geoseg.models import (
-    INSTANCE_CHANNELS, CheckpointMeta, check_chip_size, create_model, is_weights_file, output_channels,
-    read_checkpoint, save_checkpoint,
-)
+from geoseg.models import INSTANCE_CHANNELS, check_chip_size, create_model, is_weights_file, output_channels
 from geoseg.publish import atomic_output
 from geoseg.raster_io import check_not_inputs
 
