@@ -286,8 +286,8 @@ def run_benchmark(
     """
     import torch
 
-    from geoseg.inference import model_throughput, predict_scene, resolve_device, resolve_precision
-    from geoseg.inference.runtime import precision_name
+    from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads
+    from geoseg.inference import model_throughput, predict_scene
     from geoseg.raster_io import check_local, open_scene
     from geoseg.tiling import chip_grid
 
@@ -296,8 +296,8 @@ def run_benchmark(
     if scene is not None:
         check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dev = resolve_device(device, setting="device")
+    dtype = resolve_precision(precision, dev, setting="precision").dtype
     model, meta, model_name = _benchmark_model(model_path, arch=arch, encoder=encoder, chip_size=chip_size)
     chip = int(meta.chip_size)
     overlap = chip // 4 if overlap is None else int(overlap)
@@ -314,8 +314,6 @@ def run_benchmark(
         n_chips = len(chip_grid(info.width, info.height, size=chip, stride=chip - overlap))
 
         say("matmul peak")
-        from geoseg.inference.runtime import torch_threads
-
         with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()):
             mm = matmul_flops(dev, dtype or torch.float32)  # same thread count as the model
 
