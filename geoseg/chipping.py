@@ -77,7 +77,7 @@ class _Job:
     pair: ScenePair
     info: SceneInfo
     label_info: SceneInfo | None
-    label_mode: str | None
+    label_mode: LabelValues | None
     vector: VectorLabels | None = None
 
 
