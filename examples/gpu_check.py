@@ -158,10 +158,11 @@ def part_model_only(s: dict[str, Any]) -> None:
     """Chips/s per precision and batch size on pre-loaded tensors, peak GPU memory of each."""
     import torch
 
-    from geoseg.inference import model_throughput, resolve_device
+    from geoseg.devices import resolve_device
+    from geoseg.inference import model_throughput
     from geoseg.models import create_model
 
-    dev = resolve_device(s["device"])
+    dev = resolve_device(s["device"], setting="device")
     model = create_model(arch="deeplabv3plus", encoder=s["encoder"], encoder_weights=None, in_channels=3, classes=2)
     points = [(p, b, False) for p in s["precisions"] for b in s["batches"]]
     if dev.type == "cuda":
@@ -196,8 +197,9 @@ def calibrated_checkpoint(path: Path, scene: Path, s: dict[str, Any]) -> Path:
     from rasterio.windows import Window
 
     from geoseg.benchmark import IMAGENET_MEAN, IMAGENET_STD
-    from geoseg.inference import resolve_device
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+    from geoseg.devices import resolve_device
+    from geoseg.models import create_model
 
     chip = s["chip"]
     torch.manual_seed(0)
@@ -210,7 +212,7 @@ def calibrated_checkpoint(path: Path, scene: Path, s: dict[str, Any]) -> Path:
         raw = torch.from_numpy(src.read(window=Window(0, 0, side, side)).astype(np.float32))
     x = (raw - torch.tensor(meta.mean)[:, None, None]) / torch.tensor(meta.std)[:, None, None]
     chips = x.unfold(1, chip, chip).unfold(2, chip, chip).permute(1, 2, 0, 3, 4).reshape(-1, 3, chip, chip)
-    dev = resolve_device(s["device"])
+    dev = resolve_device(s["device"], setting="device")
     with torch.inference_mode():
         logits = model.eval().to(dev)(chips.to(dev)).float().cpu()
     diff = (logits[:, 1] - logits[:, 0]).flatten()
@@ -278,7 +280,8 @@ def _ddp_rank(rank: int, world: int, port: int, s: dict[str, Any], report: str) 
     from torch.nn.parallel import DistributedDataParallel
 
     from geoseg.benchmark_train import synthetic_batch
-    from geoseg.engine.devices import resolve_precision, setup_distributed
+    from geoseg.devices import resolve_precision
+    from geoseg.engine.devices import setup_distributed
     from geoseg.engine.loop import EpochLoop
     from geoseg.losses import SegmentationLoss
     from geoseg.models import create_model

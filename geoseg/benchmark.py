@@ -189,7 +189,8 @@ def _benchmark_model(
     model_path: str | os.PathLike[str] | None, *, arch: str, encoder: str, chip_size: int
 ) -> tuple[Any, Any, str]:
     from geoseg.inference.job import load_model
-    from geoseg.models import CheckpointMeta, create_model
+    from geoseg.checkpoints import CheckpointMeta
+    from geoseg.models import create_model
 
     if model_path is not None:  # a checkpoint, or an exported .onnx model (ONNX Runtime)
         model, meta = load_model(model_path)
@@ -286,9 +287,8 @@ def run_benchmark(
     """
     import torch
 
-    from geoseg.devices import wants_int8
-    from geoseg.inference import model_throughput, predict_scene, resolve_device, resolve_precision
-    from geoseg.inference.runtime import precision_name
+    from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads, wants_int8
+    from geoseg.inference import model_throughput, predict_scene
     from geoseg.raster_io import check_local, open_scene
     from geoseg.tiling import chip_grid
 
@@ -297,8 +297,8 @@ def run_benchmark(
     if scene is not None:
         check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
-    dev = resolve_device(device)
-    dtype = resolve_precision("32" if precision == "int8" else precision, dev)
+    dev = resolve_device(device, setting="device")
+    dtype = resolve_precision("32" if precision == "int8" else precision, dev, setting="precision").dtype
     model, meta, model_name = _benchmark_model(model_path, arch=arch, encoder=encoder, chip_size=chip_size)
     chip = int(meta.chip_size)
     overlap = chip // 4 if overlap is None else int(overlap)
@@ -323,8 +323,6 @@ def run_benchmark(
             precision, dtype = "32", None  # the int8 graph runs in its own precision
 
         say("matmul peak")
-        from geoseg.inference.runtime import torch_threads
-
         with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()):
             mm = matmul_flops(dev, dtype or torch.float32)  # same thread count as the model
 
@@ -414,7 +412,7 @@ def scaling(
     points = []
     terraces = 0.0
     if model_path is not None:
-        from geoseg.models import read_checkpoint
+        from geoseg.checkpoints import read_checkpoint
 
         terraces = _terraces_for(read_checkpoint(model_path).meta)
     with temporary_folder(name="scaling") as tmp:

@@ -21,10 +21,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
@@ -71,10 +72,13 @@ class ChipResult:
 
 @dataclass(frozen=True)
 class _Job:
+    """A validated scene to chip, with its label raster's description or its vector labels."""
+
     pair: ScenePair
     info: SceneInfo
     label_info: SceneInfo | None
-    label_mode: str | None
+    label_mode: LabelValues | None
+    vector: VectorLabels | None = None
 
 
 def resolve_inputs(
@@ -168,7 +172,7 @@ def chip_name(scene: str, window: Window) -> str:
     return f"{scene}_{int(window.row_off)}_{int(window.col_off)}.tif"
 
 
-def _profile(count: int, dtype: str, crs: CRS, transform, nodata, size: int) -> dict:
+def _profile(count: int, dtype: str, crs: CRS, transform: Affine, nodata: float | None, size: int) -> dict[str, Any]:
     profile = {
         **GTIFF_PROFILE, "count": count, "width": size, "height": size, "dtype": dtype,
         "crs": crs, "transform": transform, "nodata": nodata,
@@ -218,131 +222,26 @@ def chip_scenes(
         OutputError: An output exists without ``overwrite``, or the folder is not writable.
         ValueError: Bad size or stride.
     """
-    import geopandas as gpd
-    import pandas as pd
-    import shapely
-
     out = Path(out_dir)
-    if scenes and all(isinstance(s, ScenePair) for s in scenes):
-        pairs = list(scenes)  # type: ignore[arg-type]
-    else:
-        pairs = resolve_inputs(scenes, labels)  # type: ignore[arg-type]
-    grid_args = dict(size=size, stride=stride)
-    chip_grid(1, 1, **grid_args)  # validates size and stride before any file is opened
+    pairs = _scene_pairs(scenes, labels)
+    chip_grid(1, 1, size=size, stride=stride)  # validates size and stride before any file is opened
     folders = [Path(s) for s in scenes if not isinstance(s, ScenePair) and Path(s).is_dir()]
     check_chip_out_dir(out, pairs, dataset_folders=folders)
+    jobs = _open_inputs(pairs, assume_crs=assume_crs, classes=classes, label_values=label_values,
+                        class_column=class_column)
+    with_labels = _with_labels(jobs)
+    chips = [_Chip(job, c.window, chip_name(job.pair.name, c.window))
+             for job in jobs for c in chip_grid(job.info.width, job.info.height, size=size, stride=stride)]
+    index_path = _check_outputs(out, chips, with_labels=with_labels, overwrite=overwrite)
 
-    # 1. Validate every input.
-    jobs: list[_Job] = []
-    vectors: dict[Path, VectorLabels] = {}
-    for pair in pairs:
-        info = open_scene(pair.image, assume_crs=assume_crs)
-        linfo, mode = None, None
-        if pair.label is not None:
-            linfo, mode = open_label_raster(pair.label, info, classes=classes,
-                                            label_values=label_values)
-        elif pair.vector is not None and pair.vector not in vectors:
-            vectors[pair.vector] = VectorLabels(pair.vector, class_column=class_column,
-                                                classes=classes, assume_crs=assume_crs)
-        jobs.append(_Job(pair, info, linfo, mode))
-    with_labels = any(j.pair.label is not None or j.pair.vector is not None for j in jobs)
-    if with_labels and not all(j.pair.label is not None or j.pair.vector is not None for j in jobs):
-        missing = next(j.pair.image for j in jobs if j.pair.label is None and j.pair.vector is None)
-        raise file_error(DatasetError, missing, "has no label while other scenes have one",
-                         "give every scene a label, or none")
-
-    # 2. Refuse existing outputs before writing anything.
-    planned: list[tuple[_Job, Window, str]] = []
-    for job in jobs:
-        for chip in chip_grid(job.info.width, job.info.height, **grid_args):
-            planned.append((job, chip.window, chip_name(job.pair.name, chip.window)))
-    index_path = check_output(out / INDEX_NAME, overwrite=overwrite)
-    for _, _, name in planned:
-        check_output(out / "images" / name, overwrite=overwrite)
-        if with_labels:
-            check_output(out / "labels" / name, overwrite=overwrite)
-
-    # 3. Write into a staging folder; publish all files together (the index last) when all chips
+    # Write into a staging folder; publish all files together (the index last) when all chips
     # are done: without --overwrite no file is replaced, and a failure leaves nothing behind.
     publication = Publication(overwrite=overwrite)
     stage = publication.folder(out, name="chips", output=out)
-    records: list[dict] = []
-    record_crs: list[str] = []
     try:
-        (stage / "images").mkdir()
-        if with_labels:
-            (stage / "labels").mkdir()
-        handles: dict[Path, rasterio.io.DatasetReader] = {}
-        with contextlib.ExitStack() as stack:
-            def src_of(path: Path) -> rasterio.io.DatasetReader:
-                if path not in handles:
-                    handles[path] = stack.enter_context(rasterio.open(path))
-                return handles[path]
-
-            for done, (job, window, name) in enumerate(planned, 1):
-                info = job.info
-                transform = info.window_transform(window)
-                fill = info.nodata if info.nodata is not None else 0
-                data, valid = read_window(src_of(info.path), window, fill=fill)
-                padded = (window.col_off + window.width > info.width
-                          or window.row_off + window.height > info.height)
-                with rasterio.open(stage / "images" / name, "w", **_profile(
-                        info.count, info.dtype, info.crs, transform, info.nodata, size)) as dst:
-                    dst.write(data)
-                    if padded and info.nodata is None:
-                        # No nodata value to mark the padding with: an internal mask does.
-                        inside = np.zeros(valid.shape, dtype=np.uint8)
-                        inside[: min(size, info.height - int(window.row_off)),
-                               : min(size, info.width - int(window.col_off))] = 255
-                        dst.write_mask(inside)
-                label_rel = None
-                if with_labels:
-                    if job.pair.label is not None:
-                        lab, lab_valid = read_window(src_of(job.pair.label), window, bands=[1])
-                        mask = to_class_ids(lab[0], mode=job.label_mode or "auto",
-                                            nodata=job.label_info.nodata if job.label_info else None,
-                                            classes=classes, path=job.pair.label)
-                        mask[~lab_valid] = IGNORE_INDEX
-                    else:
-                        mask = vectors[job.pair.vector].rasterize(  # type: ignore[index]
-                            crs=info.crs, transform=transform, shape=(size, size))
-                    mask[~valid] = IGNORE_INDEX
-                    with rasterio.open(stage / "labels" / name, "w", **_profile(
-                            1, "uint8", info.crs, transform, IGNORE_INDEX, size)) as dst:
-                        dst.write(mask, 1)
-                    label_rel = f"labels/{name}"
-                left, top = transform @ (0, 0)
-                right, bottom = transform @ (size, size)
-                records.append({
-                    "scene": job.pair.name,
-                    "col_off": int(window.col_off), "row_off": int(window.row_off),
-                    "width": int(window.width), "height": int(window.height),
-                    "image": f"images/{name}", "label": label_rel,
-                    "crs": info.crs.to_string(),
-                    "geometry": shapely.box(min(left, right), min(top, bottom),
-                                            max(left, right), max(top, bottom)),
-                })
-                record_crs.append(info.crs.to_wkt())
-                if progress is not None:
-                    progress(done, len(planned))
-
-        # The index: one layer needs one CRS; scenes in several CRSs go to EPSG:4326.
-        crss = {j.info.crs.to_wkt(): j.info.crs for j in jobs}
-        index_crs = next(iter(crss.values())) if len(crss) == 1 else CRS.from_epsg(4326)
-        frames = []
-        for wkt in crss:
-            rows = [r for r, w in zip(records, record_crs) if w == wkt]
-            frame = gpd.GeoDataFrame(rows, geometry="geometry", crs=wkt)
-            if len(crss) > 1:
-                log.info("scenes in %d CRSs: index footprints in EPSG:4326", len(crss))
-                # Densify so that the reprojected footprints keep their shape.
-                frame["geometry"] = shapely.segmentize(frame.geometry.values,
-                                                       float(frame.geometry.length.max()) / 16)
-                frame = frame.to_crs(index_crs.to_wkt())
-            frames.append(frame)
-        index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
-                                 crs=index_crs.to_wkt())
-        index.to_file(stage / INDEX_NAME, layer=INDEX_LAYER, driver="GPKG", engine="pyogrio")
+        records = _write_chips(stage, chips, size=size, classes=classes, with_labels=with_labels,
+                               progress=progress)
+        _write_index(stage / INDEX_NAME, records, [j.info.crs for j in jobs])
         for sub in ("images", "labels") if with_labels else ("images",):
             for f in sorted((stage / sub).iterdir()):
                 publication.adopt(f, out / sub / f.name)
@@ -357,10 +256,213 @@ def chip_scenes(
     log.info("wrote %d chips of %d scenes to %s", len(records), len(jobs), out)
     return ChipResult(
         out_dir=out, index=index_path,
-        images=[out / r["image"] for r in records],
-        labels=[out / r["label"] for r in records if r["label"]],
+        images=[out / r.fields["image"] for r in records],
+        labels=[out / r.fields["label"] for r in records if r.fields["label"]],
         scenes=len(jobs),
     )
+
+
+# --- the steps of chip_scenes ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Chip:
+    """One chip to write: its scene, its window (pixels of the scene) and its file name."""
+
+    job: _Job
+    window: Window
+    name: str
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One row of the index (``fields``) and the WKT of its footprint's CRS (the scene's)."""
+
+    fields: dict[str, Any]
+    crs_wkt: str
+
+
+def _scene_pairs(
+    scenes: Sequence[str | os.PathLike[str]] | Sequence[ScenePair], labels: Sequence[str | os.PathLike[str]]
+) -> list[ScenePair]:
+    """Ready ScenePairs as given; paths (files and dataset folders) through :func:`resolve_inputs`."""
+    ready = [s for s in scenes if isinstance(s, ScenePair)]
+    if scenes and len(ready) == len(scenes):
+        return ready
+    if ready:  # a mix: resolve_inputs would fail on the first ScenePair
+        raise TypeError(f"scenes should be all paths or all ScenePairs, got {len(ready)} ScenePair(s) among paths")
+    return resolve_inputs([s for s in scenes if not isinstance(s, ScenePair)], labels)
+
+
+def _open_inputs(
+    pairs: Sequence[ScenePair], *, assume_crs: str | None, classes: int, label_values: LabelValues,
+    class_column: str | None,
+) -> list[_Job]:
+    """Open and validate every scene and label, before anything is written (one VectorLabels per file)."""
+    jobs: list[_Job] = []
+    vectors: dict[Path, VectorLabels] = {}
+    for pair in pairs:
+        info = open_scene(pair.image, assume_crs=assume_crs)
+        linfo, mode, vector = None, None, None
+        if pair.label is not None:
+            linfo, mode = open_label_raster(pair.label, info, classes=classes,
+                                            label_values=label_values)
+        elif pair.vector is not None:
+            if pair.vector not in vectors:
+                vectors[pair.vector] = VectorLabels(pair.vector, class_column=class_column,
+                                                    classes=classes, assume_crs=assume_crs)
+            vector = vectors[pair.vector]
+        jobs.append(_Job(pair, info, linfo, mode, vector))
+    return jobs
+
+
+def _with_labels(jobs: Sequence[_Job]) -> bool:
+    """Whether the scenes have labels: all of them or none.
+
+    Raises:
+        DatasetError: Some scenes have a label and some none.
+    """
+    with_labels = any(j.pair.label is not None or j.pair.vector is not None for j in jobs)
+    if with_labels and not all(j.pair.label is not None or j.pair.vector is not None for j in jobs):
+        missing = next(j.pair.image for j in jobs if j.pair.label is None and j.pair.vector is None)
+        raise file_error(DatasetError, missing, "has no label while other scenes have one",
+                         "give every scene a label, or none")
+    return with_labels
+
+
+def _check_outputs(out: Path, chips: Sequence[_Chip], *, with_labels: bool, overwrite: bool) -> Path:
+    """Refuse existing outputs (without ``overwrite``) before writing anything; the index path.
+
+    Raises:
+        OutputError: An output exists without ``overwrite``, or the folder is not writable.
+    """
+    index_path = check_output(out / INDEX_NAME, overwrite=overwrite)
+    for chip in chips:
+        check_output(out / "images" / chip.name, overwrite=overwrite)
+        if with_labels:
+            check_output(out / "labels" / chip.name, overwrite=overwrite)
+    return index_path
+
+
+@contextlib.contextmanager
+def _open_rasters() -> Iterator[Callable[[Path], rasterio.io.DatasetReader]]:
+    """A reader per raster path, opened at its first chip and closed when the block ends."""
+    handles: dict[Path, rasterio.io.DatasetReader] = {}
+    with contextlib.ExitStack() as stack:
+        def src_of(path: Path) -> rasterio.io.DatasetReader:
+            if path not in handles:
+                handles[path] = stack.enter_context(rasterio.open(path))
+            return handles[path]
+
+        yield src_of
+
+
+def _write_chips(
+    stage: Path, chips: Sequence[_Chip], *, size: int, classes: int, with_labels: bool,
+    progress: Callable[[int, int], None] | None,
+) -> list[_Record]:
+    """Write every image chip (and label chip) into ``stage``; the index rows, in chip order."""
+    records: list[_Record] = []
+    (stage / "images").mkdir()
+    if with_labels:
+        (stage / "labels").mkdir()
+    with _open_rasters() as src_of:
+        for done, chip in enumerate(chips, 1):
+            transform = chip.job.info.window_transform(chip.window)
+            valid = _write_image_chip(stage / "images" / chip.name, chip, transform, src_of, size=size)
+            label_rel = None
+            mask = _label_chip(chip, transform, src_of, size=size, classes=classes)
+            if mask is not None:
+                mask[~valid] = IGNORE_INDEX
+                with rasterio.open(stage / "labels" / chip.name, "w", **_profile(
+                        1, "uint8", chip.job.info.crs, transform, IGNORE_INDEX, size)) as dst:
+                    dst.write(mask, 1)
+                label_rel = f"labels/{chip.name}"
+            records.append(_index_record(chip, transform, size=size, label_rel=label_rel))
+            if progress is not None:
+                progress(done, len(chips))
+    return records
+
+
+def _write_image_chip(
+    path: Path, chip: _Chip, transform: Affine, src_of: Callable[[Path], rasterio.io.DatasetReader], *, size: int
+) -> np.ndarray:
+    """Write the image chip (scene dtype, bands and nodata; padding marked); its valid pixels."""
+    info, window = chip.job.info, chip.window
+    fill = info.nodata if info.nodata is not None else 0
+    data, valid = read_window(src_of(info.path), window, fill=fill)
+    padded = (window.col_off + window.width > info.width
+              or window.row_off + window.height > info.height)
+    with rasterio.open(path, "w", **_profile(
+            info.count, info.dtype, info.crs, transform, info.nodata, size)) as dst:
+        dst.write(data)
+        if padded and info.nodata is None:
+            # No nodata value to mark the padding with: an internal mask does.
+            inside = np.zeros(valid.shape, dtype=np.uint8)
+            inside[: min(size, info.height - int(window.row_off)),
+                   : min(size, info.width - int(window.col_off))] = 255
+            dst.write_mask(inside)
+    return valid
+
+
+def _label_chip(
+    chip: _Chip, transform: Affine, src_of: Callable[[Path], rasterio.io.DatasetReader], *, size: int,
+    classes: int,
+) -> np.ndarray | None:
+    """The chip's class ids (uint8, 255 ignore) from its label raster or vector file; None: no label."""
+    job = chip.job
+    if job.pair.label is not None:
+        lab, lab_valid = read_window(src_of(job.pair.label), chip.window, bands=[1])
+        mask = to_class_ids(lab[0], mode=job.label_mode or "auto",
+                            nodata=job.label_info.nodata if job.label_info else None,
+                            classes=classes, path=job.pair.label)
+        mask[~lab_valid] = IGNORE_INDEX
+        return mask
+    if job.vector is not None:
+        return job.vector.rasterize(crs=job.info.crs, transform=transform, shape=(size, size))
+    return None
+
+
+def _index_record(chip: _Chip, transform: Affine, *, size: int, label_rel: str | None) -> _Record:
+    """The chip's index row: scene, window, files and footprint in the scene's CRS."""
+    import shapely
+
+    info, window = chip.job.info, chip.window
+    left, top = transform @ (0, 0)
+    right, bottom = transform @ (size, size)
+    return _Record({
+        "scene": chip.job.pair.name,
+        "col_off": int(window.col_off), "row_off": int(window.row_off),
+        "width": int(window.width), "height": int(window.height),
+        "image": f"images/{chip.name}", "label": label_rel,
+        "crs": info.crs.to_string(),
+        "geometry": shapely.box(min(left, right), min(top, bottom),
+                                max(left, right), max(top, bottom)),
+    }, info.crs.to_wkt())
+
+
+def _write_index(path: Path, records: Sequence[_Record], scene_crss: Sequence[CRS]) -> None:
+    """Write the index GeoPackage: one layer needs one CRS; scenes in several CRSs go to EPSG:4326."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    crss = {crs.to_wkt(): crs for crs in scene_crss}
+    index_crs = next(iter(crss.values())) if len(crss) == 1 else CRS.from_epsg(4326)
+    frames = []
+    for wkt in crss:
+        rows = [r.fields for r in records if r.crs_wkt == wkt]
+        frame = gpd.GeoDataFrame(rows, geometry="geometry", crs=wkt)
+        if len(crss) > 1:
+            log.info("scenes in %d CRSs: index footprints in EPSG:4326", len(crss))
+            # Densify so that the reprojected footprints keep their shape.
+            frame["geometry"] = shapely.segmentize(frame.geometry.values,
+                                                   float(frame.geometry.length.max()) / 16)
+            frame = frame.to_crs(index_crs.to_wkt())
+        frames.append(frame)
+    index = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry",
+                             crs=index_crs.to_wkt())
+    index.to_file(path, layer=INDEX_LAYER, driver="GPKG", engine="pyogrio")
 
 
 def chip_demo(

@@ -8,6 +8,7 @@ one line: the file or value at fault, the problem, and the fix.
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 
 
 class GeosegError(Exception):
@@ -46,9 +47,10 @@ class CheckpointError(GeosegError, ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the scene or run."""
 
 
-def file_error(
-    cls: type[GeosegError], path: str | os.PathLike[str], problem: str, fix: str
-) -> GeosegError:
+E = TypeVar("E", bound=GeosegError)
+
+
+def file_error(cls: type[E], path: str | os.PathLike[str], problem: str, fix: str) -> E:
     """Build an error whose message names the file, the problem and the fix.
 
     Args:

@@ -16,7 +16,7 @@ import sqlite3
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, TypeAlias
 
 from geoseg.errors import OutputError, file_error
 from geoseg.publish import Publication, atomic_output, check_output, publishing
@@ -24,6 +24,11 @@ from geoseg.temporaries import write_error, write_errors
 
 if TYPE_CHECKING:
     import geopandas
+    import pyproj
+    import rasterio.crs
+
+    #: A layer's CRS: a GeoDataFrame's (pyproj) or a scene's (rasterio).
+    LayerCRS: TypeAlias = "pyproj.CRS | rasterio.crs.CRS"
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +106,7 @@ def combine_frames(frames: Sequence["geopandas.GeoDataFrame"]) -> "geopandas.Geo
 
 
 def _in_layer_crs(
-    frame: "geopandas.GeoDataFrame", target: object, *, warned: set[str] | None = None,
+    frame: "geopandas.GeoDataFrame", target: LayerCRS | None, *, warned: set[str] | None = None,
 ) -> "geopandas.GeoDataFrame":
     """``frame`` in the layer's CRS ``target`` (the first scene's), with a warning per scene
     reprojected (once per scene when ``warned`` collects the scenes already named)."""
@@ -112,7 +117,7 @@ def _in_layer_crs(
         if warned is not None:
             warned.add(scenes)
         log.warning("reprojecting polygons of %s from %s to %s (the first scene's CRS) for one layer",
-                    scenes, frame.crs.to_string(), target.to_string())  # type: ignore[attr-defined]
+                    scenes, frame.crs.to_string(), target.to_string())
     return frame.to_crs(target)
 
 
@@ -200,7 +205,7 @@ class PolygonSpool:
     (GeoPackage) or, for the other formats, through :func:`write_polygons`.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], *, crs: object = None) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, crs: LayerCRS | None = None) -> None:
         """Start an empty spool in ``folder`` (a temporary folder the caller removes).
 
         Args:

@@ -65,7 +65,7 @@ def resolve_label_values(
     classes: int = 2,
     label_values: LabelValues = "auto",
     path: str | os.PathLike[str] = "labels",
-) -> str:
+) -> LabelValues:
     """Decide how a label raster's values map to class ids, from the values it holds.
 
     ``"auto"`` picks ``"binary255"`` for values within {0, 255} when there are
@@ -116,7 +116,7 @@ def resolve_label_values(
 def to_class_ids(
     values: np.ndarray,
     *,
-    mode: str,
+    mode: LabelValues,
     nodata: float | None = None,
     classes: int = 2,
     path: str | os.PathLike[str] = "labels",
@@ -148,7 +148,7 @@ def to_class_ids(
                 "labels should be class ids; recode or round them",
             )
     present = np.unique(vals[~ignore]) if ignore.any() else np.unique(vals)
-    resolve_label_values(present, classes=classes, label_values=mode, path=path)  # type: ignore[arg-type]
+    resolve_label_values(present, classes=classes, label_values=mode, path=path)
     out = vals.astype(np.int64, copy=False)
     if mode == "binary255":
         out = np.where(out == 255, 1, out)
@@ -260,7 +260,7 @@ def open_label_raster(
     classes: int = 2,
     label_values: LabelValues = "auto",
     scan: bool = True,
-) -> tuple[SceneInfo, str]:
+) -> tuple[SceneInfo, LabelValues]:
     """Open and validate a label raster against its image.
 
     A label without CRS takes the image's CRS (labels exported as plain TIFFs
@@ -289,7 +289,7 @@ def open_label_raster(
             "pass a single-band class-id raster",
         )
     check_label_grid(image, info)
-    mode: str = label_values
+    mode: LabelValues = label_values
     if scan:
         with open_raster(info.path) as src:
             values = scan_label_values(src)

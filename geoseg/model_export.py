@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from geoseg.checkpoints import CheckpointMeta
 from geoseg.errors import ConfigError, ModelError, file_error
-from geoseg.models import CheckpointMeta
 from geoseg.onnx_model import INPUT_NAME, METADATA_KEY, ONNX_SUFFIX, OUTPUT_NAME, metadata_props
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def export_model(
         CheckpointError: ``checkpoint`` is missing or not a geoseg checkpoint.
         ModelError: The ONNX exporter is not installed, or the model cannot be exported.
     """
-    from geoseg.models import load_checkpoint
+    from geoseg.checkpoints import load_checkpoint
     from geoseg.raster_io import atomic_output, check_not_inputs, check_output
 
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Exported ONNX models: their geoseg self-description, and ONNX Runtime behind the model interface predict uses.
 
 An ONNX file written by ``geoseg export-model`` carries the checkpoint's
-:class:`~geoseg.models.CheckpointMeta` as JSON in its ``metadata_props`` (key
+:class:`~geoseg.checkpoints.CheckpointMeta` as JSON in its ``metadata_props`` (key
 :data:`METADATA_KEY`), so ``geoseg predict --model model.onnx`` needs nothing
 else, exactly as with a ``.pt`` checkpoint. :class:`OnnxModel` answers the calls
 ``ChipPredictor`` makes on a torch model (``eval``, ``to``, a forward on a batch
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from geoseg.checkpoints import CheckpointMeta
 from geoseg.errors import CheckpointError, ModelError, file_error
-from geoseg.models import CheckpointMeta
 
 if TYPE_CHECKING:
     import onnxruntime

@@ -18,7 +18,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from geoseg.errors import OutputError, file_error
 from geoseg.temporaries import (
@@ -34,7 +34,7 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _renameat2() -> object | None:
+def _renameat2() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -53,7 +53,7 @@ _RENAMEAT2 = _renameat2()
 
 def exists_error(path: str | os.PathLike[str]) -> OutputError:
     """The refusal of an output that exists without ``--overwrite``."""
-    return file_error(OutputError, path, "already exists", "pass --overwrite to replace it")  # type: ignore[return-value]
+    return file_error(OutputError, path, "already exists", "pass --overwrite to replace it")
 
 
 def check_output(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
@@ -94,7 +94,7 @@ def move_no_replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) ->
     """
     s, d = os.fspath(src), os.fspath(dst)
     if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(s), _AT_FDCWD, os.fsencode(d), _RENAME_NOREPLACE) == 0:  # type: ignore[operator]
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(s), _AT_FDCWD, os.fsencode(d), _RENAME_NOREPLACE) == 0:
             return
         code = ctypes.get_errno()
         if code == errno.EEXIST:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from geoseg.errors import ModelError, file_error
-from geoseg.models import CheckpointMeta
+from geoseg.checkpoints import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def int8_model(
             return onnx_model, meta
         fp32 = Path(source)
     else:
-        from geoseg.models import load_checkpoint
+        from geoseg.checkpoints import load_checkpoint
 
         module, meta = load_checkpoint(source, map_location="cpu")
         fp32 = work / "model.onnx"

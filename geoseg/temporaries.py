@@ -307,11 +307,11 @@ def write_error(exc: BaseException, path: str | os.PathLike[str]) -> OutputError
     target = Path(path)
     for holder in (target, *target.parents):
         if os.fspath(holder) in _finals:
-            return file_error(OutputError, _finals[os.fspath(holder)], f"cannot be written ({reason})", fix)  # type: ignore[return-value]
+            return file_error(OutputError, _finals[os.fspath(holder)], f"cannot be written ({reason})", fix)
         if is_temporary(holder):  # a scratch folder, or a file in one: name the folder that holds it
-            return file_error(OutputError, holder.parent, f"temporary files cannot be written there ({reason})",  # type: ignore[return-value]
+            return file_error(OutputError, holder.parent, f"temporary files cannot be written there ({reason})",
                               fix)
-    return file_error(OutputError, target, f"cannot be written ({reason})", fix)  # type: ignore[return-value]
+    return file_error(OutputError, target, f"cannot be written ({reason})", fix)
 
 
 @contextlib.contextmanager

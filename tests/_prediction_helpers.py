@@ -16,7 +16,7 @@ import torch
 from affine import Affine
 from torch import nn
 
-from geoseg.models import CheckpointMeta
+from geoseg.checkpoints import CheckpointMeta
 
 UTM = "EPSG:32633"
 UTM_TRANSFORM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4650000.0)

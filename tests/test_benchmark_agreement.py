@@ -11,9 +11,10 @@ from click.testing import CliRunner
 
 from cli import cli
 from geoseg.benchmark_agreement import compare_masks, mask_agreement
+from geoseg.checkpoints import CheckpointMeta, save_checkpoint
 from geoseg.inference.job import load_model
 from geoseg.inference.pipeline import predict_scene
-from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+from geoseg.models import create_model
 
 
 def _mask(path, data, transform=rasterio.Affine(1, 0, 0, 0, -1, 0)):

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from geoseg.augment import imagenet_stats
+from geoseg.checkpoints import load_checkpoint, read_checkpoint
 from geoseg.config import Config, load_config
 from geoseg.devices import resolve_device, resolve_precision
 from geoseg.engine import BEST_IOU, FitEvent, fit
 from geoseg.engine.loop import EpochLoop
 from geoseg.errors import CheckpointError, ConfigError, DatasetError, ModelError
-from geoseg.models import load_checkpoint, read_checkpoint
 from geoseg.synthetic import make_dataset
 
 TINY = [

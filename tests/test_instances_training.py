@@ -23,12 +23,13 @@ from click.testing import CliRunner
 
 import cli
 from geoseg.augment import build_transform
+from geoseg.checkpoints import load_checkpoint, read_checkpoint
 from geoseg.config import AugmentConfig, load_config
 from geoseg.datasets import ChipDataset, collate_samples, find_pairs
 from geoseg.engine import fit
 from geoseg.errors import CheckpointError, ConfigError
 from geoseg.labels import IGNORE_INDEX, VectorLabels
-from geoseg.models import INSTANCE_CHANNELS, load_checkpoint, read_checkpoint
+from geoseg.models import INSTANCE_CHANNELS
 from geoseg.targets import instance_targets, padding_px
 
 PIXEL = 0.3  # metres

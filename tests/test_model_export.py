@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from cli import cli
 from geoseg import __version__
-from geoseg.models import CheckpointMeta, create_model, read_checkpoint, save_checkpoint
+from geoseg.checkpoints import CheckpointMeta, read_checkpoint, save_checkpoint
+from geoseg.models import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

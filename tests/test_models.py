@@ -1,4 +1,4 @@
-"""Tests for geoseg.models: model factory, encoder weight files, self-describing checkpoints."""
+"""Tests for geoseg.models (model factory, encoder weight files) and geoseg.checkpoints (self-describing checkpoints)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,9 @@ import torch
 from torch import nn
 
 from geoseg import __version__
+from geoseg.checkpoints import CheckpointMeta, load_checkpoint, read_checkpoint, save_checkpoint
 from geoseg.errors import CheckpointError, ModelError
-from geoseg.models import (
-    CheckpointMeta,
-    check_chip_size,
-    create_model,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-    unwrap_model,
-)
+from geoseg.models import check_chip_size, create_model, unwrap_model
 
 
 @pytest.fixture(scope="module")

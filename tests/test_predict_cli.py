@@ -20,10 +20,11 @@ from shapely.geometry import box
 import cli
 from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
 from geoseg import inputs, raster_io
+from geoseg.checkpoints import CheckpointMeta, save_checkpoint
 from geoseg.config import PredictConfig
 from geoseg.errors import OutputError
 from geoseg.inference import job
-from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+from geoseg.models import create_model
 
 RECTS = [(10, 10, 30, 40), (100, 90, 70, 80), (200, 400, 60, 50)]
 

@@ -146,7 +146,8 @@ def test_one_failing_rank_fails_every_rank_and_writes_nothing(scenes, tmp_path):
 @pytest.mark.slow
 def test_torchrun_runs_the_predict_command(scenes, tmp_path):
     """The real entry point: torchrun -m geoseg predict with a real (tiny, random) checkpoint."""
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+    from geoseg.models import create_model
 
     model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
     meta = CheckpointMeta(

@@ -72,7 +72,9 @@ def files(folder: Path) -> list[str]:
 def checkpoint(tmp_path_factory) -> Path:
     import torch
 
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+
+    from geoseg.models import create_model
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

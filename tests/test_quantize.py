@@ -17,7 +17,8 @@ import rasterio
 import torch
 
 from geoseg.errors import ModelError
-from geoseg.models import create_model, save_checkpoint
+from geoseg.checkpoints import save_checkpoint
+from geoseg.models import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

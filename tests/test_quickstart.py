@@ -51,7 +51,7 @@ def test_tiny_quickstart_writes_every_output_and_reruns_with_overwrite(tmp_path,
     ]
     assert (r.roofs, r.mask, r.preview, r.evaluation) == tuple(out / n for n in
                                                                ("roofs.gpkg", "mask.tif", "preview.png", "evaluation.json"))
-    from geoseg.models import read_checkpoint
+    from geoseg.checkpoints import read_checkpoint
 
     assert read_checkpoint(r.checkpoint).meta.target == "instances"  # terraces: split touching houses
     assert r.epochs == 1 and set(r.seconds) == {"data", "train", "predict", "preview", "evaluate", "total"}

@@ -334,7 +334,7 @@ def malicious_checkpoint(path: Path, marker: Path, *, shaped: bool) -> Path:
     """A torch.save file whose unpickling creates ``marker``; ``shaped``: laid out like a geoseg checkpoint."""
     import torch
 
-    from geoseg.models import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    from geoseg.checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
     payload = Payload(marker)
     content = ({CHECKPOINT_FORMAT: CHECKPOINT_VERSION, "meta": {}, "state_dict": {}, "extra": payload}
@@ -369,7 +369,7 @@ def test_checkpoint_failures_are_told_apart_without_torch_advice(here, monkeypat
     from torch import nn
 
     from geoseg.errors import CheckpointError
-    from geoseg.models import read_checkpoint
+    from geoseg.checkpoints import read_checkpoint
 
     torch.save(nn.Linear(2, 2), "module.pt")  # a pickled module: a class to import and build
     torch.save({"state_dict": {"w": torch.zeros(2)}}, "foreign.pt")  # safe, but not geoseg's
@@ -597,7 +597,8 @@ def uint16_scene(path: str | Path, *, low: int = 500, high: int = 10000) -> Path
 @pytest.fixture(scope="module")
 def uint8_checkpoint(tmp_path_factory) -> Path:
     """A real (tiny, random) 3-band checkpoint that learned uint8 values 0-255 (outside the tests' folders)."""
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+    from geoseg.models import create_model
 
     model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
     meta = CheckpointMeta(
@@ -736,7 +737,7 @@ def test_an_old_checkpoint_without_a_value_range_predicts_without_a_word(here, m
                                                                         caplog):
     import torch
 
-    from geoseg.models import read_checkpoint
+    from geoseg.checkpoints import read_checkpoint
 
     # A checkpoint file written before the fields existed loads, without them.
     payload = torch.load(uint8_checkpoint, weights_only=True)
@@ -916,7 +917,8 @@ def test_with_overwrite_a_failure_part_way_restores_the_files_it_replaced(here, 
 @pytest.fixture(scope="module")
 def slow_job(tmp_path_factory) -> tuple[Path, Path]:
     """A real tiny checkpoint and a scene that keeps it busy for many seconds."""
-    from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+    from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+    from geoseg.models import create_model
 
     root = tmp_path_factory.mktemp("slow")
     model = create_model(arch="unet", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
@@ -1013,7 +1015,7 @@ def test_a_checkpoint_save_removes_what_a_killed_save_left(tmp_path, caplog):
     """``train`` killed while saving leaves a temporary last.pt; the next save removes it."""
     import torch
 
-    from geoseg.models import save_checkpoint
+    from geoseg.checkpoints import save_checkpoint
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -1099,7 +1101,7 @@ def test_a_full_disk_while_predicting_is_one_line_and_writes_nothing(here, oracl
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     import torch
 
-    from geoseg.models import save_checkpoint
+    from geoseg.checkpoints import save_checkpoint
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(OutputError) as err:

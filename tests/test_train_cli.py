@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import cli
 from geoseg import __version__
-from geoseg.models import CheckpointMeta, create_model, save_checkpoint
+from geoseg.checkpoints import CheckpointMeta, save_checkpoint
+from geoseg.models import create_model
 from geoseg.synthetic import make_dataset
 
 TINY = ["model.encoder=resnet18", "model.encoder_weights=null", "data.chip_size=64", "data.batch_size=4",

@@ -34,7 +34,7 @@ class _Source:
     pair: ScenePair
     info: SceneInfo
     region: Window  # the pixels chips may use, within the scene
-    label_mode: str | None  # resolved value mode of a raster label
+    label_mode: LabelValues | None  # resolved value mode of a raster label
     label_nodata: float | None
     widths_px: tuple[float, float] | None = None  # border, contact in pixels of this scene (instances)
 
@@ -172,7 +172,7 @@ class ChipDataset:
         self.epoch = 0
 
         infos: dict[Path, SceneInfo] = {}
-        labels: dict[Path, tuple[SceneInfo, str]] = {}
+        labels: dict[Path, tuple[SceneInfo, LabelValues]] = {}
         self.vectors: dict[Path, VectorLabels] = {}
         self.sources: list[_Source] = []
         count = None
@@ -379,16 +379,16 @@ class ChipDataset:
             mask = to_class_ids(lab[0], mode=src.label_mode or "auto", nodata=src.label_nodata,
                                 classes=self.classes, path=src.pair.label)
             mask[~lab_valid] = IGNORE_INDEX
-        elif src.widths_px is not None:
-            ids, targets = self.vectors[src.pair.vector].rasterize_targets(  # type: ignore[index]
-                crs=info.crs, transform=info.window_transform(window), shape=(h, w),
-                border_px=src.widths_px[0], contact_px=src.widths_px[1],
-            )
-            mask = (ids > 0).astype(np.uint8)
-        else:
-            mask = self.vectors[src.pair.vector].rasterize(  # type: ignore[index]
-                crs=info.crs, transform=info.window_transform(window), shape=(h, w)
-            )
+        elif src.pair.vector is not None:  # every pair without a label raster has one (__init__)
+            vector_labels = self.vectors[src.pair.vector]
+            if src.widths_px is not None:
+                ids, targets = vector_labels.rasterize_targets(
+                    crs=info.crs, transform=info.window_transform(window), shape=(h, w),
+                    border_px=src.widths_px[0], contact_px=src.widths_px[1],
+                )
+                mask = (ids > 0).astype(np.uint8)
+            else:
+                mask = vector_labels.rasterize(crs=info.crs, transform=info.window_transform(window), shape=(h, w))
         mask[~valid] = IGNORE_INDEX
         sample = {
             "image": data.astype(np.float32),

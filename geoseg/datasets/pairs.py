@@ -87,7 +87,7 @@ def _vector_files(folder: Path) -> list[Path]:
     )
 
 
-def detect_layout(root: str | os.PathLike[str]) -> str:
+def detect_layout(root: str | os.PathLike[str]) -> Literal["seed", "flat", "vector"]:
     """Which layout a dataset folder uses: ``"seed"``, ``"flat"`` or ``"vector"``.
 
     Raises:
@@ -172,7 +172,7 @@ def find_pairs(
         if vec is not None and not (r / "images").is_dir():
             layout = "vector"
         else:
-            layout = detect_layout(r)  # type: ignore[assignment]
+            layout = detect_layout(r)
 
     if layout == "seed":
         image_dir = r / "images" / "images"

@@ -31,7 +31,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
         )
     if fr[0] == 0:
         raise ConfigError(f"the train fraction should be above 0, got {list(fractions)!r}")
-    return fr  # type: ignore[return-value]
+    return fr
 
 
 def split_counts(n: int, fractions: Sequence[float]) -> tuple[int, int, int]:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from geoseg.devices import resolve_device
-from geoseg.devices import resolve_precision  # noqa: F401 - re-exported for examples/gpu_check.py; import geoseg.devices instead
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from geoseg.errors import CheckpointError, file_error
 from geoseg.raster_io import SceneInfo
 
 if TYPE_CHECKING:
-    from geoseg.models import CheckpointMeta
+    from geoseg.checkpoints import CheckpointMeta
 
 log = logging.getLogger(__name__)
 

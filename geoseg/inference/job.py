@@ -152,7 +152,7 @@ def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu"
             ``.onnx`` file without geoseg's description.
         ModelError: An ``.onnx`` model where ONNX Runtime is not installed.
     """
-    from geoseg.models import load_checkpoint
+    from geoseg.checkpoints import load_checkpoint
     from geoseg.onnx_model import ONNX_SUFFIX, load_onnx_model
 
     path = check_model_path(model_path)

@@ -49,7 +49,7 @@ from geoseg.tiling import block_grid
 if TYPE_CHECKING:
     import geopandas
 
-    from geoseg.models import CheckpointMeta
+    from geoseg.checkpoints import CheckpointMeta
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,6 @@ from torch import nn
 from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads
 from geoseg.errors import ConfigError
 
-# geoseg.benchmark still imports precision_name and torch_threads from here (used here too).
-
 log = logging.getLogger(__name__)
 
 #: Flips averaged by test-time augmentation: (flip rows, flip columns).
