@@ -106,23 +106,32 @@ def mask_agreement(
     """
     from geoseg.inference.job import load_model, resolve_scenes
     from geoseg.inference.pipeline import predict_scene
-    from geoseg.devices import resolve_device, resolve_precision
+    from geoseg.devices import resolve_device, resolve_precision, wants_int8
 
     say = progress or (lambda _msg: None)
     paths = resolve_scenes(scenes)
     model, meta = load_model(model_path)
     dev = resolve_device(device, setting="device")
-    resolve_precision(precision, dev, setting="precision")  # refuse fp16 on a CPU before any work
+    int8 = wants_int8(precision, dev, 0) if precision == "int8" else False
+    resolve_precision("32" if int8 else precision, dev, setting="precision")  # refuse fp16 on a CPU before any work
     rooftop = 1  # class 1 is the rooftop class of geoseg checkpoints
     out: list[SceneAgreement] = []
     with temporary_folder(name="agreement") as tmp:
+        models = {"32": model, precision: model}
+        if int8:  # as geoseg predict: one int8 model, calibrated on chips of all the scenes
+            from geoseg.quantize import int8_model
+
+            say("int8: export, calibration on the scenes, quantisation")
+            (Path(tmp) / "int8").mkdir()
+            models[precision] = int8_model((model, meta), paths, Path(tmp) / "int8")[0]
         for path in paths:
             masks = {}
             for prec in ("32", precision):
                 masks[prec] = Path(tmp) / f"{path.stem}_{prec}.tif"
                 say(f"{path.name}: predicting in {prec}")
-                predict_scene(path, model, meta, mask_out=masks[prec], polygons=False,  # type: ignore[arg-type]
-                              batch_size=batch_size, device=str(dev), precision=prec, overwrite=True)
+                predict_scene(path, models[prec], meta, mask_out=masks[prec], polygons=False,  # type: ignore[arg-type]
+                              batch_size=batch_size, device=str(dev), precision="32" if int8 else prec,
+                              overwrite=True)
             pixels, agree, a, b, both = compare_masks(masks["32"], masks[precision], rooftop=rooftop)
             out.append(SceneAgreement(path.stem, pixels, agree, a, b, both))
             for m in masks.values():
