@@ -90,7 +90,8 @@ def calibration_chips(
     """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
 
     Each scene gives a regular grid of about ``count / len(scenes)`` chips over its whole
-    extent, read with the model's bands and normalised with its mean and std, exactly as
+    extent (with more scenes than ``count``, one chip from each of ``count`` scenes spread
+    evenly over the list), read with the model's bands and normalised with its mean and std, exactly as
     prediction feeds them; chips with less than half valid pixels are skipped unless the
     scene has no other. ``bands``: each scene's bands, where they are not the model's
     (``geoseg predict --bands``).
@@ -107,9 +108,13 @@ def calibration_chips(
     mean = np.asarray(meta.mean, np.float32)[:, None, None]
     inv_std = (1.0 / np.asarray(meta.std, np.float32))[:, None, None]
     per_scene = max(1, math.ceil(count / max(len(scenes), 1)))
+    # More scenes than chips: one chip from each of ``count`` scenes spread evenly over the list.
+    picked_scenes = (range(len(scenes)) if len(scenes) <= count
+                     else sorted({int(i * len(scenes) / count) for i in range(count)}))
     chips: list[np.ndarray] = []
     sources: list[str] = []
-    for i, scene in enumerate(scenes):
+    for i in picked_scenes:
+        scene = scenes[i]
         read_bands = list(bands[i]) if bands is not None else list(meta.bands)
         kept: list[np.ndarray] = []
         empty: list[np.ndarray] = []

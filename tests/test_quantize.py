@@ -252,3 +252,11 @@ def test_training_refuses_int8(tmp_path):
 
     with pytest.raises(ConfigError, match=r"train.precision.*'int8'"):
         load_config(None, overrides=["train.precision=int8"])
+
+
+def test_calibration_spreads_over_many_scenes(fp32, small_scene):
+    _, _, _, meta, scene = fp32
+    scenes = [scene if i % 2 else small_scene.image for i in range(10)]
+    calibration = calibration_chips(scenes, meta, count=4)
+    # One chip from each of scenes 0, 2, 5 and 7 (spread over the list, not the first four).
+    assert calibration.sources == (small_scene.image.name, small_scene.image.name, scene.name, scene.name)

@@ -312,8 +312,8 @@ def predict(
                    assume_crs=assume_crs, rescale=rescale)
     with contextlib.ExitStack() as scratch:
         if _int8_run(config, options["device"], model, meta, checked.sizes):
-            model, meta = _int8_model(model_path, [scene_paths[i] for i in mine] or scene_paths,
-                                      [checked.bands[i] for i in mine] or list(checked.bands), scratch)
+            # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.
+            model, meta = _int8_model(model_path, scene_paths, list(checked.bands), scratch)
             options["precision"] = "32"  # the int8 graph runs in its own precision
         run = _Run(
             scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
