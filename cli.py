@@ -591,8 +591,12 @@ def _benchmark_training(
 @click.option("--format", "export_format", default="onnx", show_default=True, metavar="[onnx|torchscript]",
               help="onnx: ONNX Runtime, TensorRT, OpenVINO, ...; torchscript: LibTorch/C++ "
                    "(deprecated by PyTorch).")
+@click.option("--int8", "int8", multiple=True, metavar="SCENES",
+              help="Quantise the ONNX model to int8, calibrated on chips spread over these scenes "
+                   "(files, folders or globs; repeatable): what --precision int8 does at each predict, once.")
 @overwrite_option("Replace an existing --out.")
-def export_model_command(checkpoint: str, out: str, export_format: str, overwrite: bool) -> None:
+def export_model_command(checkpoint: str, out: str, export_format: str, int8: tuple[str, ...],
+                         overwrite: bool) -> None:
     """Export the model of checkpoint CKPT to ONNX (or TorchScript), its self-description inside.
 
     The exported model takes normalised chips (N, bands, chip, chip), any batch size
@@ -602,9 +606,11 @@ def export_model_command(checkpoint: str, out: str, export_format: str, overwrit
     """
     from geoseg.model_export import export_model
 
-    result = export_model(checkpoint, out=out, format=export_format, overwrite=overwrite)  # type: ignore[arg-type]
+    result = export_model(checkpoint, out=out, format=export_format, overwrite=overwrite,  # type: ignore[arg-type]
+                          int8=list(int8) if int8 else None)
     m = result.meta
-    click.echo(f"wrote {result.path} ({result.format}, {m.arch}/{m.encoder}, {m.in_channels} bands, "
+    kind = f"{result.format}, int8" if int8 else result.format
+    click.echo(f"wrote {result.path} ({kind}, {m.arch}/{m.encoder}, {m.in_channels} bands, "
                f"{m.chip_size} px chips, {m.out_channels} outputs, any batch size) in {result.seconds:.1f} s")
     if result.format == "onnx":
         click.echo(f"predict with: geoseg predict SCENE.tif --model {result.path} --out roofs.gpkg")

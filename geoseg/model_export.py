@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from geoseg.checkpoints import CheckpointMeta
 from geoseg.errors import ConfigError, ModelError, file_error
@@ -90,6 +90,7 @@ def export_model(
     out: str | os.PathLike[str],
     format: ExportFormat = "onnx",
     overwrite: bool = False,
+    int8: Sequence[str | os.PathLike[str]] | None = None,
 ) -> ExportResult:
     """Write the model of a geoseg checkpoint as ONNX or TorchScript, its self-description inside.
 
@@ -102,6 +103,8 @@ def export_model(
         format: ``"onnx"`` (ONNX Runtime, TensorRT, OpenVINO, ...; ``geoseg predict`` runs it) or
             ``"torchscript"`` (LibTorch/C++; PyTorch has deprecated TorchScript).
         overwrite: Replace an existing ``out``.
+        int8: Scenes (files, folders, globs) to calibrate on: the ONNX model is then
+            quantised to int8 (:mod:`geoseg.quantize`; ``predict --model`` runs it as it is).
 
     Returns:
         What was written.
@@ -117,18 +120,48 @@ def export_model(
 
     t0 = time.perf_counter()
     check_format(format, out)
-    check_not_inputs([("--out", out)], [("checkpoint", checkpoint)])
+    if int8 is not None and format != "onnx":
+        raise ConfigError("--int8 quantises an ONNX model; use --format onnx (and an .onnx --out)")
+    scenes = _calibration_scenes(int8, checkpoint) if int8 is not None else None
+    check_not_inputs([("--out", out)], [("checkpoint", checkpoint), *(("scene", s) for s in scenes or ())])
     out_path = check_output(out, overwrite=overwrite)
     if format == "onnx":
         _check_onnx_exporter(out)
     model, meta = load_checkpoint(checkpoint, map_location="cpu")
+    if scenes is not None:
+        from geoseg.inference.job import check_scenes
+
+        bands = check_scenes(scenes, meta, bands=None, assume_crs=None, rescale=False).bands
     with atomic_output(out_path, overwrite=overwrite) as tmp:
-        if format == "onnx":
+        if scenes is not None:
+            _write_int8(model, meta, tmp, scenes, bands)
+        elif format == "onnx":
             write_onnx(model, meta, tmp)
         else:
             _write_torchscript(model, meta, tmp)
     log.info("exported %s to %s (%s)", checkpoint, out_path, format)
     return ExportResult(path=out_path, format=format, meta=meta, seconds=time.perf_counter() - t0)
+
+
+def _calibration_scenes(specs: Sequence[str | os.PathLike[str]], checkpoint: Any) -> list[Path]:
+    """The scene files of ``--int8`` (files, folders, globs), checked before any work."""
+    from geoseg.inputs import resolve_scenes
+
+    if not specs:
+        raise ConfigError("--int8 needs scenes to calibrate on (files, folders or globs of the imagery "
+                          f"{Path(checkpoint).name} will predict)")
+    return resolve_scenes(specs)
+
+
+def _write_int8(model: Any, meta: CheckpointMeta, path: Path, scenes: Sequence[Path],
+                bands: Sequence[Sequence[int]]) -> None:
+    """The fp32 graph in a scratch folder beside ``path``, then its int8 copy calibrated on ``scenes`` at ``path``."""
+    from geoseg.quantize import calibration_chips, quantize_onnx
+    from geoseg.temporaries import temporary_folder
+
+    with temporary_folder(path.parent, name="export") as work:
+        write_onnx(model, meta, work / "model.onnx")
+        quantize_onnx(work / "model.onnx", path, calibration_chips(scenes, meta, bands=bands))
 
 
 def _example(meta: CheckpointMeta) -> Any:

@@ -153,16 +153,18 @@ def quantize_onnx(
 
     The geoseg description of the fp32 model is kept, and :data:`QUANT_KEY` records the
     precision and what it was calibrated on. ``out``'s folder must exist; ``out`` is written
-    directly (callers write into a temporary folder and publish).
+    directly (callers write into a temporary folder and publish); the quantiser's own
+    intermediate graphs go to a scratch folder beside it, removed whatever happens.
 
     Raises:
         ModelError: The quantiser is missing or fails on this graph.
     """
     from geoseg.onnx_model import INPUT_NAME
 
+    from geoseg.temporaries import temporary_folder
+
     src, dst = Path(fp32_path), Path(out)
     onnx, quantization = _quantiser(src)
-    prepared = dst.with_name(dst.stem + ".prepared.onnx")
     chips = calibration.chips
 
     class Reader(quantization.CalibrationDataReader):  # type: ignore[misc]  # untyped base class
@@ -174,24 +176,23 @@ def quantize_onnx(
             return next(self._batches, None)
 
     start = time.perf_counter()
-    try:
-        # Graph clean-up (constant folding, shape inference) before quantising, as ORT recommends.
-        quantization.shape_inference.quant_pre_process(os.fspath(src), os.fspath(prepared),
-                                                       skip_symbolic_shape=True)
-        quantization.quantize_static(
-            os.fspath(prepared), os.fspath(dst), Reader(),
-            quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-            calibrate_method=quantization.CalibrationMethod.MinMax,
-        )
-    except Exception as exc:  # the quantiser raises whatever its graph passes raise
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise file_error(ModelError, src, f"could not be quantised to int8 ({detail})",
-                         "predict with --precision 32 or bf16") from None
-    finally:
-        prepared.unlink(missing_ok=True)
-        for leftover in dst.parent.glob("*augmented_model*.onnx"):  # the calibrator's scratch graph
-            leftover.unlink(missing_ok=True)
+    with temporary_folder(dst.parent, name="quantize") as scratch:
+        prepared = scratch / "prepared.onnx"
+        try:
+            # Graph clean-up (constant folding, shape inference) before quantising, as ORT recommends.
+            quantization.shape_inference.quant_pre_process(os.fspath(src), os.fspath(prepared),
+                                                           skip_symbolic_shape=True)
+            quantization.quantize_static(
+                os.fspath(prepared), os.fspath(dst), Reader(),
+                quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                calibrate_method=quantization.CalibrationMethod.MinMax,
+            )
+        except Exception as exc:  # the quantiser raises whatever its graph passes raise
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise file_error(ModelError, src, f"could not be quantised to int8 ({detail})",
+                             "predict with --precision 32 or bf16") from None
+        # (The calibrator's augmented graph lives in ONNX Runtime's own temporary folder.)
     described = onnx.load(os.fspath(src), load_external_data=False).metadata_props
     model = onnx.load(os.fspath(dst))
     del model.metadata_props[:]

@@ -260,3 +260,29 @@ def test_calibration_spreads_over_many_scenes(fp32, small_scene):
     calibration = calibration_chips(scenes, meta, count=4)
     # One chip from each of scenes 0, 2, 5 and 7 (spread over the list, not the first four).
     assert calibration.sources == (small_scene.image.name, small_scene.image.name, scene.name, scene.name)
+
+
+def test_export_model_int8_writes_a_quantised_model_predict_runs_as_it_is(fp32, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    ckpt, _, _, meta, scene = fp32
+    out = tmp_path / "model.int8.onnx"
+    r = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(out), "--int8", str(scene)])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"wrote {out} (onnx, int8, deeplabv3plus/resnet18, 3 bands, 64 px chips, ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]  # no scratch left
+    model, loaded = load_onnx_model(out)
+    assert model.precision == "int8" and loaded == meta
+    record = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}[QUANT_KEY])
+    assert record["scenes"] == [scene.name] and record["chips"] == 32
+    mask, said = _predict(scene, out, tmp_path / "run", "auto")
+    assert ", cpu, int8" in said
+    bad = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(tmp_path / "m.ts"), "--format",
+                                   "torchscript", "--int8", str(scene)])
+    assert bad.exit_code != 0 and bad.output.strip().splitlines()[-1] == (
+        "Error: --int8 quantises an ONNX model; use --format onnx (and an .onnx --out)")
+    missing = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(tmp_path / "n.onnx"),
+                                       "--int8", str(tmp_path / "nothing.tif")])
+    assert missing.exit_code != 0 and "nothing.tif" in missing.output and not (tmp_path / "n.onnx").exists()
