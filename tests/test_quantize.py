@@ -196,10 +196,12 @@ def _predict(scene: Path, model: Path, folder: Path, precision: str) -> tuple[np
 
 
 def test_predict_int8_agrees_with_fp32_and_leaves_nothing_behind(fp32, tmp_path):
+    import os
     import tempfile
 
     ckpt, _, _, _, scene = fp32
-    scratch_before = set(Path(tempfile.gettempdir()).glob(".geoseg-tmp-*"))
+    own = f".geoseg-tmp-{os.getpid()}-*"  # this process's temporaries (other processes may make theirs)
+    scratch_before = set(Path(tempfile.gettempdir()).glob(own))
     mask32, _ = _predict(scene, ckpt, tmp_path / "fp32", "32")
     mask8, said = _predict(scene, ckpt, tmp_path / "int8", "int8")
     assert ", cpu, int8" in said  # the summary names the precision that really ran
@@ -210,7 +212,7 @@ def test_predict_int8_agrees_with_fp32_and_leaves_nothing_behind(fp32, tmp_path)
     # a trained model agrees far better (README: >= 0.99 on real scenes). Chance would be about 0.5.
     assert agree >= 0.92 and inter / union >= 0.88, (agree, inter / union)
     assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["mask.tif", "roofs.gpkg"]
-    assert set(Path(tempfile.gettempdir()).glob(".geoseg-tmp-*")) == scratch_before  # the int8 scratch is gone
+    assert set(Path(tempfile.gettempdir()).glob(own)) == scratch_before  # the int8 scratch is gone
 
 
 def test_benchmark_int8_runs_the_quantised_model(fp32):
