@@ -86,6 +86,7 @@ def calibration_chips(
     *,
     count: int = CALIBRATION_CHIPS,
     bands: Sequence[Sequence[int]] | None = None,
+    normalisations: Sequence[tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> Calibration:
     """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
 
@@ -94,7 +95,8 @@ def calibration_chips(
     evenly over the list), read with the model's bands and normalised with its mean and std, exactly as
     prediction feeds them; chips with less than half valid pixels are skipped unless the
     scene has no other. ``bands``: each scene's bands, where they are not the model's
-    (``geoseg predict --bands``).
+    (``geoseg predict --bands``); ``normalisations``: each scene's (mean, std), where they are
+    not the model's (``geoseg predict --rescale`` folds its value map into them).
 
     Raises:
         GeosegError: A scene cannot be read (the reader's own one-line errors).
@@ -105,8 +107,6 @@ def calibration_chips(
     from geoseg.raster_io import open_raster, read_window
 
     chip = int(meta.chip_size)
-    mean = np.asarray(meta.mean, np.float32)[:, None, None]
-    inv_std = (1.0 / np.asarray(meta.std, np.float32))[:, None, None]
     per_scene = max(1, math.ceil(count / max(len(scenes), 1)))
     # More scenes than chips: one chip from each of ``count`` scenes spread evenly over the list.
     picked_scenes = (range(len(scenes)) if len(scenes) <= count
@@ -116,6 +116,9 @@ def calibration_chips(
     for i in picked_scenes:
         scene = scenes[i]
         read_bands = list(bands[i]) if bands is not None else list(meta.bands)
+        mean_i, std_i = normalisations[i] if normalisations is not None else (meta.mean, meta.std)
+        mean = np.asarray(mean_i, np.float32)[:, None, None]
+        inv_std = (1.0 / np.asarray(std_i, np.float32))[:, None, None]
         kept: list[np.ndarray] = []
         empty: list[np.ndarray] = []
         with open_raster(scene) as src:
@@ -226,13 +229,14 @@ def int8_model(
     *,
     count: int = CALIBRATION_CHIPS,
     bands: Sequence[Sequence[int]] | None = None,
+    normalisations: Sequence[tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> tuple[Any, CheckpointMeta]:
     """An int8 :class:`~geoseg.onnx_model.OnnxModel`, calibrated on ``scenes``.
 
     ``source`` is a checkpoint (exported to ONNX first), an ONNX model (used as it is when
     already int8) or a torch model with its description ``(model, meta)``. The files are
-    written in ``workdir`` (a temporary folder the caller removes). ``bands``: as
-    :func:`calibration_chips`.
+    written in ``workdir`` (a temporary folder the caller removes). ``bands`` and
+    ``normalisations``: as :func:`calibration_chips`.
 
     Returns:
         ``(model, meta)`` as ``load_checkpoint`` gives them.
@@ -262,6 +266,6 @@ def int8_model(
         module, meta = load_checkpoint(source, map_location="cpu")
         fp32 = work / "model.onnx"
         write_onnx(module, meta, fp32)
-    calibration = calibration_chips(scenes, meta, count=count, bands=bands)
+    calibration = calibration_chips(scenes, meta, count=count, bands=bands, normalisations=normalisations)
     quantized = quantize_onnx(fp32, work / "model.int8.onnx", calibration)
     return load_onnx_model(quantized)

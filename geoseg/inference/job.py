@@ -313,7 +313,8 @@ def predict(
     with contextlib.ExitStack() as scratch:
         if _int8_run(config, options["device"], model, meta, checked.sizes):
             # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.
-            model, meta = _int8_model(model_path, scene_paths, list(checked.bands), scratch)
+            model, meta = _int8_model(model_path, scene_paths, list(checked.bands), scratch,
+                                      rescale=rescale, assume_crs=assume_crs, meta=meta)
             options["precision"] = "32"  # the int8 graph runs in its own precision
         run = _Run(
             scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
@@ -341,13 +342,25 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
 
 
 def _int8_model(model_path: str | os.PathLike[str] | None, scenes: Sequence[Path],
-                bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack) -> tuple[object, object]:
-    """The run's model quantised to int8, calibrated on its scenes, in a scratch folder removed after the run."""
+                bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack, *, rescale: bool,
+                assume_crs: str | None, meta: Any) -> tuple[object, object]:
+    """The run's model quantised to int8, calibrated on its scenes, in a scratch folder removed after the run.
+
+    With ``rescale``, each scene's chips are normalised as prediction will normalise them:
+    with its value map folded in.
+    """
     from geoseg.quantize import int8_model
     from geoseg.temporaries import temporary_folder
 
+    normalisations = None
+    if rescale:
+        normalisations = []
+        for path, use in zip(scenes, bands):
+            value_map = check_value_range(open_scene(path, assume_crs=assume_crs), meta, use, rescale=True)
+            mapped = value_map.applied_to(meta) if value_map is not None else meta
+            normalisations.append((mapped.mean, mapped.std))
     folder = scratch.enter_context(temporary_folder(name="int8"))
-    return int8_model(check_model_path(model_path), scenes, folder, bands=bands)
+    return int8_model(check_model_path(model_path), scenes, folder, bands=bands, normalisations=normalisations)
 
 
 def _publish(run: "_Run", shard: Shard, plan: OutputPlan, *, keep_polygons: bool, crs: Any,
