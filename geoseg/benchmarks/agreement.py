@@ -12,18 +12,19 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
+from geoseg.benchmarks.workload import ProgressFn
 from geoseg.encoding import MASK_NODATA
 from geoseg.temporaries import temporary_folder
 
-ProgressFn = Callable[[str], None]
+if TYPE_CHECKING:
+    from geoseg.checkpoints import CheckpointMeta
 
 #: Rows read at a time when comparing two masks.
 COMPARE_ROWS = 1024
-#: Value of nodata pixels in geoseg class masks.
 
 
 @dataclass
@@ -87,7 +88,8 @@ def compare_masks(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rooft
             valid = (x != MASK_NODATA) & (y != MASK_NODATA)
             xr, yr = (x == rooftop) & valid, (y == rooftop) & valid
             counts += [valid.sum(), ((x == y) & valid).sum(), xr.sum(), yr.sum(), (xr & yr).sum()]
-    return tuple(int(c) for c in counts)  # type: ignore[return-value]
+    valid, equal, in_a, in_b, in_both = (int(c) for c in counts)
+    return valid, equal, in_a, in_b, in_both
 
 
 def mask_agreement(
@@ -110,7 +112,8 @@ def mask_agreement(
 
     say = progress or (lambda _msg: None)
     paths = resolve_scenes(scenes)
-    model, meta = load_model(model_path)
+    # a torch module or an exported ONNX model (both run in predict_scene), and its description
+    model, meta = cast("tuple[Any, CheckpointMeta]", load_model(model_path))
     dev = resolve_device(device, setting="device")
     resolve_precision(precision, dev, setting="precision")  # refuse fp16 on a CPU before any work
     rooftop = 1  # class 1 is the rooftop class of geoseg checkpoints
@@ -121,7 +124,7 @@ def mask_agreement(
             for prec in ("32", precision):
                 masks[prec] = Path(tmp) / f"{path.stem}_{prec}.tif"
                 say(f"{path.name}: predicting in {prec}")
-                predict_scene(path, model, meta, mask_out=masks[prec], polygons=False,  # type: ignore[arg-type]
+                predict_scene(path, model, meta, mask_out=masks[prec], polygons=False,
                               batch_size=batch_size, device=str(dev), precision=prec, overwrite=True)
             pixels, agree, a, b, both = compare_masks(masks["32"], masks[precision], rooftop=rooftop)
             out.append(SceneAgreement(path.stem, pixels, agree, a, b, both))
