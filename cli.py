@@ -175,25 +175,17 @@ def evaluate_command(
     """
     import json
 
-    from geoseg import evaluation
-    from geoseg.evaluation.panels import check_panels_output
+    from geoseg.evaluation import evaluate_files
     from geoseg.progress import progress_reporter
-    from geoseg.raster_io import open_scene
 
     if image is not None and panels is None:
         raise click.UsageError("--image is only used with --panels; add --panels panels.png")
-    if panels is not None:  # refuse before any work, so that a refused run writes nothing
-        check_panels_output(panels, pred=pred, truth=truth, aoi=aoi, image=image, overwrite=overwrite)
-    if image is not None:
-        open_scene(image, assume_crs=assume_crs)
     options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
                                  ("resolution", resolution)) if v is not None}
     reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
-    result = evaluation.evaluate(pred, truth, aoi=aoi, assume_crs=assume_crs, **options,
-                                 progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
-    if panels is not None:
-        evaluation.write_panels(result, panels, image=image, assume_crs=assume_crs,
-                                overwrite=overwrite)
+    result = evaluate_files(pred, truth, aoi=aoi, panels=panels, image=image, assume_crs=assume_crs,
+                            overwrite=overwrite, **options,
+                            progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
     reporter.finish()
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "panels": panels},
