@@ -88,8 +88,8 @@ def compare_masks(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rooft
             valid = (x != MASK_NODATA) & (y != MASK_NODATA)
             xr, yr = (x == rooftop) & valid, (y == rooftop) & valid
             counts += [valid.sum(), ((x == y) & valid).sum(), xr.sum(), yr.sum(), (xr & yr).sum()]
-    valid, equal, in_a, in_b, in_both = (int(c) for c in counts)
-    return valid, equal, in_a, in_b, in_both
+    n_valid, n_equal, n_a, n_b, n_both = (int(c) for c in counts)
+    return n_valid, n_equal, n_a, n_b, n_both
 
 
 def mask_agreement(
