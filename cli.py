@@ -175,25 +175,17 @@ def evaluate_command(
     """
     import json
 
-    from geoseg import evaluation
-    from geoseg.evaluation.panels import check_panels_output
+    from geoseg.evaluation import evaluate_files
     from geoseg.progress import progress_reporter
-    from geoseg.raster_io import open_scene
 
     if image is not None and panels is None:
         raise click.UsageError("--image is only used with --panels; add --panels panels.png")
-    if panels is not None:  # refuse before any work, so that a refused run writes nothing
-        check_panels_output(panels, pred=pred, truth=truth, aoi=aoi, image=image, overwrite=overwrite)
-    if image is not None:
-        open_scene(image, assume_crs=assume_crs)
     options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
                                  ("resolution", resolution)) if v is not None}
     reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
-    result = evaluation.evaluate(pred, truth, aoi=aoi, assume_crs=assume_crs, **options,
-                                 progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
-    if panels is not None:
-        evaluation.write_panels(result, panels, image=image, assume_crs=assume_crs,
-                                overwrite=overwrite)
+    result = evaluate_files(pred, truth, aoi=aoi, panels=panels, image=image, assume_crs=assume_crs,
+                            overwrite=overwrite, **options,
+                            progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
     reporter.finish()
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "panels": panels},
@@ -483,39 +475,25 @@ def benchmark_command(
     """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
     import json
 
-    from geoseg.benchmark import parse_size, run_benchmark, scaling as run_scaling
-    from geoseg.errors import ConfigError
+    from geoseg.benchmarks import AgreementResult, TrainBenchmark, benchmark
 
     say = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
-    if train_mode:
-        _benchmark_training(encoder, batch_size, device, precision, repeats, threads, as_json, say)
-        return
-    if agreement is not None:
-        _benchmark_agreement(agreement, model_path, batch_size, device, precision, as_json, say)
-        return
-    sizes: list[int] = []
-    if scaling:
-        try:
-            sizes = [int(x) for x in scaling.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--scaling should be sizes in pixels like 1000,5000, got {scaling!r}") from None
-    result = run_benchmark(
-        model_path=model_path, encoder=encoder, scene=scene, size=parse_size(size),
-        batch_size=batch_size, device=device, precision=precision, overlap=overlap,
-        repeats=repeats, threads=threads, compile=compile_model, progress=say,
+    result = benchmark(
+        model_path=model_path, encoder=encoder, scene=scene, size=size, batch_size=batch_size,
+        overlap=overlap, device=device, precision=precision, repeats=repeats, threads=threads,
+        scaling=scaling, compile=compile_model, train=train_mode, agreement=agreement, progress=say,
     )
-    out = result.to_dict()
-    points = []
-    if sizes:
-        points = run_scaling(
-            sizes, model_path=model_path, encoder=encoder, batch_size=batch_size, device=device,
-            precision=precision, compile=compile_model, progress=say,
-        )
-        out["scaling"] = [p.__dict__ for p in points]
     if as_json:
-        click.echo(json.dumps(out))
-        return
-    r = result
+        click.echo(json.dumps(result.to_dict()))
+    elif isinstance(result, TrainBenchmark):
+        _echo_training(result)
+    elif isinstance(result, AgreementResult):
+        _echo_agreement(result)
+    else:
+        _echo_speed(result)
+
+
+def _echo_speed(r: Any) -> None:
     click.echo(f"model      {r.model} on {r.device} ({r.precision}, {r.threads} threads, batch {r.batch_size}"
                f"{', torch.compile' if r.compiled else ''})")
     click.echo(f"scene      {r.scene} {r.scene_size[0]}x{r.scene_size[1]} px, {r.chips} chips of "
@@ -530,52 +508,24 @@ def benchmark_command(
     click.echo(f"memory     peak RSS {r.peak_rss_mb:.0f} MB{gpu}")
     click.echo(f"FLOPs      {r.flops_per_chip / 1e9:.1f} GFLOP/chip, matmul {r.matmul_tflops * 1000:.0f} GFLOP/s, "
                f"MFU {r.mfu:.1%}")
-    for p in points:
+    for p in r.scaling:
         split = f", split {p.stages['split']:.1f} s" if "split" in p.stages else ""
         click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
                    f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB, {p.polygons} polygons, "
                    f"vectorise {p.stages.get('vectorise', 0.0):.1f} s{split}")
 
 
-def _benchmark_agreement(
-    scenes: str, model_path: str | None, batch_size: int, device: str, precision: str,
-    as_json: bool, say: Any,
-) -> None:
-    import json
-
-    from geoseg.benchmark_agreement import mask_agreement
-    from geoseg.errors import ConfigError
-
-    if model_path is None:
-        raise ConfigError("--agreement compares the masks of a trained model; pass --model CKPT")
-    other = "bf16" if precision in ("auto", "32") else precision
-    result = mask_agreement([scenes], model_path, precision=other, device=device,
-                            batch_size=batch_size, progress=say)
+def _echo_agreement(result: Any) -> None:
     out = result.to_dict()
-    if as_json:
-        click.echo(json.dumps(out))
-        return
     for s in result.scenes:
         click.echo(f"{s.scene:32} {s.agreement:9.5f}  ({s.pixels - s.agree} of {s.pixels} pixels differ)")
-    click.echo(f"fp32 vs {other} on {len(result.scenes)} scene(s), {result.device}: {out['agreement']:.5f} "
-               f"of {out['pixels']} pixels agree; rooftop IoU between the two masks {out['rooftop_iou']:.5f}")
+    click.echo(f"fp32 vs {result.precision} on {len(result.scenes)} scene(s), {result.device}: "
+               f"{out['agreement']:.5f} of {out['pixels']} pixels agree; rooftop IoU between the two masks "
+               f"{out['rooftop_iou']:.5f}")
 
 
-def _benchmark_training(
-    encoder: str, batch_size: int, device: str, precision: str, repeats: int,
-    threads: int | None, as_json: bool, say: Any,
-) -> None:
-    import json
-
-    from geoseg.benchmark_train import train_throughput
-
-    precisions = None if precision == "auto" else list(dict.fromkeys(["32", precision]))
-    result = train_throughput(encoder=encoder, batch_size=batch_size, device=device,
-                              precisions=precisions, repeats=repeats, threads=threads, progress=say)
+def _echo_training(result: Any) -> None:
     out = result.to_dict()
-    if as_json:
-        click.echo(json.dumps(out))
-        return
     click.echo(f"training   {result.model} on {result.device} ({result.threads} threads, batch "
                f"{result.batch_size}, {result.chip_size} px chips, {result.steps} steps x {result.repeats})")
     for p in result.points:

@@ -5,11 +5,11 @@ What it measures (DeepLabV3+ with a ResNet50 encoder and random weights, 256 px 
 - ``model_only``: chips/s of geoseg's ChipPredictor on tensors already on the GPU, in bf16 and
   fp16 autocast, at batch 64, 128 and 256 (``geoseg.inference.model_throughput``), with the
   peak GPU memory of each; one more bf16 point at batch 128 with ``cudnn.benchmark`` on.
-- ``end_to_end``: ``geoseg.benchmark.run_benchmark`` on a generated 8192 x 8192 scene
+- ``end_to_end``: ``geoseg.benchmarks.run_benchmark`` on a generated 8192 x 8192 scene
   (``make_large_scene``): model-only vs end-to-end chips/s and their ratio, the time of each stage
   (read, preprocess, model, blend_write, vectorise, wait_read), peak GPU memory
   (``torch.cuda.max_memory_allocated``) and peak RSS, in bf16 at batch 128 (predict's GPU default).
-- ``training``: chips/s of the real training step (``geoseg.benchmark_train.train_throughput``)
+- ``training``: chips/s of the real training step (``geoseg.benchmarks.train_throughput``)
   with fp16 + GradScaler and with bf16, batch 32, ``cudnn.benchmark`` on as ``geoseg train`` sets
   it, with the peak GPU memory of each.
 - ``ddp``: two DistributedDataParallel training steps (NCCL) on two GPUs, when there are two or more.
@@ -196,7 +196,7 @@ def calibrated_checkpoint(path: Path, scene: Path, s: dict[str, Any]) -> Path:
     import torch
     from rasterio.windows import Window
 
-    from geoseg.benchmark import IMAGENET_MEAN, IMAGENET_STD
+    from geoseg.benchmarks import IMAGENET_MEAN, IMAGENET_STD
     from geoseg.checkpoints import CheckpointMeta, save_checkpoint
     from geoseg.devices import resolve_device
     from geoseg.models import create_model
@@ -223,8 +223,8 @@ def calibrated_checkpoint(path: Path, scene: Path, s: dict[str, Any]) -> Path:
 
 
 def part_end_to_end(s: dict[str, Any]) -> None:
-    """geoseg.benchmark on a generated scene: model-only vs end to end, stages, memory."""
-    from geoseg.benchmark import make_large_scene, run_benchmark
+    """geoseg.benchmarks on a generated scene: model-only vs end to end, stages, memory."""
+    from geoseg.benchmarks import make_large_scene, run_benchmark
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         n = s["scene"]
@@ -252,7 +252,7 @@ def part_training(s: dict[str, Any]) -> None:
     """The real training step per precision (fp16 + GradScaler, bf16), peak GPU memory of each."""
     import torch
 
-    from geoseg.benchmark_train import train_throughput
+    from geoseg.benchmarks import train_throughput
 
     torch.backends.cudnn.benchmark = s["device"] == "cuda"  # as geoseg train sets it on a GPU
     res = train_throughput(encoder=s["encoder"], batch_size=s["train_batch"], chip_size=s["chip"],
@@ -279,7 +279,7 @@ def _ddp_rank(rank: int, world: int, port: int, s: dict[str, Any], report: str) 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from geoseg.benchmark_train import synthetic_batch
+    from geoseg.benchmarks import synthetic_batch
     from geoseg.devices import resolve_precision
     from geoseg.engine.devices import setup_distributed
     from geoseg.engine.loop import EpochLoop

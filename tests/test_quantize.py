@@ -216,7 +216,7 @@ def test_predict_int8_agrees_with_fp32_and_leaves_nothing_behind(fp32, tmp_path)
 
 
 def test_benchmark_int8_runs_the_quantised_model(fp32):
-    from geoseg.benchmark import run_benchmark
+    from geoseg.benchmarks import run_benchmark
 
     ckpt, _, _, _, _ = fp32
     r = run_benchmark(model_path=ckpt, size=(256, 192), batch_size=4, device="cpu", precision="int8", repeats=1,

@@ -3,11 +3,13 @@
 ``evaluate(pred, truth)`` compares a mask GeoTIFF or vector file with the
 truth on one grid; ``match_objects`` and ``object_scores_from_masks`` are the
 object metrics on their own (training validation uses the latter);
-``write_panels`` draws image / truth / prediction for sample windows.
+``write_panels`` draws image / truth / prediction for sample windows;
+``evaluate_files`` is ``geoseg evaluate``: both, the panels checked before any work.
 """
 
 from geoseg.evaluation.core import EvaluationResult, PixelScores, evaluate
 from geoseg.evaluation.inputs import DEFAULT_BLOCK_SIZE, DEFAULT_VECTOR_RESOLUTION, Grid
+from geoseg.evaluation.job import evaluate_files
 from geoseg.evaluation.objects import (
     DEFAULT_IOU_THRESHOLD,
     ObjectMatch,
@@ -28,6 +30,7 @@ __all__ = [
     "ObjectMatch",
     "PixelScores",
     "evaluate",
+    "evaluate_files",
     "mask_polygons",
     "match_objects",
     "object_scores",

@@ -14,13 +14,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
+from geoseg.benchmarks.workload import ProgressFn
 from geoseg.errors import ConfigError
 
-ProgressFn = Callable[[str], None]
+if TYPE_CHECKING:
+    import torch
 
 #: Precision names in the order they are reported.
 PRECISIONS = ("32", "16", "bf16")
@@ -62,6 +62,8 @@ class TrainBenchmark:
 
 def default_precisions(device: torch.device) -> list[str]:
     """fp32 and every mixed precision the device runs natively."""
+    import torch
+
     from geoseg.devices import cpu_supports_bf16
 
     if device.type == "cuda":
@@ -72,6 +74,8 @@ def default_precisions(device: torch.device) -> list[str]:
 def synthetic_batch(batch_size: int, chip_size: int, in_channels: int, classes: int,
                     *, seed: int = 0) -> dict[str, torch.Tensor]:
     """A normalised image batch and a mask of random rectangles (a fixed, learnable target)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, in_channels, chip_size, chip_size, generator=g)
     masks = torch.zeros(batch_size, chip_size, chip_size, dtype=torch.long)
@@ -86,6 +90,8 @@ def synthetic_batch(batch_size: int, chip_size: int, in_channels: int, classes: 
 
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes held between steps: parameters, gradients and optimiser state."""
+    import torch
+
     total = 0
     for p in model.parameters():
         total += p.numel() * p.element_size() * (2 if p.grad is not None else 1)
@@ -115,6 +121,8 @@ def train_throughput(
         ConfigError: Unknown precision, fp16 on a CPU, batch size below 2 (BatchNorm),
             or no CUDA GPU when ``device`` is ``"cuda"``.
     """
+    import torch
+
     from geoseg.devices import resolve_device, resolve_precision
     from geoseg.engine.devices import DistContext
     from geoseg.engine.loop import EpochLoop

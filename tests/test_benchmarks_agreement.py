@@ -10,7 +10,7 @@ import rasterio
 from click.testing import CliRunner
 
 from cli import cli
-from geoseg.benchmark_agreement import compare_masks, mask_agreement
+from geoseg.benchmarks.agreement import compare_masks, mask_agreement
 from geoseg.checkpoints import CheckpointMeta, save_checkpoint
 from geoseg.inference.job import load_model
 from geoseg.inference.pipeline import predict_scene

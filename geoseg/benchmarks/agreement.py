@@ -12,18 +12,19 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 
+from geoseg.benchmarks.workload import ProgressFn
 from geoseg.encoding import MASK_NODATA
 from geoseg.temporaries import temporary_folder
 
-ProgressFn = Callable[[str], None]
+if TYPE_CHECKING:
+    from geoseg.checkpoints import CheckpointMeta
 
 #: Rows read at a time when comparing two masks.
 COMPARE_ROWS = 1024
-#: Value of nodata pixels in geoseg class masks.
 
 
 @dataclass
@@ -87,7 +88,8 @@ def compare_masks(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rooft
             valid = (x != MASK_NODATA) & (y != MASK_NODATA)
             xr, yr = (x == rooftop) & valid, (y == rooftop) & valid
             counts += [valid.sum(), ((x == y) & valid).sum(), xr.sum(), yr.sum(), (xr & yr).sum()]
-    return tuple(int(c) for c in counts)  # type: ignore[return-value]
+    n_valid, n_equal, n_a, n_b, n_both = (int(c) for c in counts)
+    return n_valid, n_equal, n_a, n_b, n_both
 
 
 def mask_agreement(
@@ -110,7 +112,8 @@ def mask_agreement(
 
     say = progress or (lambda _msg: None)
     paths = resolve_scenes(scenes)
-    model, meta = load_model(model_path)
+    # a torch module or an exported ONNX model (both run in predict_scene), and its description
+    model, meta = cast("tuple[Any, CheckpointMeta]", load_model(model_path))
     dev = resolve_device(device, setting="device")
     int8 = wants_int8(precision, dev, 0) if precision == "int8" else False
     resolve_precision("32" if int8 else precision, dev, setting="precision")  # refuse fp16 on a CPU before any work
@@ -129,7 +132,7 @@ def mask_agreement(
             for prec in ("32", precision):
                 masks[prec] = Path(tmp) / f"{path.stem}_{prec}.tif"
                 say(f"{path.name}: predicting in {prec}")
-                predict_scene(path, models[prec], meta, mask_out=masks[prec], polygons=False,  # type: ignore[arg-type]
+                predict_scene(path, models[prec], meta, mask_out=masks[prec], polygons=False,
                               batch_size=batch_size, device=str(dev), precision="32" if int8 else prec,
                               overwrite=True)
             pixels, agree, a, b, both = compare_masks(masks["32"], masks[precision], rooftop=rooftop)

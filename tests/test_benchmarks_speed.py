@@ -1,4 +1,4 @@
-"""Tests for geoseg.benchmark and `geoseg benchmark` (correctness of the report, not speed)."""
+"""Tests for geoseg.benchmarks.speed and `geoseg benchmark` (correctness of the report, not speed)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import rasterio
 from click.testing import CliRunner
 
 import cli
-from geoseg.benchmark import make_large_scene, parse_size, run_benchmark
+from geoseg.benchmarks import make_large_scene, parse_size, run_benchmark
 from geoseg.errors import ConfigError
 
 
@@ -70,35 +70,3 @@ def test_benchmark_cli_json_and_errors(tmp_path) -> None:
     )
     missing = runner.invoke(cli.cli, ["benchmark", "--model", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 1 and "nope.pt" in missing.output and "Traceback" not in missing.output
-
-
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux /proc only")
-def test_peak_rss_of_a_fresh_process_is_its_own_not_its_parents() -> None:
-    """ru_maxrss survives exec, so a child spawned by a big parent would report the parent's peak;
-    the scaling runs measure each size in a fresh process and must see only that process."""
-    import subprocess
-    import sys
-
-    from geoseg.benchmark import _peak_rss_mb
-
-    ballast = np.ones(600 * 2**20, dtype=np.uint8)  # 600 MB touched in this process
-    parent = _peak_rss_mb()
-    child = subprocess.run([sys.executable, "-c", "from geoseg.benchmark import _peak_rss_mb; print(_peak_rss_mb())"],
-                           capture_output=True, text=True, check=True)
-    assert parent > 600 and float(child.stdout) < 300
-    del ballast
-
-
-def test_scaling_runs_each_size_in_a_fresh_process_as_predict_does(tmp_path, monkeypatch) -> None:
-    """One point per size, polygons streamed and written as `geoseg predict` writes them, nothing left."""
-    import tempfile
-
-    from geoseg.benchmark import scaling
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    points = scaling([300], encoder="resnet18", batch_size=4, precision="32", device="cpu")
-    assert [(p.width, p.height) for p in points] == [(300, 300)]
-    p = points[0]
-    assert p.chips == 4 and p.seconds > 0 and p.peak_rss_mb > 100 and p.polygons >= 0
-    assert set(p.stages) >= {"read", "model", "blend_write", "vectorise"}
-    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from geoseg.benchmark_train import synthetic_batch, train_throughput
+from geoseg.benchmarks.training import synthetic_batch, train_throughput
 from geoseg.errors import ConfigError
 
 
@@ -45,7 +45,7 @@ def test_bad_settings_are_refused_before_any_work():
 
 
 def test_cli_train_json(monkeypatch):
-    import geoseg.benchmark_train as bt
+    import geoseg.benchmarks.training as bt
 
     real = bt.train_throughput
     monkeypatch.setattr(bt, "train_throughput",
