@@ -75,15 +75,20 @@ def _decisive(model: torch.nn.Module, scene: Path, meta: CheckpointMeta) -> None
         head.bias[1] -= float((diff * scale).median())
 
 
+def decisive_checkpoint(folder: Path, scene: Path) -> tuple[Path, torch.nn.Module, CheckpointMeta]:
+    """(checkpoint, torch model, meta) of a random resnet18 DeepLabV3+ made decisive on ``scene``."""
+    torch.manual_seed(0)
+    model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
+    meta = _meta()
+    _decisive(model, scene, meta)
+    return save_checkpoint(folder / "model.pt", model, meta), model, meta
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, _scene_cache):
     """(checkpoint, onnx file, torch model, meta, CLI output) of one export through the command."""
     folder = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
-    meta = _meta()
-    _decisive(model, _scene_cache["synthetic"][0].image, meta)
-    ckpt = save_checkpoint(folder / "model.pt", model, meta)
+    ckpt, model, meta = decisive_checkpoint(folder, _scene_cache["synthetic"][0].image)
     out = folder / "model.onnx"
     r = CliRunner().invoke(cli, ["export-model", str(ckpt), "--format", "onnx", "--out", str(out)])
     assert r.exit_code == 0, r.output

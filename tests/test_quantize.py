@@ -17,8 +17,6 @@ import rasterio
 import torch
 
 from geoseg.errors import ModelError
-from geoseg.checkpoints import save_checkpoint
-from geoseg.models import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -29,19 +27,15 @@ from geoseg.onnx_model import load_onnx_model, meta_from_props  # noqa: E402
 from geoseg.quantize import (  # noqa: E402
     QUANT_KEY, Calibration, _grid, calibration_chips, int8_model, quantize_onnx,
 )
-from test_model_export import CHIP, _decisive, _meta  # noqa: E402
+from test_model_export import CHIP, decisive_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory, _scene_cache):
     """(checkpoint, fp32 onnx, torch model, meta, scene) of a decisive random model."""
     folder = tmp_path_factory.mktemp("quant")
-    torch.manual_seed(0)
-    model = create_model(arch="deeplabv3plus", encoder="resnet18", encoder_weights=None, in_channels=3, classes=2)
-    meta = _meta()
     scene = _scene_cache["synthetic"][0].image
-    _decisive(model, scene, meta)
-    ckpt = save_checkpoint(folder / "model.pt", model, meta)
+    ckpt, model, meta = decisive_checkpoint(folder, scene)
     out = export_model(ckpt, out=folder / "model.onnx", format="onnx").path
     return ckpt, out, model.eval(), meta, scene
 
