@@ -29,10 +29,16 @@ from geoseg.inference import (
     axis_weight_sum,
     model_throughput,
     predict_scene,
-    resolve_precision,
     taper_window,
 )
 from geoseg.tiling import axis_starts, block_grid, chip_grid
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Prediction's autocast dtype for ``precision`` (geoseg.devices owns the choice)."""
+    from geoseg import devices
+
+    return devices.resolve_precision(precision, device, setting="precision").dtype
 
 CPU = dict(device="cpu", precision="32")
 
