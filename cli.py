@@ -331,6 +331,10 @@ def chip_command(
                    "or {scene} template as for --mask-out.")
 @click.option("--prob-dtype", type=click.Choice(["uint8", "float16"]), default="uint8", show_default=True,
               help="Storage of --prob-out.")
+@click.option("--aoi", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Polygon file (any CRS; several polygons: their union): predict only there. Blocks and "
+                   "chips outside it are not read or run, raster pixels outside it are nodata, polygons are "
+                   "cut to it. With several scenes, those it does not touch are skipped with a warning.")
 @click.option("--config", "config_path", default=None, metavar="FILE",
               help="YAML config whose 'predict' section gives the defaults of the options below.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -380,7 +384,7 @@ def predict_command(
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
-    rescale: bool, progress_format: str,
+    rescale: bool, progress_format: str, aoi: str | None,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -421,7 +425,7 @@ def predict_command(
     summary = predict(
         scenes, out=out, config=config, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
         prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,  # type: ignore[arg-type]
-        rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress,
+        rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress, aoi=aoi,
     )
     reporter.finish()
     for res in summary.results:

@@ -49,6 +49,8 @@ PREFERRED_LAYER = "rooftops"
 FORMATS_FIX = "pass a GeoPackage, GeoJSON or Shapefile"
 #: The fix named when a vector file has no CRS and none is assumed.
 CRS_FIX = "define one (ogr2ogr -a_srs EPSG:XXXX) or pass --assume-crs EPSG:XXXX"
+#: The fix named when a vector file of buildings holds geometries but no polygons.
+POLYGON_FIX = "pass a polygon layer (building outlines)"
 
 _POLYGON_TYPES = ("Polygon", "MultiPolygon")
 
@@ -201,6 +203,8 @@ def read_vector(
     *,
     assume_crs: str | CRS | None = None,
     fix: str = FORMATS_FIX,
+    crs_fix: str = CRS_FIX,
+    polygon_fix: str = POLYGON_FIX,
 ) -> VectorLayer:
     """Read the polygons of a vector file (GeoPackage, GeoJSON, Shapefile, ...).
 
@@ -211,6 +215,8 @@ def read_vector(
         path: The file.
         assume_crs: CRS for a file that has none.
         fix: The fix named in errors about the file's kind.
+        crs_fix: The fix named when the file has no CRS and none is assumed.
+        polygon_fix: The fix named when the file holds geometries but no polygons.
 
     Returns:
         The layer.
@@ -219,7 +225,7 @@ def read_vector(
         InputFileError: Missing, a URL, unreadable, or holds no polygon geometries.
         GeoreferenceError: No CRS and none assumed.
     """
-    gdf, layer = read_frame(path, assume_crs=assume_crs, fix=fix)
+    gdf, layer = read_frame(path, assume_crs=assume_crs, fix=fix, crs_fix=crs_fix)
     p = Path(path)
     geoms = object_array(gdf.geometry.values)
     present = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
@@ -230,10 +236,67 @@ def read_vector(
         if not types & polygon_types and not types & {7}:  # 7: GeometryCollection
             names = sorted({g.geom_type for g in geoms})
             raise file_error(
-                InputFileError, p, f"has no polygon geometries (found {', '.join(names)})",
-                "pass a polygon layer (building outlines)",
+                InputFileError, p, f"has no polygon geometries (found {', '.join(names)})", polygon_fix,
             )
         geoms = polygonal_parts(shapely.make_valid(geoms))
         geoms = geoms[~shapely.is_empty(geoms)]
     crs = CRS.from_wkt(gdf.crs.to_wkt())
     return VectorLayer(path=p, layer=layer, crs=crs, geometries=object_array(geoms))
+
+
+def read_aoi(
+    path: str | os.PathLike[str],
+    *,
+    fix: str,
+    assume_crs: str | CRS | None = None,
+    crs_fix: str = CRS_FIX,
+    polygon_fix: str | None = None,
+) -> VectorLayer:
+    """Read an area of interest: a vector file with at least one polygon (any CRS).
+
+    Several features and multi-part polygons are all part of the area (callers take
+    the union of :meth:`VectorLayer.in_crs`).
+
+    Args:
+        path: The file.
+        fix: The fix named when the file is not a vector file or has no polygons.
+        assume_crs: CRS for a file that has none.
+        crs_fix: The fix named when the file has no CRS and none is assumed.
+        polygon_fix: The fix named when the file holds only other geometries (points,
+            lines); None: that of :func:`read_vector`.
+
+    Raises:
+        InputFileError: Missing, not a vector file, or without polygons.
+        GeoreferenceError: No CRS and none assumed.
+    """
+    layer = read_vector(path, assume_crs=assume_crs, fix=fix, crs_fix=crs_fix,
+                        polygon_fix=POLYGON_FIX if polygon_fix is None else polygon_fix)
+    if len(layer.geometries) == 0:
+        raise file_error(InputFileError, layer.path, "has no polygons", fix)
+    return layer
+
+
+def bounds_text(bounds: Iterable[float], crs: CRS) -> str:
+    """``(left, bottom, right, top)`` for a message: degrees to 6 decimals, projected units to 2."""
+    decimals = 6 if crs.is_geographic else 2
+    return "(" + ", ".join(f"{float(v):.{decimals}f}" for v in bounds) + ")"
+
+
+def clip_polygons(geoms: np.ndarray, area: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons cut exactly to an area (a shapely polygon in their CRS; prepare it for speed).
+
+    Polygons the area covers are kept as they are; the others become their
+    intersection with it, polygonal parts only (GEOS overlays of valid polygons are
+    valid), or None where nothing polygonal is left.
+
+    Returns:
+        ``(clipped, cut)``: an object array like ``geoms`` (None where nothing is left)
+        and whether each polygon was cut.
+    """
+    geoms = object_array(geoms)
+    cut = ~shapely.covers(area, geoms) if len(geoms) else np.zeros(0, dtype=bool)
+    out = geoms.copy()
+    if cut.any():
+        parts = polygonal_parts(shapely.intersection(geoms[cut], area))
+        out[cut] = object_array(None if g.is_empty else g for g in parts)
+    return out, cut

@@ -28,10 +28,9 @@ from geoseg.evaluation.inputs import (
     open_input,
     raster_grid,
     raster_on_grid,
-    read_aoi,
     vector_grid,
 )
-from geoseg.vector_io import VectorLayer, polygonal_parts
+from geoseg.vector_io import VectorLayer, polygonal_parts, read_aoi
 from geoseg.evaluation.objects import (
     DEFAULT_IOU_THRESHOLD,
     ROOFTOP_CLASS,
@@ -49,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: Decimals of the metrics in the table (the JSON carries full precision).
 TABLE_DECIMALS = 4
+#: The fix named when the AOI file is not a polygon file.
+AOI_FIX = "pass a polygon file (GeoPackage, GeoJSON, Shapefile) of the evaluated area"
 
 
 @dataclass(frozen=True)
@@ -362,7 +363,7 @@ def evaluate(
         raise ConfigError(f"block_size should be >= 1 pixel, got {block_size!r}; pass e.g. 2048")
     pred_in = open_input(pred, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
     truth_in = open_input(truth, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
-    aoi_layer = read_aoi(aoi, assume_crs=assume_crs) if aoi is not None else None
+    aoi_layer = read_aoi(aoi, assume_crs=assume_crs, fix=AOI_FIX) if aoi is not None else None
 
     if isinstance(truth_in, RasterMask):
         grid = raster_grid(truth_in)

@@ -221,20 +221,6 @@ def open_input(
     return read_mask(p, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
 
 
-def read_aoi(path: str | os.PathLike[str], *, assume_crs: str | CRS | None = None) -> VectorLayer:
-    """Read an area of interest: a vector file with at least one polygon.
-
-    Raises:
-        InputFileError: Missing, not a vector file, or without polygons.
-        GeoreferenceError: No CRS and none assumed.
-    """
-    fix = "pass a polygon file (GeoPackage, GeoJSON, Shapefile) of the evaluated area"
-    layer = read_vector(path, assume_crs=assume_crs, fix=fix)
-    if len(layer.geometries) == 0:
-        raise file_error(InputFileError, layer.path, "has no polygons", fix)
-    return layer
-
-
 def _metric_crs(layers: list[VectorLayer]) -> CRS:
     """The first layer CRS that is projected in metres (not Web Mercator), else local UTM."""
     import geopandas

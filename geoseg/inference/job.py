@@ -20,7 +20,7 @@ from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
-from geoseg.inference.pipeline import PredictionResult, predict_scene
+from geoseg.inference.pipeline import PredictionResult, area_on_scene, area_outside_error, predict_scene, read_area
 from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
@@ -80,7 +80,11 @@ class OutputPlan:
 
 @dataclass(frozen=True)
 class CheckedScenes:
-    """What :func:`check_scenes` found: each scene's bands and pixel count, and the layer's CRS (the first scene's)."""
+    """What :func:`check_scenes` found: each scene's bands and pixel count, and the layer's CRS (the first scene's).
+
+    With an AOI, ``sizes`` counts nothing for the scenes it does not touch (they are
+    skipped), so torchrun ranks share the work there is.
+    """
 
     bands: tuple[Sequence[int], ...]
     sizes: tuple[int, ...]
@@ -137,11 +141,11 @@ def raster_output_paths(
 
 def predict_inputs(
     scenes: Sequence[Path], *, model_path: str | os.PathLike[str] | None = None,
-    config_file: str | os.PathLike[str] | None = None,
+    config_file: str | os.PathLike[str] | None = None, aoi: str | os.PathLike[str] | None = None,
 ) -> list[tuple[str, str | os.PathLike[str] | None]]:
     """Every file a ``predict`` run reads, as (kind, path) pairs for :func:`check_not_inputs`."""
     model = model_path if model_path is not None else DEFAULT_MODEL
-    return [*(("scene", s) for s in scenes), ("checkpoint", model), ("config file", config_file)]
+    return [*(("scene", s) for s in scenes), ("checkpoint", model), ("config file", config_file), ("AOI", aoi)]
 
 
 def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
@@ -213,22 +217,29 @@ def check_outputs(
 
 def check_scenes(
     scenes: Sequence[Path], meta: object, *, bands: Sequence[int] | None, assume_crs: str | None,
-    rescale: bool,
+    rescale: bool, aoi: Any = None,
 ) -> CheckedScenes:
     """Open every scene and check its bands (and, without ``rescale``, its values) against the model.
 
+    With ``aoi`` (a ``vector_io.VectorLayer``), at least one scene must touch it.
+
     Raises:
         GeosegError: An unreadable scene, one without CRS (and no ``assume_crs``), bands
-            that do not fit the model, values far outside the range it learned.
+            that do not fit the model, values far outside the range it learned; an AOI that
+            touches none of the scenes.
     """
-    chosen, sizes, crs = [], [], None
+    chosen, sizes, infos, crs = [], [], [], None
     for path in scenes:
         info = open_scene(path, assume_crs=assume_crs)
+        infos.append(info)
         crs = info.crs if crs is None else crs
         chosen.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
         if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
             check_value_range(info, meta, chosen[-1])  # type: ignore[arg-type]
-        sizes.append(info.width * info.height)
+        touched = aoi is None or area_on_scene(aoi, info) is not None
+        sizes.append(info.width * info.height if touched else 0)
+    if aoi is not None and not any(sizes):
+        raise area_outside_error(aoi, infos)
     return CheckedScenes(bands=tuple(chosen), sizes=tuple(sizes), crs=crs)
 
 
@@ -259,6 +270,7 @@ def predict(
     config_file: str | os.PathLike[str] | None = None,
     keep_polygons: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    aoi: str | os.PathLike[str] | None = None,
 ) -> PredictSummary:
     """``geoseg predict``: scenes in, all their polygons in one layer (and rasters and previews if asked).
 
@@ -286,30 +298,39 @@ def predict(
             (``export.PolygonSpool``) and ``results[i].polygons`` is None (``polygon_count``
             holds the count).
         progress: Called with (scene name, chips done, chips total).
+        aoi: Area of interest, a polygon file in any CRS: each scene predicts only there
+            (``predict_scene``'s ``aoi``); a scene it does not touch is skipped with a
+            warning (its part of the layer is empty, its rasters all nodata).
 
     Returns:
         What was written.
 
     Raises:
         OutputError: An output that is one of the inputs (scene, checkpoint,
-            config file), with or without ``overwrite``; two outputs that are one file; an
+            config file, AOI), with or without ``overwrite``; two outputs that are one file; an
             output that exists without ``overwrite`` (also when another run published it
             first); a failed write (disk full, ...), after which nothing is left behind.
-        GeosegError: Any bad input, before anything is written.
+        GeosegError: Any bad input, before anything is written (an AOI that is not a polygon
+            file, or that touches none of the scenes, too).
     """
     config = PredictConfig() if config is None else config
     scene_paths = resolve_scenes(scenes)
     names = scene_names(scene_paths)
     plan = plan_outputs(scene_paths, names, out=out, mask_out=mask_out, prob_out=prob_out, preview=preview)
-    out_path = check_outputs(plan, predict_inputs(scene_paths, model_path=model_path, config_file=config_file),
-                             overwrite=overwrite)
+    out_path = check_outputs(
+        plan, predict_inputs(scene_paths, model_path=model_path, config_file=config_file, aoi=aoi),
+        overwrite=overwrite,
+    )
+    area = read_area(aoi) if aoi is not None else None
     model, meta = load_model(model_path)
-    checked = check_scenes(scene_paths, meta, bands=bands, assume_crs=assume_crs, rescale=rescale)
+    checked = check_scenes(scene_paths, meta, bands=bands, assume_crs=assume_crs, rescale=rescale, aoi=area)
     # Under torchrun each rank predicts its share of the scenes; alone, a process predicts them all.
     shard = shard_from_env()
     mine = [i for i, r in enumerate(assign_scenes(checked.sizes, shard.world)) if r == shard.rank]
     options = dict(scene_options(config), device=rank_device(config.device, shard), prob_dtype=prob_dtype,
                    assume_crs=assume_crs, rescale=rescale)
+    if area is not None:  # at least one scene touches it (check_scenes): the others are skipped
+        options.update(aoi=area, skip_outside_aoi=True)
     with contextlib.ExitStack() as scratch:
         if _int8_run(config, options["device"], model, meta, checked.sizes):
             # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.

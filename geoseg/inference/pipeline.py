@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import rasterio
+import shapely
 import torch
+from rasterio.windows import Window
 from torch import nn
 
 from geoseg.config import PredictConfig
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, GeoreferenceError, file_error
 from geoseg.inference.checks import (
     check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
 )
@@ -40,11 +42,13 @@ from geoseg.devices import resolve_device, resolve_precision, torch_threads
 from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
 from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.models import INSTANCE_CHANNELS
-from geoseg.inference.streams import BlockData, BlockReader, CoreWriter, FinishedCore
+from geoseg.inference.streams import AoiPixels, BlockData, BlockReader, CoreWriter, FinishedCore
+from geoseg.labels import crs_text
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
 from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid
+from geoseg.vector_io import VectorLayer, bounds_text, read_aoi, same_crs
 
 if TYPE_CHECKING:
     import geopandas
@@ -65,6 +69,51 @@ DEFAULTS = PredictConfig()
 
 ProgressFn = Callable[[int, int], None]
 
+#: The fix named when the ``--aoi`` file is not a polygon file.
+AOI_FIX = "pass a polygon file (GeoPackage, GeoJSON, Shapefile) of the area to predict"
+#: The fix named when the ``--aoi`` file has no CRS (the scenes' ``--assume-crs`` is not the AOI's).
+AOI_CRS_FIX = "define one (ogr2ogr -a_srs EPSG:XXXX)"
+
+
+def read_area(path: str | os.PathLike[str]) -> VectorLayer:
+    """Read ``--aoi``: polygons in any CRS (``vector_io.read_aoi``), the area being their union.
+
+    Raises:
+        InputFileError: Missing, not a vector file, or without polygons.
+        GeoreferenceError: A file without CRS.
+    """
+    return read_aoi(path, fix=AOI_FIX, crs_fix=AOI_CRS_FIX, polygon_fix=AOI_FIX)
+
+
+def area_on_scene(area: VectorLayer, info: SceneInfo) -> AoiPixels | None:
+    """The area of interest in the scene's CRS, on its grid; None where it has no area in common with the scene."""
+    geometry = shapely.union_all(area.in_crs(info.crs))
+    pixels = AoiPixels(geometry, info.transform)
+    scene = pixels.footprint(Window(0, 0, info.width, info.height))
+    if not shapely.intersects(geometry, scene) or shapely.intersection(geometry, scene).area <= 0:
+        return None
+    return pixels
+
+
+def area_outside_error(area: VectorLayer, scenes: Sequence[SceneInfo]) -> GeoreferenceError:
+    """The one-line error for an AOI that touches none of the scenes: both extents, in the first scene's CRS."""
+    from rasterio.warp import transform_bounds
+
+    crs = scenes[0].crs
+    boxes = [s.bounds if same_crs(s.crs, crs) else transform_bounds(s.crs, crs, *s.bounds) for s in scenes]
+    union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+    extent = area.extent(crs) or (float("nan"),) * 4
+    if len(scenes) == 1:
+        what, where = f"the scene {scenes[0].path}", "scene extent"
+    else:
+        what, where = f"any of the {len(scenes)} scenes", "extent of the scenes"
+    return file_error(
+        GeoreferenceError, area.path,
+        f"the AOI does not touch {what} (AOI extent {bounds_text(extent, crs)}, {where} "
+        f"{bounds_text(union, crs)} in {crs_text(crs)})",
+        f"pass an AOI that overlaps {'the scene' if len(scenes) == 1 else 'a scene'}, or predict without --aoi",
+    )
+
 
 @dataclass
 class PredictionResult:
@@ -81,7 +130,8 @@ class PredictionResult:
         height: Scene height in pixels.
         chips_total: Chips in the grid.
         chips_predicted: Chips run through the model.
-        chips_skipped: Chips skipped because all their pixels are nodata.
+        chips_skipped: Chips skipped because all their pixels are nodata (or, with an AOI,
+            because none of their pixels with data is inside it).
         blocks: Blocks processed.
         seconds: Wall-clock seconds of the whole call.
         stages: Seconds per stage: ``read`` (reader threads), ``preprocess``
@@ -163,6 +213,8 @@ def predict_scene(
     min_seed_area: float = DEFAULTS.min_seed_area,
     rescale: bool = False,
     polygon_sink: Callable[[Any], None] | None = None,
+    aoi: str | os.PathLike[str] | VectorLayer | None = None,
+    skip_outside_aoi: bool = False,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -212,13 +264,23 @@ def predict_scene(
             to this callable as the scene is predicted (e.g. ``export.PolygonSpool.append``)
             instead of returning them; ``result.polygons`` is then None and
             ``result.polygon_count`` says how many there were.
+        aoi: Area of interest: a polygon file in any CRS (or a layer :func:`read_area`
+            read), the area being the union of its polygons. Only the blocks whose
+            extent (core and halo) touches it are read, only the chips with data
+            inside it are predicted; pixels it does not cover (even partly) are nodata
+            in the rasters, which keep the scene's grid; polygons are cut exactly to it
+            (their attributes measure what is left).
+        skip_outside_aoi: With ``aoi``: a scene the area does not touch is skipped (a
+            warning; nothing read or predicted, no polygons, rasters all nodata) instead
+            of refused (``geoseg predict`` with several scenes).
 
     Returns:
         Paths, polygons, chip counts and stage timings.
 
     Raises:
-        InputFileError: Unreadable scene.
-        GeoreferenceError: Scene without CRS (and no ``assume_crs``).
+        InputFileError: Unreadable scene; an ``aoi`` file that is not a polygon file.
+        GeoreferenceError: Scene without CRS (and no ``assume_crs``); an ``aoi`` without
+            CRS, or that does not touch the scene (without ``skip_outside_aoi``).
         CheckpointError: Bands that do not fit the model, or values far outside the range it
             learned (without ``rescale``).
         OutputError: Output exists without ``overwrite`` or cannot be written.
@@ -228,6 +290,16 @@ def predict_scene(
     keep_heap_flat()
     scene_path = Path(scene_path)
     info = open_scene(scene_path, assume_crs=assume_crs)
+    area = None
+    if aoi is not None:
+        layer = aoi if isinstance(aoi, VectorLayer) else read_area(aoi)
+        area = area_on_scene(layer, info)
+        if area is None:
+            if not skip_outside_aoi:
+                raise area_outside_error(layer, [info])
+            log.warning("%s: the AOI %s does not touch this scene: skipped (nothing predicted, no polygons, "
+                        "rasters all nodata)", scene_path, layer.path)
+            area = AoiPixels(shapely.Polygon(), info.transform)  # touches no block
     use_bands = scene_bands(info, meta, bands)
     check_resolution(info, meta)
     value_map = check_value_range(info, meta, use_bands, rescale=rescale)
@@ -270,7 +342,7 @@ def predict_scene(
             simplify=simplify, regularize=regularize,
             scene_name=scene_name or scene_path.stem, threads=threads, read_workers=read_workers,
             compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
-            min_seed_area=min_seed_area, polygon_sink=polygon_sink,
+            min_seed_area=min_seed_area, polygon_sink=polygon_sink, area=area,
         )
     result.mask_path = Path(mask_out) if mask_out else None
     result.prob_path = Path(prob_out) if prob_out else None
@@ -313,6 +385,7 @@ def _run(
     seed_threshold: float,
     min_seed_area: float,
     polygon_sink: Callable[[Any], None] | None = None,
+    area: AoiPixels | None = None,
 ) -> PredictionResult:
     from geoseg import vectorize
     from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
@@ -351,11 +424,13 @@ def _run(
         builder = vectorize.PolygonBuilder(
             transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
             simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
+            clip=area.geometry() if area is not None else None,
         )
     writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=poly, builder=builder,
                         strip_rows=vectorize.strip_height(W), width=W, splitter=splitter)
     workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
-    reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda)
+    reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda,
+                         aoi=area)
     work = _BlockWork(
         predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
                                  channels=predictor.channels, device=dev),
@@ -400,8 +475,11 @@ def _run(
         work.stages["vectorise"] += time.perf_counter() - t1
         if splitter is not None:  # part of "vectorise", also given on its own
             work.stages["split"] = splitter.seconds
-    if work.skipped == work.chips_total:
+    if work.skipped == work.chips_total and area is None:
         log.warning("%s: every pixel is nodata; nothing was predicted and its layer is empty", info.path)
+    elif work.skipped == work.chips_total and work.read_blocks:
+        log.warning("%s: every pixel inside the AOI is nodata; nothing was predicted and its layer is empty",
+                    info.path)
     check_rooftop_share(info.path, work.rooftop_pixels, work.valid_pixels)
     return PredictionResult(
         scene=info.path, name=scene_name, mask_path=None, prob_path=None, polygons=frame,
@@ -473,6 +551,7 @@ class _BlockWork:
         self.done = self.skipped = 0
         self.valid_pixels = self.rooftop_pixels = 0  # of the finished cores: the rooftop share
         self.batches = 0  # model calls, full or not
+        self.read_blocks = 0  # blocks read (with an AOI, those it touches)
         self._open: collections.deque[_OpenBlock] = collections.deque()
         self._queue: list[tuple[_OpenBlock, torch.Tensor, torch.Tensor]] = []  # (block, pixel index, chips)
         self._queued = 0
@@ -485,12 +564,20 @@ class _BlockWork:
         stages["read"] += item.seconds
         blk = item.block
         valid = item.valid.to(dev, non_blocking=True)
+        if item.data is None:  # outside the AOI: nothing read, nothing to predict, a nodata core
+            self._open.append(_OpenBlock(blk, stitcher.new_buffer(blk), valid))
+            self.skipped += len(blk.chips)
+            self._close_ready()
+            return
+        self.read_blocks += 1
         x = item.data.to(dev, non_blocking=True).to(torch.float32)  # (H, W, C) raw pixels
         x.sub_(predictor.mean).mul_(predictor.inv_std)
         if not item.all_valid:
             x.masked_fill_(~valid[..., None], 0.0)
         pixels = x.view(-1, x.shape[-1])
-        entry = _OpenBlock(blk, stitcher.new_buffer(blk), valid)
+        # The model sees every pixel with data; outside the AOI its answer is nodata.
+        keep = valid if item.inside is None else valid & item.inside.to(dev, non_blocking=True)
+        entry = _OpenBlock(blk, stitcher.new_buffer(blk), keep)
         self._open.append(entry)
         todo = [c for c, ok in zip(blk.chips, item.chip_ok) if ok]
         self.skipped += len(blk.chips) - len(todo)

@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import rasterio
+import rasterio.features
+import shapely
 import torch
+from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.encoding import stored_to_probability
@@ -31,27 +34,89 @@ if TYPE_CHECKING:
 WRITE_QUEUE = 2
 
 
+class AoiPixels:
+    """An area of interest on a scene's pixel grid: the windows it touches, the pixels it covers.
+
+    A pixel is inside when the area covers any part of it (GDAL's ``all_touched``), so
+    the pixels inside cover the whole area and polygons cut exactly along its edge lose
+    nothing. Nothing scene-sized is made: the area is rasterised one window at a time.
+    GEOS prepared geometries are not thread-safe, so :meth:`touches` (prepared, fast)
+    belongs to one thread, the one iterating :class:`BlockReader`, and :meth:`pixels`
+    works on a copy of the area per thread.
+    """
+
+    def __init__(self, geometry: Any, transform: Affine) -> None:
+        """Keep the area.
+
+        Args:
+            geometry: The area, a shapely (multi)polygon in the scene CRS (empty: it touches nothing).
+            transform: The scene's pixel-to-CRS transform.
+        """
+        self.transform = transform
+        self._wkb = shapely.to_wkb(geometry)
+        self._prepared = self.geometry()
+        shapely.prepare(self._prepared)
+        self._local = threading.local()
+
+    def geometry(self) -> Any:
+        """A new copy of the area (the caller's own: prepare it freely)."""
+        return shapely.from_wkb(self._wkb)
+
+    def footprint(self, window: Window) -> Any:
+        """The window's pixels as a polygon in the scene CRS (any transform, rotated too)."""
+        c0, r0 = float(window.col_off), float(window.row_off)
+        c1, r1 = c0 + float(window.width), r0 + float(window.height)
+        return shapely.Polygon([self.transform @ xy for xy in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
+
+    def touches(self, window: Window) -> bool:
+        """Whether the area meets the window at all (a quick test; :meth:`pixels` decides)."""
+        return bool(shapely.intersects(self._prepared, self.footprint(window)))
+
+    def pixels(self, window: Window) -> np.ndarray:
+        """(H, W) bool: the window's pixels the area covers, even partly."""
+        area = getattr(self._local, "area", None)
+        if area is None:
+            area = self._local.area = self.geometry()
+        shape = (int(window.height), int(window.width))
+        # Only the part near the window is handed to GDAL (a large area has many vertices);
+        # one pixel of margin keeps the pixels on the window's edge exact.
+        left, bottom, right, top = self.footprint(window).bounds
+        mx, my = abs(self.transform.a) + abs(self.transform.b), abs(self.transform.d) + abs(self.transform.e)
+        near = shapely.clip_by_rect(area, left - mx, bottom - my, right + mx, top + my)
+        if near.is_empty:
+            return np.zeros(shape, dtype=bool)
+        tf = self.transform @ Affine.translation(float(window.col_off), float(window.row_off))
+        burned = rasterio.features.rasterize([(near, 1)], out_shape=shape, transform=tf, fill=0,
+                                             all_touched=True, dtype="uint8")
+        return burned.astype(bool)
 
 
 @dataclass
 class BlockData:
-    """One block's pixels, read ahead of the model."""
+    """One block's pixels, read ahead of the model (nothing read for a block outside the AOI)."""
 
     block: Block
-    data: torch.Tensor  # (H, W, C) raw pixels of the block extent (pixel-interleaved)
-    valid: torch.Tensor  # (H, W) bool
+    data: torch.Tensor | None  # (H, W, C) raw pixels of the block extent (pixel-interleaved); None: not read
+    valid: torch.Tensor  # (H, W) bool: the scene has data (all False when not read)
     all_valid: bool
-    chip_ok: list[bool]  # chip has at least one valid pixel
+    chip_ok: list[bool]  # chip has at least one valid pixel (inside the AOI, with one)
     seconds: float
+    inside: torch.Tensor | None = None  # (H, W) bool: pixels inside the AOI; None: no AOI
 
 
 class BlockReader:
-    """Read block extents in worker threads (one dataset handle per thread), in order, ahead of use."""
+    """Read block extents in worker threads (one dataset handle per thread), in order, ahead of use.
+
+    With an AOI, a block whose extent it does not touch is not read: it comes out with no
+    data, every pixel invalid and every chip to skip, as do the chips of a read block that
+    have no valid pixel inside the AOI.
+    """
 
     def __init__(
-        self, path: Path, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool
+        self, path: Path, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool,
+        aoi: AoiPixels | None = None,
     ) -> None:
-        self.path, self.bands, self.pin = path, list(bands), pin
+        self.path, self.bands, self.pin, self.aoi = path, list(bands), pin, aoi
         self.prefetch = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="geoseg-read")
         self._local = threading.local()
@@ -69,35 +134,56 @@ class BlockReader:
 
     def _read(self, block: Block) -> BlockData:
         t0 = time.perf_counter()
+        inside = self.aoi.pixels(block.extent) if self.aoi is not None else None
+        if inside is not None and not inside.any():
+            return self._outside(block)
         src = self._src()
         data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+        keep = valid if inside is None else valid & inside  # where chips have something to predict
         r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
         chip_ok = []
         for chip in block.chips:
             w = chip.window
             r, c = int(w.row_off) - r0, int(w.col_off) - c0
-            chip_ok.append(bool(valid[r:r + int(w.height), c:c + int(w.width)].any()))
+            chip_ok.append(bool(keep[r:r + int(w.height), c:c + int(w.width)].any()))
         # Pixel-interleaved here, off the model's thread: a gather of chip pixels from an
         # (H, W, C) block is already channels_last.
         data_t = torch.from_numpy(np.ascontiguousarray(data.transpose(1, 2, 0)))
         valid_t = torch.from_numpy(valid)
+        inside_t = torch.from_numpy(inside) if inside is not None else None
         if self.pin:
             data_t, valid_t = data_t.pin_memory(), valid_t.pin_memory()
-        return BlockData(block, data_t, valid_t, bool(valid.all()), chip_ok, time.perf_counter() - t0)
+            inside_t = inside_t.pin_memory() if inside_t is not None else None
+        return BlockData(block, data_t, valid_t, bool(valid.all()), chip_ok, time.perf_counter() - t0,
+                         inside=inside_t)
+
+    @staticmethod
+    def _outside(block: Block) -> BlockData:
+        """A block outside the AOI: nothing read, no valid pixel, no chip to predict."""
+        ext = block.extent
+        none = torch.zeros((int(ext.height), int(ext.width)), dtype=torch.bool)
+        return BlockData(block, None, none, False, [False] * len(block.chips), 0.0, inside=none)
+
+    def _submit(self, block: Block) -> Future[BlockData]:
+        if self.aoi is not None and not self.aoi.touches(block.extent):
+            done: Future[BlockData] = Future()
+            done.set_result(self._outside(block))
+            return done
+        return self._pool.submit(self._read, block)
 
     def iterate(self, blocks: Sequence[Block]) -> Iterator[BlockData]:
         """Yield the blocks' data in order, reading up to ``prefetch`` blocks ahead."""
         ahead: deque[Future[BlockData]] = deque()
         it = iter(blocks)
         for block in it:
-            ahead.append(self._pool.submit(self._read, block))
+            ahead.append(self._submit(block))
             if len(ahead) >= self.prefetch:
                 break
         while ahead:
             item = ahead.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                ahead.append(self._pool.submit(self._read, nxt))
+                ahead.append(self._submit(nxt))
             yield item
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, stored_to_probability
+from geoseg.vector_io import clip_polygons
 from geoseg.vectorize.metric import REGULARIZE_SIMPLIFY, _polygonal, _regularize, ground_area_perimeter, metric_frame
 from geoseg.vectorize.strips import STRIP_PIXELS, PixelPolygon, StripPolygonizer, apply_affine, min_pixels_for, strip_height
 
@@ -35,7 +36,9 @@ class PolygonBuilder:
     valid, compute the attributes. Only the finished polygons and their
     attributes are kept, so components are processed as soon as they are
     complete (while the model still runs) and never pile up in pixel form.
-    Regularisation, when asked for, runs in :meth:`frame`.
+    Regularisation, when asked for, runs in :meth:`frame`; so does the cut to an
+    area of interest (``clip``), last before the attributes, so that they measure
+    the polygons as they are written.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class PolygonBuilder:
         regularize: bool = False,
         class_names: Sequence[str] | None = None,
         sink: Callable[[geopandas.GeoDataFrame], None] | None = None,
+        clip: shapely.Geometry | None = None,
     ) -> None:
         """Set up the conversion.
 
@@ -69,6 +73,9 @@ class PolygonBuilder:
                 :meth:`frame`'s columns (``id`` 0: numbered by the sink), to this
                 callable instead of keeping them (memory then does not grow with
                 the number of buildings); :meth:`frame` returns None.
+            clip: Cut every polygon exactly to this area (a shapely polygon in the scene CRS,
+                the builder's own: it is prepared here); polygons with nothing left are dropped,
+                and so are cut ones under ``min_area``.
 
         Raises:
             GeoreferenceError: A CRS that cannot be related to ground metres.
@@ -82,6 +89,9 @@ class PolygonBuilder:
         self._conf: list[np.ndarray] = []
         self._cls: list[np.ndarray] = []
         self.sink = sink
+        self.clip = clip
+        if clip is not None:
+            shapely.prepare(clip)
         self.count = 0  # polygons made so far
 
     def add(self, records: Sequence[PixelPolygon]) -> None:
@@ -165,13 +175,21 @@ class PolygonBuilder:
             ok = np.array([g is not None for g in parts], dtype=bool)
             geoms = np.array([g for g in parts if g is not None], dtype=object)
             conf, cls = conf[ok], cls[ok]
-        if not len(geoms):
-            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=self.crs),
-                                    crs=self.crs)
+        cut = np.zeros(len(geoms), dtype=bool)
+        if len(geoms) and self.clip is not None:
+            clipped, cut = clip_polygons(geoms, self.clip)
+            ok = np.array([g is not None for g in clipped], dtype=bool)
+            geoms, conf, cls, cut = clipped[ok], conf[ok], cls[ok], cut[ok]
         area = np.empty(len(geoms))
         perimeter = np.empty(len(geoms))
         for i in range(0, len(geoms), chunk):
             area[i:i + chunk], perimeter[i:i + chunk] = ground_area_perimeter(geoms[i:i + chunk], self.metric)
+        keep = ~(cut & (area < self.min_area))  # what a cut leaves of a polygon is kept by the same rule
+        if not keep.all():
+            geoms, conf, cls, area, perimeter = geoms[keep], conf[keep], cls[keep], area[keep], perimeter[keep]
+        if not len(geoms):
+            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=self.crs),
+                                    crs=self.crs)
         ids = np.arange(first_id, first_id + len(geoms), dtype=np.int64) if first_id else np.zeros(len(geoms), np.int64)
         data: dict[str, object] = {
             "id": ids,
