@@ -20,7 +20,8 @@ from geoseg.inference.checks import check_value_range, scene_bands
 from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
-from geoseg.inference.pipeline import PredictionResult, area_on_scene, area_outside_error, predict_scene, read_area
+from geoseg.inference.aoi import area_on_scene, area_outside_error, read_area
+from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (

@@ -15,7 +15,6 @@ scene-sized is ever held in memory.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -24,31 +23,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
 import rasterio
 import shapely
 import torch
-from rasterio.windows import Window
 from torch import nn
 
 from geoseg.config import PredictConfig
-from geoseg.errors import ConfigError, GeoreferenceError, file_error
+from geoseg.errors import ConfigError
 from geoseg.inference.checks import (
     check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
 )
-from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, MASK_NODATA, ProbDtype
+from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, ProbDtype
 from geoseg.inference.outputs import RasterSink, output_tile
 from geoseg.devices import resolve_device, resolve_precision, torch_threads
 from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
-from geoseg.inference.stitch import BlockStitcher, finish_core
+from geoseg.inference.stitch import BlockStitcher
 from geoseg.models import INSTANCE_CHANNELS
-from geoseg.inference.streams import AoiPixels, BlockData, BlockReader, CoreWriter, FinishedCore
-from geoseg.labels import crs_text
+from geoseg.inference.aoi import AoiPixels, area_on_scene, area_outside_error, read_area
+from geoseg.inference.batching import BlockWork
+from geoseg.inference.streams import BlockReader, CoreWriter
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
 from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid
-from geoseg.vector_io import VectorLayer, bounds_text, read_aoi, same_crs
+from geoseg.vector_io import VectorLayer
 
 if TYPE_CHECKING:
     import geopandas
@@ -68,52 +66,6 @@ MAX_GPU_READERS = 8
 DEFAULTS = PredictConfig()
 
 ProgressFn = Callable[[int, int], None]
-
-#: The fix named when the ``--aoi`` file is not a polygon file.
-AOI_FIX = "pass a polygon file (GeoPackage, GeoJSON, Shapefile) of the area to predict"
-#: The fix named when the ``--aoi`` file has no CRS (the scenes' ``--assume-crs`` is not the AOI's).
-AOI_CRS_FIX = "define one (ogr2ogr -a_srs EPSG:XXXX)"
-
-
-def read_area(path: str | os.PathLike[str]) -> VectorLayer:
-    """Read ``--aoi``: polygons in any CRS (``vector_io.read_aoi``), the area being their union.
-
-    Raises:
-        InputFileError: Missing, not a vector file, or without polygons.
-        GeoreferenceError: A file without CRS.
-    """
-    return read_aoi(path, fix=AOI_FIX, crs_fix=AOI_CRS_FIX, polygon_fix=AOI_FIX)
-
-
-def area_on_scene(area: VectorLayer, info: SceneInfo) -> AoiPixels | None:
-    """The area of interest in the scene's CRS, on its grid; None where it has no area in common with the scene."""
-    geometry = shapely.union_all(area.in_crs(info.crs))
-    pixels = AoiPixels(geometry, info.transform)
-    scene = pixels.footprint(Window(0, 0, info.width, info.height))
-    if not shapely.intersects(geometry, scene) or shapely.intersection(geometry, scene).area <= 0:
-        return None
-    return pixels
-
-
-def area_outside_error(area: VectorLayer, scenes: Sequence[SceneInfo]) -> GeoreferenceError:
-    """The one-line error for an AOI that touches none of the scenes: both extents, in the first scene's CRS."""
-    from rasterio.warp import transform_bounds
-
-    crs = scenes[0].crs
-    boxes = [s.bounds if same_crs(s.crs, crs) else transform_bounds(s.crs, crs, *s.bounds) for s in scenes]
-    union = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-    extent = area.extent(crs) or (float("nan"),) * 4
-    if len(scenes) == 1:
-        what, where = f"the scene {scenes[0].path}", "scene extent"
-    else:
-        what, where = f"any of the {len(scenes)} scenes", "extent of the scenes"
-    return file_error(
-        GeoreferenceError, area.path,
-        f"the AOI does not touch {what} (AOI extent {bounds_text(extent, crs)}, {where} "
-        f"{bounds_text(union, crs)} in {crs_text(crs)})",
-        f"pass an AOI that overlaps {'the scene' if len(scenes) == 1 else 'a scene'}, or predict without --aoi",
-    )
-
 
 @dataclass
 class PredictionResult:
@@ -431,7 +383,7 @@ def _run(
     workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
     reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda,
                          aoi=area)
-    work = _BlockWork(
+    work = BlockWork(
         predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
                                  channels=predictor.channels, device=dev),
         writer, batch_size=batch_size, roof=rooftop_index(names, classes), threshold=threshold,
@@ -506,142 +458,3 @@ def _wants_instances(
     if min_seed_area < 0:
         raise ConfigError(f"min seed area should be >= 0 m², got {min_seed_area}")
     return has if instances is None else bool(instances)
-
-
-@dataclass
-class _OpenBlock:
-    """A block whose chips are gathered but not all through the model yet (its accumulator is open)."""
-
-    block: Any
-    buffer: torch.Tensor
-    valid: torch.Tensor
-    pending: int = 0
-
-
-class _BlockWork:
-    """The model's thread: blocks in, their finished cores out to the writer, in block order.
-
-    Chips fill batches across blocks: the chips left over at the end of one block
-    (fewer than a batch) go through the model together with the first chips of the
-    next, so only the last batch of a scene is partial (or padded, when compiled). A
-    block closes when all its chips are through; blocks close in grid order, so at most
-    the blocks a batch spans (two, unless blocks hold fewer chips than a batch) are open.
-    """
-
-    def __init__(
-        self,
-        predictor: ChipPredictor,
-        stitcher: BlockStitcher,
-        writer: CoreWriter,
-        *,
-        batch_size: int,
-        roof: int,
-        threshold: float,
-        prob_dtype: ProbDtype,
-        last_col: int,
-        chips_total: int,
-        progress: ProgressFn | None,
-        extra: int = 0,
-    ) -> None:
-        self.predictor, self.stitcher, self.writer = predictor, stitcher, writer
-        self.extra = extra
-        self.batch_size, self.roof, self.threshold, self.prob_dtype = batch_size, roof, threshold, prob_dtype
-        self.last_col, self.chips_total, self.progress = last_col, chips_total, progress
-        self.stages = dict.fromkeys(("read", "preprocess", "model", "blend_write", "vectorise", "wait_read"), 0.0)
-        self.done = self.skipped = 0
-        self.valid_pixels = self.rooftop_pixels = 0  # of the finished cores: the rooftop share
-        self.batches = 0  # model calls, full or not
-        self.read_blocks = 0  # blocks read (with an AOI, those it touches)
-        self._open: collections.deque[_OpenBlock] = collections.deque()
-        self._queue: list[tuple[_OpenBlock, torch.Tensor, torch.Tensor]] = []  # (block, pixel index, chips)
-        self._queued = 0
-
-    def run(self, item: BlockData) -> None:
-        """Normalise, gather the block's chips into batches (run each one that fills), close finished blocks."""
-        predictor, stitcher, stages = self.predictor, self.stitcher, self.stages
-        dev, chip = stitcher.device, stitcher.chip
-        t0 = time.perf_counter()
-        stages["read"] += item.seconds
-        blk = item.block
-        valid = item.valid.to(dev, non_blocking=True)
-        if item.data is None:  # outside the AOI: nothing read, nothing to predict, a nodata core
-            self._open.append(_OpenBlock(blk, stitcher.new_buffer(blk), valid))
-            self.skipped += len(blk.chips)
-            self._close_ready()
-            return
-        self.read_blocks += 1
-        x = item.data.to(dev, non_blocking=True).to(torch.float32)  # (H, W, C) raw pixels
-        x.sub_(predictor.mean).mul_(predictor.inv_std)
-        if not item.all_valid:
-            x.masked_fill_(~valid[..., None], 0.0)
-        pixels = x.view(-1, x.shape[-1])
-        # The model sees every pixel with data; outside the AOI its answer is nodata.
-        keep = valid if item.inside is None else valid & item.inside.to(dev, non_blocking=True)
-        entry = _OpenBlock(blk, stitcher.new_buffer(blk), keep)
-        self._open.append(entry)
-        todo = [c for c, ok in zip(blk.chips, item.chip_ok) if ok]
-        self.skipped += len(blk.chips) - len(todo)
-        stages["preprocess"] += time.perf_counter() - t0
-        i = 0
-        while i < len(todo):
-            t1 = time.perf_counter()
-            batch = todo[i:i + self.batch_size - self._queued]  # what fits in the batch being filled
-            i += len(batch)
-            index = stitcher.chip_index(blk, batch)
-            # Gathered (copied) from an (H, W, C) block, the chips are channels_last already.
-            chips = pixels.index_select(0, index).view(len(batch), chip, chip, -1).permute(0, 3, 1, 2)
-            self._queue.append((entry, index, chips))
-            self._queued += len(batch)
-            entry.pending += len(batch)
-            stages["preprocess"] += time.perf_counter() - t1
-            if self._queued == self.batch_size:
-                self._predict()
-        self._close_ready()
-
-    def flush(self) -> None:
-        """Run the last, partial batch of the scene and close every block still open."""
-        if self._queued:
-            self._predict()
-        self._close_ready()
-
-    def _predict(self) -> None:
-        """The queued chips through the model as one batch, blended into their blocks."""
-        t1 = time.perf_counter()
-        pieces = self._queue
-        chips = pieces[0][2] if len(pieces) == 1 else torch.cat([c for _, _, c in pieces])
-        t2 = time.perf_counter()
-        probs = self.predictor(chips)
-        t3 = time.perf_counter()
-        start = 0
-        for entry, index, piece in pieces:
-            n = piece.shape[0]
-            self.stitcher.add(entry.buffer, index, probs[start:start + n])
-            entry.pending -= n
-            start += n
-        self.stages["preprocess"] += t2 - t1
-        self.stages["model"] += t3 - t2
-        self.stages["blend_write"] += time.perf_counter() - t3
-        self.done += self._queued
-        self.batches += 1
-        self._queue, self._queued = [], 0
-        if self.progress is not None:
-            self.progress(self.done, self.chips_total - self.skipped)
-
-    def _close_ready(self) -> None:
-        """Close, in grid order, the leading blocks whose chips are all through the model."""
-        while self._open and self._open[0].pending == 0:
-            self._close(self._open.popleft())
-
-    def _close(self, entry: _OpenBlock) -> None:
-        """Finish a block's core (halos handed on) and give it to the writer."""
-        t4 = time.perf_counter()
-        blk = entry.block
-        core = self.stitcher.close_block(blk, entry.buffer)
-        ch, cw = int(blk.core.height), int(blk.core.width)
-        mask, prob = finish_core(core, entry.valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
-                                 prob_dtype=self.prob_dtype, extra=self.extra)
-        valid_here = int(np.count_nonzero(mask != MASK_NODATA))
-        self.valid_pixels += valid_here
-        self.rooftop_pixels += valid_here - int(np.count_nonzero(mask == 0))  # any class but background
-        self.stages["blend_write"] += time.perf_counter() - t4
-        self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col))

@@ -14,10 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import rasterio
-import rasterio.features
-import shapely
 import torch
-from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.encoding import stored_to_probability
@@ -27,68 +24,12 @@ from geoseg.raster_io import read_window
 from geoseg.tiling import Block
 
 if TYPE_CHECKING:
+    from geoseg.inference.aoi import AoiPixels
     from geoseg.instances import InstanceSplitter
     from geoseg.vectorize import PolygonBuilder, StripPolygonizer
 
 #: Finished block cores queued for the writer.
 WRITE_QUEUE = 2
-
-
-class AoiPixels:
-    """An area of interest on a scene's pixel grid: the windows it touches, the pixels it covers.
-
-    A pixel is inside when the area covers any part of it (GDAL's ``all_touched``), so
-    the pixels inside cover the whole area and polygons cut exactly along its edge lose
-    nothing. Nothing scene-sized is made: the area is rasterised one window at a time.
-    GEOS prepared geometries are not thread-safe, so :meth:`touches` (prepared, fast)
-    belongs to one thread, the one iterating :class:`BlockReader`, and :meth:`pixels`
-    works on a copy of the area per thread.
-    """
-
-    def __init__(self, geometry: Any, transform: Affine) -> None:
-        """Keep the area.
-
-        Args:
-            geometry: The area, a shapely (multi)polygon in the scene CRS (empty: it touches nothing).
-            transform: The scene's pixel-to-CRS transform.
-        """
-        self.transform = transform
-        self._wkb = shapely.to_wkb(geometry)
-        self._prepared = self.geometry()
-        shapely.prepare(self._prepared)
-        self._local = threading.local()
-
-    def geometry(self) -> Any:
-        """A new copy of the area (the caller's own: prepare it freely)."""
-        return shapely.from_wkb(self._wkb)
-
-    def footprint(self, window: Window) -> Any:
-        """The window's pixels as a polygon in the scene CRS (any transform, rotated too)."""
-        c0, r0 = float(window.col_off), float(window.row_off)
-        c1, r1 = c0 + float(window.width), r0 + float(window.height)
-        return shapely.Polygon([self.transform @ xy for xy in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))])
-
-    def touches(self, window: Window) -> bool:
-        """Whether the area meets the window at all (a quick test; :meth:`pixels` decides)."""
-        return bool(shapely.intersects(self._prepared, self.footprint(window)))
-
-    def pixels(self, window: Window) -> np.ndarray:
-        """(H, W) bool: the window's pixels the area covers, even partly."""
-        area = getattr(self._local, "area", None)
-        if area is None:
-            area = self._local.area = self.geometry()
-        shape = (int(window.height), int(window.width))
-        # Only the part near the window is handed to GDAL (a large area has many vertices);
-        # one pixel of margin keeps the pixels on the window's edge exact.
-        left, bottom, right, top = self.footprint(window).bounds
-        mx, my = abs(self.transform.a) + abs(self.transform.b), abs(self.transform.d) + abs(self.transform.e)
-        near = shapely.clip_by_rect(area, left - mx, bottom - my, right + mx, top + my)
-        if near.is_empty:
-            return np.zeros(shape, dtype=bool)
-        tf = self.transform @ Affine.translation(float(window.col_off), float(window.row_off))
-        burned = rasterio.features.rasterize([(near, 1)], out_shape=shape, transform=tf, fill=0,
-                                             all_touched=True, dtype="uint8")
-        return burned.astype(bool)
 
 
 @dataclass
