@@ -110,11 +110,20 @@ def assume_crs_option(inputs: str = "scenes") -> Decorator:
     return click.option("--assume-crs", default=None, help=f"CRS for {inputs} that have none, e.g. EPSG:32633.")
 
 
+#: Where a command leaves what an interrupt keeps (click shares ``meta`` among nested contexts).
+KEPT_KEY = "geoseg.kept"
+
+
+def say_kept(text: str) -> None:
+    """What an interrupt of the running command keeps, for the group's one-line message."""
+    click.get_current_context().meta[KEPT_KEY] = text
+
+
 class GeosegGroup(click.Group):
     """A click group that turns GeosegError into a one-line message and exit 1.
 
     Ctrl-C and SIGTERM (see :func:`sigterm_as_interrupt`) exit 130 and 143 with one
-    line that says what was kept: a command sets ``kept`` on the interrupt where
+    line that says what was kept: a command says it with :func:`say_kept` where
     something was (default: nothing was written).
     """
 
@@ -127,7 +136,7 @@ class GeosegGroup(click.Group):
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt as exc:
             terminated = isinstance(exc, Terminated)
-            kept = getattr(exc, "kept", None) or "nothing was written"
+            kept = ctx.meta.get(KEPT_KEY) or "nothing was written"
             click.echo(f"interrupted by {'SIGTERM' if terminated else 'Ctrl-C (SIGINT)'}; {kept}", err=True)
             ctx.exit(EXIT_SIGTERM if terminated else EXIT_SIGINT)
 
@@ -251,15 +260,15 @@ def train_command(
 
     try:
         result = fit(config, resume=resume, progress=progress if main_rank else None, config_file=config_path)
-    except KeyboardInterrupt as exc:  # say what is kept: last.pt of the last finished epoch
+    except KeyboardInterrupt:  # say what is kept: last.pt of the last finished epoch
         from pathlib import Path
 
         from geoseg.engine.records import LAST
 
         last = Path(config.train.out_dir) / LAST
-        exc.kept = (f"kept {last} of epoch {finished[-1]} (continue with --resume {last})" if finished  # type: ignore[attr-defined]
-                    else f"no epoch finished, {resume} is as it was" if resume
-                    else "no epoch finished, no checkpoint was written")
+        say_kept(f"kept {last} of epoch {finished[-1]} (continue with --resume {last})" if finished
+                 else f"no epoch finished, {resume} is as it was" if resume
+                 else "no epoch finished, no checkpoint was written")
         raise
     if main_rank:
         reporter.finish()
@@ -592,8 +601,8 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
     try:
         r = run_quickstart(out_dir, device=device, overwrite=overwrite, epochs=epochs,  # type: ignore[arg-type]
                            progress=say)
-    except KeyboardInterrupt as exc:
-        exc.kept = f"the steps finished so far are kept in {out_dir} (start again with --overwrite)"  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        say_kept(f"the steps finished so far are kept in {out_dir} (start again with --overwrite)")
         raise
     s = r.seconds
     click.echo(r.table)

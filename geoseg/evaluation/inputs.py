@@ -108,7 +108,8 @@ def _transform_bounds(
 ) -> tuple[float, float, float, float]:
     if same_crs(src, dst):
         return bounds
-    return tuple(rasterio.warp.transform_bounds(src, dst, *bounds, densify_pts=21))  # type: ignore
+    left, bottom, right, top = rasterio.warp.transform_bounds(src, dst, *bounds, densify_pts=21)
+    return (left, bottom, right, top)
 
 
 def _check_exists(path: Path, fix: str) -> None:
