@@ -13,12 +13,19 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 import click
 
 from geoseg import __version__
-from geoseg.progress import PROGRESS_FORMATS
+from geoseg.progress import PROGRESS_FORMATS, ProgressFormat
+
+if TYPE_CHECKING:  # for annotations only: these modules load torch
+    from geoseg.encoding import ProbDtype
+    from geoseg.model_export import ExportFormat
+
+#: The values of ``--device`` (the config's ``device``).
+Device = Literal["auto", "cpu", "cuda"]
 
 #: Exit status after Ctrl-C and after SIGTERM: 128 + the signal number, as a shell reports a killed command.
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -175,7 +182,7 @@ def cli(verbose: int) -> None:
 def evaluate_command(
     pred: str, truth: str, aoi: str | None, as_json: bool, panels: str | None,
     image: str | None, iou_threshold: float | None, class_id: int | None,
-    resolution: float | None, assume_crs: str | None, overwrite: bool, progress_format: str,
+    resolution: float | None, assume_crs: str | None, overwrite: bool, progress_format: ProgressFormat,
 ) -> None:
     """Compare predicted rooftops with the truth: pixel and object (SpaceNet) metrics.
 
@@ -191,7 +198,7 @@ def evaluate_command(
         raise click.UsageError("--image is only used with --panels; add --panels panels.png")
     options = {k: v for k, v in (("iou_threshold", iou_threshold), ("class_id", class_id),
                                  ("resolution", resolution)) if v is not None}
-    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
+    reporter = progress_reporter(progress_format)
     result = evaluate_files(pred, truth, aoi=aoi, panels=panels, image=image, assume_crs=assume_crs,
                             overwrite=overwrite, **options,
                             progress=lambda done, total: reporter.update("evaluate", done, total, unit="block"))
@@ -220,7 +227,7 @@ def evaluate_command(
 @progress_option
 def train_command(
     config_path: str | None, data: tuple[str, ...], out_dir: str | None,
-    overrides: tuple[str, ...], resume: str | None, device: str | None, progress_format: str,
+    overrides: tuple[str, ...], resume: str | None, device: str | None, progress_format: ProgressFormat,
 ) -> None:
     """Train a rooftop segmentation model (DeepLabV3+ by default) on labelled scenes.
 
@@ -244,7 +251,7 @@ def train_command(
     data_cfg = dataclasses.replace(config.data, root=tuple(data)) if data else config.data
     config = dataclasses.replace(config, data=data_cfg, train=train_cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
-    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
+    reporter = progress_reporter(progress_format)
     finished: list[int] = []  # epochs whose checkpoints (last.pt among them) are saved
 
     def progress(event: Any) -> None:
@@ -388,12 +395,12 @@ def chip_command(
 @progress_option
 def predict_command(
     scenes: tuple[str, ...], out: str, model_path: str | None, mask_out: str | None,
-    prob_out: str | None, prob_dtype: str, config_path: str | None, batch_size: int | None,
+    prob_out: str | None, prob_dtype: ProbDtype, config_path: str | None, batch_size: int | None,
     overlap: int | None, block_size: int | None, tta: bool | None, threshold: float | None,
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
-    rescale: bool, progress_format: str, aoi: str | None,
+    rescale: bool, progress_format: ProgressFormat, aoi: str | None,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
 
@@ -426,14 +433,14 @@ def predict_command(
                  compile=compile_model, instances=instances, seed_threshold=seed_threshold)
     config = dataclasses.replace(load_config(config_path).predict,
                                  **{k: v for k, v in flags.items() if v is not None})
-    reporter = progress_reporter(progress_format)  # type: ignore[arg-type]
+    reporter = progress_reporter(progress_format)
 
     def progress(name: str, done: int, total: int) -> None:
         reporter.update("predict", done, total, label=name, unit="chip", scene=name)
 
     summary = predict(
         scenes, out=out, config=config, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
-        prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,  # type: ignore[arg-type]
+        prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,
         rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress, aoi=aoi,
     )
     reporter.finish()
@@ -558,7 +565,7 @@ def _echo_training(result: Any) -> None:
               help="Quantise the ONNX model to int8, calibrated on chips spread over these scenes "
                    "(files, folders or globs; repeatable): what --precision int8 does at each predict, once.")
 @overwrite_option("Replace an existing --out.")
-def export_model_command(checkpoint: str, out: str, export_format: str, int8: tuple[str, ...],
+def export_model_command(checkpoint: str, out: str, export_format: ExportFormat, int8: tuple[str, ...],
                          overwrite: bool) -> None:
     """Export the model of checkpoint CKPT to ONNX (or TorchScript), its self-description inside.
 
@@ -569,7 +576,7 @@ def export_model_command(checkpoint: str, out: str, export_format: str, int8: tu
     """
     from geoseg.model_export import export_model
 
-    result = export_model(checkpoint, out=out, format=export_format, overwrite=overwrite,  # type: ignore[arg-type]
+    result = export_model(checkpoint, out=out, format=export_format, overwrite=overwrite,
                           int8=list(int8) if int8 else None)
     m = result.meta
     kind = f"{result.format}, int8" if int8 else result.format
@@ -586,7 +593,7 @@ def export_model_command(checkpoint: str, out: str, export_format: str, int8: tu
 @device_option("Where to train and predict.", default="auto")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Training epochs [default: train.epochs of configs/quickstart.yaml].")
-def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int | None) -> None:
+def quickstart_command(out_dir: str, overwrite: bool, device: Device, epochs: int | None) -> None:
     """Generate scenes, train a small model, find the roofs of an unseen scene, evaluate them.
 
     A few minutes on a laptop CPU. Writes roofs.gpkg, mask.tif, preview.png and
@@ -599,7 +606,7 @@ def quickstart_command(out_dir: str, overwrite: bool, device: str, epochs: int |
         click.echo(f"... {message}", err=True)
 
     try:
-        r = run_quickstart(out_dir, device=device, overwrite=overwrite, epochs=epochs,  # type: ignore[arg-type]
+        r = run_quickstart(out_dir, device=device, overwrite=overwrite, epochs=epochs,
                            progress=say)
     except KeyboardInterrupt:
         say_kept(f"the steps finished so far are kept in {out_dir} (start again with --overwrite)")
