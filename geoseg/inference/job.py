@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from geoseg.config import PredictConfig
 from geoseg.encoding import ProbDtype
@@ -27,6 +27,11 @@ from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
     PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from geoseg.checkpoints import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +154,7 @@ def predict_inputs(
     return [*(("scene", s) for s in scenes), ("checkpoint", model), ("config file", config_file), ("AOI", aoi)]
 
 
-def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[object, object]:
+def load_model(model_path: str | os.PathLike[str] | None, *, device: str = "cpu") -> tuple[nn.Module, CheckpointMeta]:
     """Load a checkpoint (default ``saved_models/best_iou.pt``), or an exported ``.onnx`` model.
 
     Raises:
@@ -217,7 +222,7 @@ def check_outputs(
 
 
 def check_scenes(
-    scenes: Sequence[Path], meta: object, *, bands: Sequence[int] | None, assume_crs: str | None,
+    scenes: Sequence[Path], meta: CheckpointMeta, *, bands: Sequence[int] | None, assume_crs: str | None,
     rescale: bool, aoi: Any = None,
 ) -> CheckedScenes:
     """Open every scene and check its bands (and, without ``rescale``, its values) against the model.
@@ -234,9 +239,9 @@ def check_scenes(
         info = open_scene(path, assume_crs=assume_crs)
         infos.append(info)
         crs = info.crs if crs is None else crs
-        chosen.append(scene_bands(info, meta, bands))  # type: ignore[arg-type]
+        chosen.append(scene_bands(info, meta, bands))
         if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
-            check_value_range(info, meta, chosen[-1])  # type: ignore[arg-type]
+            check_value_range(info, meta, chosen[-1])
         touched = aoi is None or area_on_scene(aoi, info) is not None
         sizes.append(info.width * info.height if touched else 0)
     if aoi is not None and not any(sizes):
@@ -365,7 +370,7 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
 
 def _int8_model(model_path: str | os.PathLike[str] | None, scenes: Sequence[Path],
                 bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack, *, rescale: bool,
-                assume_crs: str | None, meta: Any) -> tuple[object, object]:
+                assume_crs: str | None, meta: CheckpointMeta) -> tuple[nn.Module, CheckpointMeta]:
     """The run's model quantised to int8, calibrated on its scenes, in a scratch folder removed after the run.
 
     With ``rescale``, each scene's chips are normalised as prediction will normalise them:
@@ -416,8 +421,8 @@ class _Run:
     out: Path  # the checked polygon output
     shard: Shard
     mine: list[int]  # indices of this rank's scenes
-    model: object
-    meta: object
+    model: nn.Module
+    meta: CheckpointMeta
     bands: tuple[Sequence[int], ...]
     options: dict[str, Any]  # predict_scene's keywords
     overwrite: bool
@@ -430,7 +435,7 @@ class _Run:
         """Rank 0 makes the temporary folder every rank writes its partial layers into."""
         return pub.folder(self.out.parent, name="partials", output=self.out) if self.shard.rank == 0 else None
 
-    def predict_share(self, pub: Publication) -> list[object]:
+    def predict_share(self, pub: Publication) -> list[Any]:
         """Predict this process's scenes; under torchrun, leave their polygons in partial layers."""
         own_rasters = [p for i in self.mine for p in (self.plan.masks[i], self.plan.probs[i]) if p is not None]
         # Raster outputs stay at temporary paths until the polygons are written too.
@@ -439,7 +444,7 @@ class _Run:
         for i in self.mine:
             mpath, ppath = self.plan.masks[i], self.plan.probs[i]
             res = predict_scene(
-                self.scenes[i], self.model, self.meta,  # type: ignore[arg-type]
+                self.scenes[i], self.model, self.meta,
                 mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
                 polygons=True, bands=self.bands[i], scene_name=self.names[i], temp_dir=temp_dir,
                 progress=self._scene_progress(self.names[i]), overwrite=True,
@@ -449,7 +454,8 @@ class _Run:
             self.results.append(res)
         frames = [r.polygons for r in self.results]
         if self.shard.active:
-            write_partials(list(zip(self.mine, frames)), self.partials)  # type: ignore[arg-type]
+            assert self.partials is not None  # made by rank 0 in partials_folder, shared by every rank
+            write_partials(list(zip(self.mine, frames)), self.partials)
         return frames
 
     def _scene_progress(self, name: str) -> Callable[[int, int], None] | None:
@@ -458,7 +464,7 @@ class _Run:
         report = self.progress
         return lambda done, total: report(name, done, total)
 
-    def merge(self, pub: Publication, frames: list[object]) -> int | None:
+    def merge(self, pub: Publication, frames: list[Any]) -> int | None:
         """Rank 0 (or the only process) writes the one layer; under torchrun from every rank's partials."""
         from geoseg.export import write_polygons
 
@@ -468,9 +474,10 @@ class _Run:
             self.spool.write(self.out, overwrite=self.overwrite, publication=pub)
             return self.spool.count
         if self.shard.active:
-            frames = read_partials(self.partials, range(len(self.scenes)))  # type: ignore[arg-type]
+            assert self.partials is not None  # made by rank 0 in partials_folder
+            frames = read_partials(self.partials, range(len(self.scenes)))
         write_polygons(frames, self.out, overwrite=self.overwrite, publication=pub)
-        return sum(len(f) for f in frames)  # type: ignore[arg-type]
+        return sum(len(f) for f in frames)
 
     def draw_previews(self, pub: Publication) -> list[Path]:
         """The preview of each of this process's scenes, published with the other outputs."""
