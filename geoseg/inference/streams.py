@@ -20,7 +20,7 @@ from rasterio.windows import Window
 from geoseg.encoding import stored_to_probability
 from geoseg.inference.outputs import RasterSink
 from geoseg.inference.runtime import release_free_heap
-from geoseg.raster_io import read_window
+from geoseg.raster_io import read_window, remote_env
 from geoseg.tiling import Block
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class BlockReader:
     """Read block extents in worker threads (one dataset handle per thread), in order, ahead of use."""
 
     def __init__(
-        self, path: Path, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool
+        self, path: Path | str, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool
     ) -> None:
         self.path, self.bands, self.pin = path, list(bands), pin
         self.prefetch = max(1, prefetch)
@@ -69,8 +69,11 @@ class BlockReader:
 
     def _read(self, block: Block) -> BlockData:
         t0 = time.perf_counter()
-        src = self._src()
-        data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+        # A remote scene is opened and read under its GDAL settings in this thread too: rasterio's
+        # environment (and GDAL's options outside the main thread) are per thread.
+        with remote_env(self.path):
+            src = self._src()
+            data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
         r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
         chip_ok = []
         for chip in block.chips:
