@@ -21,10 +21,10 @@ from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
 from geoseg.inference.pipeline import PredictionResult, predict_scene
-from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
+from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, find_scenes, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
-    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
+    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths, source_stem,
 )
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,16 @@ class CheckedScenes:
     crs: Any
 
 
-def scene_names(scenes: Sequence[Path]) -> list[str]:
+def scene_names(scenes: Sequence[Path | str], given: Sequence[str | None] | None = None) -> list[str]:
     """Each scene's name (its ``scene`` attribute, and its name in per-scene outputs), unique in the run.
 
-    The file stem; scenes that share a stem are named by their path from the folder
-    they have in common, without the extension (``a/s`` and ``b/s``), or with it where
+    The name in ``given`` (a STAC Item's id), else the file stem (a URL's: of its last path
+    component, without the query string); scenes that share a name are named by their path from
+    the folder they have in common, without the extension (``a/s`` and ``b/s``), or with it where
     that is all that tells them apart (``s.tif`` and ``s.tiff``).
     """
-    names = [s.stem for s in scenes]
+    given = [None] * len(scenes) if given is None else given
+    names = [g if g is not None else source_stem(s) for s, g in zip(scenes, given)]
     by_stem: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         by_stem.setdefault(name, []).append(i)
@@ -259,11 +261,13 @@ def predict(
     config_file: str | os.PathLike[str] | None = None,
     keep_polygons: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    asset: str | None = None,
 ) -> PredictSummary:
     """``geoseg predict``: scenes in, all their polygons in one layer (and rasters and previews if asked).
 
     Args:
-        scenes: Files, folders or globs.
+        scenes: Files, folders, globs, URLs or GDAL network paths (``https://``, ``s3://``,
+            ``/vsicurl/...``: only the windows read travel), STAC Items or ItemCollections (``.json``).
         out: Polygon output (.gpkg, .geojson, .fgb, .shp).
         config: How to predict and vectorise (default: ``PredictConfig()``, the defaults of
             ``geoseg predict``).
@@ -286,6 +290,7 @@ def predict(
             (``export.PolygonSpool``) and ``results[i].polygons`` is None (``polygon_count``
             holds the count).
         progress: Called with (scene name, chips done, chips total).
+        asset: The asset of every STAC Item to predict (default: ``visual``, else its first RGB GeoTIFF).
 
     Returns:
         What was written.
@@ -298,8 +303,9 @@ def predict(
         GeosegError: Any bad input, before anything is written.
     """
     config = PredictConfig() if config is None else config
-    scene_paths = resolve_scenes(scenes)
-    names = scene_names(scene_paths)
+    found = find_scenes(scenes, asset=asset)
+    scene_paths = [s.source for s in found]
+    names = scene_names(scene_paths, [s.name for s in found])
     plan = plan_outputs(scene_paths, names, out=out, mask_out=mask_out, prob_out=prob_out, preview=preview)
     out_path = check_outputs(plan, predict_inputs(scene_paths, model_path=model_path, config_file=config_file),
                              overwrite=overwrite)
