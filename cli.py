@@ -382,6 +382,9 @@ def chip_command(
 @click.option("--preview", default=None, metavar="PATH",
               help="Also draw the scene (downsampled) with its polygons into a PNG. Several scenes: "
                    "a folder (gets SCENE_preview.png files) or a template with {scene}.")
+@click.option("--asset", default=None, metavar="NAME",
+              help="With STAC items as SCENE: the asset (key) of each item to predict [default: 'visual', "
+                   "else the first RGB GeoTIFF].")
 @compile_option("torch.compile the model: slower start (about 30 s), faster chips [default: on a "
                 "CPU for scenes of 2000 chips or more].", negatable=True)
 @click.option("--instances/--no-instances", default=None,
@@ -400,10 +403,13 @@ def predict_command(
     min_area: float | None, simplify: float | None, regularize: bool | None, device: str | None,
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
-    rescale: bool, progress_format: ProgressFormat, aoi: str | None,
+    rescale: bool, progress_format: ProgressFormat, aoi: str | None, asset: str | None,
 ) -> None:
-    """Find rooftops in SCENE(s) (files, folders or globs) and write polygons to --out.
+    """Find rooftops in SCENE(s) (files, folders, globs, URLs or STAC items) and write polygons to --out.
 
+    A SCENE may also be remote: a URL (https://..., s3://..., gs://...) or a GDAL path
+    (/vsicurl/..., /vsis3/...), of which only the windows needed are read, or a STAC
+    item or item collection (.json file or URL), whose --asset is predicted for each item.
     All scenes go into one layer with a 'scene' attribute (reprojected to the
     first scene's CRS if they differ). Nothing is written unless the whole run
     succeeds. Under torchrun (torchrun --nproc_per_node N -m geoseg predict ...)
@@ -417,7 +423,7 @@ def predict_command(
     from geoseg.progress import progress_reporter
 
     # Missing scenes or checkpoint are answered before torch and the model stack are imported.
-    resolve_scenes(scenes)
+    resolve_scenes(scenes, asset=asset)
     check_model_path(model_path)
     from geoseg.inference.job import predict
 
@@ -442,6 +448,7 @@ def predict_command(
         scenes, out=out, config=config, model_path=model_path, mask_out=mask_out, prob_out=prob_out,
         prob_dtype=prob_dtype, preview=preview, bands=band_list, assume_crs=assume_crs,
         rescale=rescale, overwrite=overwrite, config_file=config_path, progress=progress, aoi=aoi,
+        asset=asset,
     )
     reporter.finish()
     for res in summary.results:

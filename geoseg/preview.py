@@ -12,7 +12,7 @@ import numpy as np
 
 from geoseg.errors import ConfigError
 from geoseg.publish import Publication, atomic_output
-from geoseg.raster_io import check_not_inputs, check_output, per_scene_paths
+from geoseg.raster_io import as_source, check_not_inputs, check_output, per_scene_paths, source_stem
 
 if TYPE_CHECKING:
     import geopandas
@@ -102,7 +102,7 @@ def preview_paths(
     Raises:
         OutputError: One ``.png`` file for several scenes.
     """
-    names = [Path(s).stem for s in scenes] if names is None else list(names)
+    names = [source_stem(s) for s in scenes] if names is None else list(names)
     return per_scene_paths(spec, names, kind="preview", extensions=(".png",),
                            what="preview file", template="{scene}")
 
@@ -237,7 +237,7 @@ def write_preview(
 
     from geoseg.plots import DPI, ROOF_COLOUR
 
-    scene = Path(scene_path)
+    scene = as_source(scene_path)  # a URL stays text
     polygon_file = polygons if isinstance(polygons, (str, os.PathLike)) else None
     check_not_inputs([("--preview", out_png)], [("scene", scene), ("polygon file", polygon_file)])
     out = check_output(out_png, overwrite=overwrite)
@@ -284,7 +284,7 @@ def write_preview(
     ax.set_xlabel(xlabel, fontsize=LABEL_FONTSIZE)
     ax.set_ylabel(ylabel, fontsize=LABEL_FONTSIZE)
     noun = "polygon" if count == 1 else "polygons"
-    ax.set_title(title if title is not None else f"{scene.stem}: {count} {noun} ({_crs_label(crs)})",
+    ax.set_title(title if title is not None else f"{source_stem(scene)}: {count} {noun} ({_crs_label(crs)})",
                  fontsize=TITLE_FONTSIZE)
     with atomic_output(out, overwrite=overwrite, publication=publication) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)

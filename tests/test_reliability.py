@@ -419,16 +419,6 @@ def remote(url: str) -> str:
     return f"{url}: remote inputs (URLs) are not read yet; download the file and pass its local path"
 
 
-@pytest.mark.parametrize("url", [
-    "http://127.0.0.1:8765/s.tif", "https://example.com/data/s.tif", "s3://bucket/s.tif",
-    "/vsicurl/https://example.com/s.tif", "/vsizip//vsis3/bucket/scenes.zip/s.tif",
-])
-def test_predict_a_url_scene_says_urls_are_not_read_yet_with_the_url_intact(here, url):
-    """Nothing is requested: the message comes before any read (no server listens on port 8765)."""
-    refused(run("predict", url, "--out", "o.gpkg"), remote(url))
-    assert snapshot(here) == {}
-
-
 def test_every_command_refuses_a_url_input_with_the_url_intact(here, training_data):
     """Scenes, labels, checkpoints, AOIs, evaluation inputs, data folders, wherever they are given."""
     scene("s.tif")

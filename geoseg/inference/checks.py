@@ -7,11 +7,10 @@ import dataclasses
 import functools
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from geoseg.errors import CheckpointError, file_error
-from geoseg.raster_io import SceneInfo
+from geoseg.raster_io import SceneInfo, source_key
 
 if TYPE_CHECKING:
     from geoseg.checkpoints import CheckpointMeta
@@ -145,8 +144,8 @@ def scene_value_range(
 ) -> tuple[tuple[float, float], ...] | None:
     """``augment.value_range`` of one scene (a decimated read), remembered while the file is unchanged:
     ``predict_files`` checks every scene before any work, ``predict_scene`` checks again."""
-    st = os.stat(path)
-    return _sampled_range(str(Path(path).resolve()), tuple(int(b) for b in bands), (st.st_mtime_ns, st.st_size))
+    key, stamp = source_key(path)
+    return _sampled_range(key, tuple(int(b) for b in bands), stamp)
 
 
 def _num(value: float) -> str:

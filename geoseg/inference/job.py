@@ -22,10 +22,10 @@ from geoseg.inference.distributed import (
 )
 from geoseg.inference.aoi import area_on_scene, area_outside_error, read_area
 from geoseg.inference.pipeline import PredictionResult, predict_scene
-from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, resolve_scenes  # noqa: F401
+from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, find_scenes, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
-    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
+    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths, source_stem,
 )
 
 if TYPE_CHECKING:
@@ -97,14 +97,16 @@ class CheckedScenes:
     crs: Any
 
 
-def scene_names(scenes: Sequence[Path]) -> list[str]:
+def scene_names(scenes: Sequence[Path | str], given: Sequence[str | None] | None = None) -> list[str]:
     """Each scene's name (its ``scene`` attribute, and its name in per-scene outputs), unique in the run.
 
-    The file stem; scenes that share a stem are named by their path from the folder
-    they have in common, without the extension (``a/s`` and ``b/s``), or with it where
+    The name in ``given`` (a STAC Item's id), else the file stem (a URL's: of its last path
+    component, without the query string); scenes that share a name are named by their path from
+    the folder they have in common, without the extension (``a/s`` and ``b/s``), or with it where
     that is all that tells them apart (``s.tif`` and ``s.tiff``).
     """
-    names = [s.stem for s in scenes]
+    given = [None] * len(scenes) if given is None else given
+    names = [g if g is not None else source_stem(s) for s, g in zip(scenes, given)]
     by_stem: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         by_stem.setdefault(name, []).append(i)
@@ -277,11 +279,13 @@ def predict(
     keep_polygons: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
     aoi: str | os.PathLike[str] | None = None,
+    asset: str | None = None,
 ) -> PredictSummary:
     """``geoseg predict``: scenes in, all their polygons in one layer (and rasters and previews if asked).
 
     Args:
-        scenes: Files, folders or globs.
+        scenes: Files, folders, globs, URLs or GDAL network paths (``https://``, ``s3://``,
+            ``/vsicurl/...``: only the windows read travel), STAC Items or ItemCollections (``.json``).
         out: Polygon output (.gpkg, .geojson, .fgb, .shp).
         config: How to predict and vectorise (default: ``PredictConfig()``, the defaults of
             ``geoseg predict``).
@@ -307,6 +311,7 @@ def predict(
         aoi: Area of interest, a polygon file in any CRS: each scene predicts only there
             (``predict_scene``'s ``aoi``); a scene it does not touch is skipped with a
             warning (its part of the layer is empty, its rasters all nodata).
+        asset: The asset of every STAC Item to predict (default: ``visual``, else its first RGB GeoTIFF).
 
     Returns:
         What was written.
@@ -320,8 +325,9 @@ def predict(
             file, or that touches none of the scenes, too).
     """
     config = PredictConfig() if config is None else config
-    scene_paths = resolve_scenes(scenes)
-    names = scene_names(scene_paths)
+    found = find_scenes(scenes, asset=asset)
+    scene_paths = [s.source for s in found]
+    names = scene_names(scene_paths, [s.name for s in found])
     plan = plan_outputs(scene_paths, names, out=out, mask_out=mask_out, prob_out=prob_out, preview=preview)
     out_path = check_outputs(
         plan, predict_inputs(scene_paths, model_path=model_path, config_file=config_file, aoi=aoi),

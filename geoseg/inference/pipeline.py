@@ -44,6 +44,7 @@ from geoseg.inference.batching import BlockWork
 from geoseg.inference.streams import BlockReader, CoreWriter
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
+from geoseg.raster_io import as_source, source_stem
 from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid
 from geoseg.vector_io import VectorLayer
@@ -240,7 +241,7 @@ def predict_scene(
     """
     t_start = time.perf_counter()
     keep_heap_flat()
-    scene_path = Path(scene_path)
+    scene_path = as_source(scene_path)  # a URL stays text
     info = open_scene(scene_path, assume_crs=assume_crs)
     area = None
     if aoi is not None:
@@ -292,7 +293,7 @@ def predict_scene(
             batch_size=batch_size, overlap=overlap, block=block, tta=tta, threshold=threshold,
             dev=dev, dtype=dtype, prob_dtype=prob_dtype if prob_out else "uint8", min_area=min_area,
             simplify=simplify, regularize=regularize,
-            scene_name=scene_name or scene_path.stem, threads=threads, read_workers=read_workers,
+            scene_name=scene_name or source_stem(scene_path), threads=threads, read_workers=read_workers,
             compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
             min_seed_area=min_seed_area, polygon_sink=polygon_sink, area=area,
         )

@@ -20,7 +20,7 @@ from rasterio.windows import Window
 from geoseg.encoding import stored_to_probability
 from geoseg.inference.outputs import RasterSink
 from geoseg.inference.runtime import release_free_heap
-from geoseg.raster_io import read_window
+from geoseg.raster_io import read_window, remote_env
 from geoseg.tiling import Block
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class BlockReader:
     """
 
     def __init__(
-        self, path: Path, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool,
+        self, path: Path | str, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool,
         aoi: AoiPixels | None = None,
     ) -> None:
         self.path, self.bands, self.pin, self.aoi = path, list(bands), pin, aoi
@@ -78,8 +78,11 @@ class BlockReader:
         inside = self.aoi.pixels(block.extent) if self.aoi is not None else None
         if inside is not None and not inside.any():
             return self._outside(block)
-        src = self._src()
-        data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+        # A remote scene is opened and read under its GDAL settings in this thread too: rasterio's
+        # environment (and GDAL's options outside the main thread) are per thread.
+        with remote_env(self.path):
+            src = self._src()
+            data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
         keep = valid if inside is None else valid & inside  # where chips have something to predict
         r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
         chip_ok = []
