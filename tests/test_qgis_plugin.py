@@ -35,6 +35,7 @@ import rasterio
 import shapely
 from click.testing import CliRunner
 from PIL import Image
+from shapely.geometry import box
 
 import cli
 import geoseg
@@ -101,7 +102,13 @@ def scenes(tmp_path_factory) -> dict[str, Path]:
     nocrs = write_scene(folder / "nocrs.tif", draw_rectangles(100, 120, []), crs=None)
     empty = folder / "empty"
     empty.mkdir()
-    return {"tiny": tiny.image, "roofs": tiny.roofs, "big": big, "nocrs": nocrs, "empty": empty}
+    # An area of interest over part of the tiny scene, in another CRS (EPSG:4326) than the scene's.
+    with rasterio.open(tiny.image) as src:
+        left, bottom, right, top = src.bounds
+    part = box(left + 10, bottom + 12, (left + right) / 2, top - 8)
+    aoi = folder / "aoi.gpkg"
+    gpd.GeoDataFrame(geometry=[part], crs="EPSG:32633").to_crs("EPSG:4326").to_file(aoi)
+    return {"tiny": tiny.image, "roofs": tiny.roofs, "big": big, "nocrs": nocrs, "empty": empty, "aoi": aoi}
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +264,12 @@ QGIS_SCRIPT = textwrap.dedent(
         return path
 
 
+    # Find rooftops inside an area of interest (an ogr layer of a GeoPackage).
+    find_aoi = folder("find_aoi")
+    record["find_aoi"] = run("geoseg:findrooftops", {
+        "INPUT": plan["tiny"], "MODEL": plan["model"], **plan["find_options"],
+        "AOI": QgsVectorLayer(plan["aoi"], "aoi", "ogr"), "OUTPUT": os.path.join(find_aoi, "roofs.gpkg")})
+
     # Find rooftops, loaded into the project with its styles.
     find = folder("find")
     record["find"] = run("geoseg:findrooftops", {
@@ -380,10 +393,11 @@ def test_provider_lists_its_algorithms_and_parameters(session):
     # [name, type, optional, advanced, default]
     assert algs["geoseg:findrooftops"]["parameters"] == [
         ["INPUT", "raster", False, False, None], ["MODEL", "file", False, False, None],
-        ["THRESHOLD", "number", True, False, None], ["MIN_AREA", "number", True, False, None],
+        ["AOI", "vector", True, False, None], ["THRESHOLD", "number", True, False, None], ["MIN_AREA", "number", True, False, None],
         ["SIMPLIFY", "number", True, False, None], ["REGULARIZE", "boolean", False, False, False],
         ["TTA", "boolean", False, False, False], ["OVERLAP", "number", True, True, None],
-        ["DEVICE", "enum", False, True, 0], ["OUTPUT", "vectorDestination", False, False, None],
+        ["DEVICE", "enum", False, True, 0], ["PRECISION", "enum", False, True, 0],
+        ["OUTPUT", "vectorDestination", False, False, None],
         ["MASK", "rasterDestination", True, False, None], ["PROBABILITY", "rasterDestination", True, False, None]]
     assert algs["geoseg:findrooftops"]["outputs"] == [
         ["OUTPUT", "outputVector"], ["MASK", "outputRaster"], ["PROBABILITY", "outputRaster"],
@@ -424,6 +438,23 @@ def test_find_rooftops_writes_what_geoseg_predict_writes(session, cli_prediction
     assert find["progress"] and find["progress"][-1] == 100.0 and find["progress"] == sorted(find["progress"])
     assert find["alive"] is False
     assert ["info", "predict tiny: 6 chips"] in find["log"]
+
+
+def test_find_rooftops_in_an_area_of_interest_is_geoseg_predict_with_aoi(session, checkpoint, scenes, tmp_path):
+    find = session["find_aoi"]
+    assert "error" not in find, find
+    out = session["work"] / "find_aoi"
+    assert _command(find) == [sys.executable, "-m", "geoseg", "predict", str(scenes["tiny"]), "--model",
+                              str(checkpoint), "--out", str(out / "roofs.gpkg"), *CLI_OPTIONS, "--aoi",
+                              str(scenes["aoi"]), "--overwrite", "--progress", "json"]
+    result = CliRunner().invoke(cli.cli, ["predict", str(scenes["tiny"]), "--model", str(checkpoint), "--out",
+                                          str(tmp_path / "roofs.gpkg"), *CLI_OPTIONS, "--aoi", str(scenes["aoi"])])
+    assert result.exit_code == 0, result.output
+    whole = gpd.read_file(session["work"] / "find" / "roofs.gpkg", layer="rooftops")
+    inside = gpd.read_file(out / "roofs.gpkg", layer="rooftops")
+    assert 0 < len(inside) < len(whole)  # the area holds some of the scene's roofs, not all
+    assert [g.wkb for g in inside.geometry] == [g.wkb for g in gpd.read_file(tmp_path / "roofs.gpkg",
+                                                                             layer="rooftops").geometry]
 
 
 def test_results_load_with_geosegs_styles(session, scenes):

@@ -17,11 +17,14 @@ from qgis.core import (
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
 )
 
 from .algorithm import DEVICES, RASTER_EXTENSIONS, VECTOR_EXTENSIONS, GeosegAlgorithm, advanced, number_text
 from .layers import MaskStyler, RooftopsStyler, layer_file, style_on_load
 
+#: geoseg predict's --precision values offered (auto first: geoseg's default).
+PRECISIONS = ("auto", "32", "bf16", "int8")
 #: geoseg predict's last line: "wrote N polygons to PATH".
 _WROTE = re.compile(r"^wrote (\d+) polygons to ")
 
@@ -31,6 +34,7 @@ class FindRooftops(GeosegAlgorithm):
 
     INPUT, MODEL, THRESHOLD, MIN_AREA, SIMPLIFY = "INPUT", "MODEL", "THRESHOLD", "MIN_AREA", "SIMPLIFY"
     REGULARIZE, TTA, OVERLAP, DEVICE = "REGULARIZE", "TTA", "OVERLAP", "DEVICE"
+    AOI, PRECISION = "AOI", "PRECISION"
     OUTPUT, MASK, PROBABILITY, ROOFTOPS = "OUTPUT", "MASK", "PROBABILITY", "ROOFTOPS"
 
     def name(self) -> str:
@@ -52,6 +56,9 @@ class FindRooftops(GeosegAlgorithm):
         self.addParameter(QgsProcessingParameterFile(
             self.MODEL, "Model checkpoint (geoseg train's best_iou.pt)", QgsProcessingParameterFile.File,
             fileFilter="geoseg checkpoints (*.pt);;All files (*.*)"))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.AOI, "Area of interest (predict only inside it; empty: the whole scene)",
+            [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.THRESHOLD, "Rooftop probability threshold (empty: geoseg's default, 0.5)",
             QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=1.0))
@@ -70,6 +77,9 @@ class FindRooftops(GeosegAlgorithm):
             QgsProcessingParameterNumber.Integer, optional=True, minValue=0)))
         self.addParameter(advanced(QgsProcessingParameterEnum(
             self.DEVICE, "Device (auto: a GPU when the environment has one)", options=DEVICES, defaultValue=0)))
+        self.addParameter(advanced(QgsProcessingParameterEnum(
+            self.PRECISION, "Precision (auto: bf16 where the CPU/GPU has it; int8: quantised, CPU only)",
+            options=PRECISIONS, defaultValue=0)))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT, "Rooftops", QgsProcessing.TypeVectorPolygon))
         self.addParameter(QgsProcessingParameterRasterDestination(
@@ -99,6 +109,12 @@ class FindRooftops(GeosegAlgorithm):
         if self.parameterAsBool(parameters, self.TTA, context):
             args.append("--tta")
         args += ["--device", DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]]
+        precision = PRECISIONS[self.parameterAsEnum(parameters, self.PRECISION, context)]
+        if precision != "auto":
+            args += ["--precision", precision]
+        aoi = self.parameterAsVectorLayer(parameters, self.AOI, context) if self.is_set(parameters, self.AOI) else None
+        if aoi is not None:
+            args += ["--aoi", layer_file(aoi)]
         if mask:
             args += ["--mask-out", mask]
         if prob:
