@@ -114,6 +114,15 @@ def chip_grid(
     return [Chip(Window(c, r, size, size), pad_r, pad_b) for r in rows for c in cols]
 
 
+def chips_about(pixels: int, chip: int, overlap: int | None = None) -> int:
+    """About how many chips of ``chip`` px (``overlap``, default a quarter) cover ``pixels`` pixels.
+
+    For decisions that need a run's size before its grids exist (``geoseg.devices.wants_int8``).
+    """
+    stride = max(1, int(chip) - (int(chip) // 4 if overlap is None else int(overlap)))
+    return -(-int(pixels) // (stride * stride))
+
+
 def random_chips(
     width: int,
     height: int,

@@ -160,12 +160,12 @@ def _int8_for(precision: str, device: str, scene: str | os.PathLike[str], meta: 
     """Whether predicting ``scene`` in ``precision`` runs an int8 model (``geoseg.devices.wants_int8``)."""
     from geoseg.devices import resolve_device, wants_int8
     from geoseg.raster_io import open_scene
-    from geoseg.tiling import chip_grid
+    from geoseg.tiling import chips_about
 
     if precision not in ("int8", "auto"):
         return False
-    info, chip = open_scene(scene), int(meta.chip_size)
-    chips = len(chip_grid(info.width, info.height, size=chip, stride=chip - chip // 4))
+    info = open_scene(scene)
+    chips = chips_about(info.width * info.height, int(meta.chip_size))
     return wants_int8(precision, resolve_device(device, setting="device"), chips)
 
 

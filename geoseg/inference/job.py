@@ -346,8 +346,8 @@ def predict(
     with contextlib.ExitStack() as scratch:
         if _int8_run(config, options["device"], model, meta, checked.sizes):
             # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.
-            model, meta = _int8_model(model_path, scene_paths, list(checked.bands), scratch,
-                                      rescale=rescale, assume_crs=assume_crs, meta=meta)
+            model, meta = _int8_model(model, meta, scene_paths, list(checked.bands), scratch,
+                                      rescale=rescale, assume_crs=assume_crs)
             options["precision"] = "32"  # the int8 graph runs in its own precision
         run = _Run(
             scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
@@ -363,21 +363,21 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
     for by name (``auto`` runs an exported model as it was exported).
     """
     from geoseg.devices import resolve_device, wants_int8
+    from geoseg.tiling import chips_about
 
     if getattr(model, "precision", None) == "int8" or config.precision not in ("int8", "auto"):
         return False
     if getattr(model, "runs_own_precision", False) and config.precision == "auto":
         return False
-    stride = max(1, int(meta.chip_size) - (config.overlap if config.overlap is not None
-                                           else int(meta.chip_size) // 4))
-    chips = sum(-(-int(n) // (stride * stride)) for n in sizes)
+    chips = sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
     return wants_int8(config.precision, resolve_device(device, setting="device"), chips)
 
 
-def _int8_model(model_path: str | os.PathLike[str] | None, scenes: Sequence[Path],
+def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],
                 bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack, *, rescale: bool,
-                assume_crs: str | None, meta: CheckpointMeta) -> tuple[nn.Module, CheckpointMeta]:
-    """The run's model quantised to int8, calibrated on its scenes, in a scratch folder removed after the run.
+                assume_crs: str | None) -> tuple[nn.Module, CheckpointMeta]:
+    """The run's (already loaded) model quantised to int8, calibrated on its scenes, in a scratch folder
+    removed after the run.
 
     With ``rescale``, each scene's chips are normalised as prediction will normalise them:
     with its value map folded in.
@@ -393,7 +393,7 @@ def _int8_model(model_path: str | os.PathLike[str] | None, scenes: Sequence[Path
             mapped = value_map.applied_to(meta) if value_map is not None else meta
             normalisations.append((mapped.mean, mapped.std))
     folder = scratch.enter_context(temporary_folder(name="int8"))
-    return int8_model(check_model_path(model_path), scenes, folder, bands=bands, normalisations=normalisations)
+    return int8_model((model, meta), scenes, folder, bands=bands, normalisations=normalisations)
 
 
 def _publish(run: "_Run", shard: Shard, plan: OutputPlan, *, keep_polygons: bool, crs: Any,
