@@ -374,6 +374,10 @@ def chip_command(
                   "calibrated on chips of the scenes (CPU) [default: auto].", choices=PREDICT_PRECISIONS)
 @click.option("--bands", default=None, metavar="B1,B2,...",
               help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
+@click.option("--resolution", "resolution", default=None, metavar="auto|native|METRES",
+              help="Ground metres per pixel the model reads each scene at: auto (the checkpoint's, when the "
+                   "scene's differs by more than 5%), native (as it is) or metres. The scene is read "
+                   "resampled block by block; rasters are written on the scene's own grid [default: auto].")
 @assume_crs_option()
 @click.option("--rescale", is_flag=True,
               help="Map each band of a scene linearly onto the value range the model learned (its 1st-99th "
@@ -404,6 +408,7 @@ def predict_command(
     precision: str | None, bands: str | None, assume_crs: str | None, preview: str | None,
     compile_model: bool | None, instances: bool | None, seed_threshold: float | None, overwrite: bool,
     rescale: bool, progress_format: ProgressFormat, aoi: str | None, asset: str | None,
+    resolution: str | None,
 ) -> None:
     """Find rooftops in SCENE(s) (files, folders, globs, URLs or STAC items) and write polygons to --out.
 
@@ -421,7 +426,9 @@ def predict_command(
     from geoseg.config import load_config
     from geoseg.inputs import check_model_path, resolve_scenes
     from geoseg.progress import progress_reporter
+    from geoseg.resample import parse_resolution
 
+    wanted = parse_resolution(resolution) if resolution is not None else None
     # Missing scenes or checkpoint are answered before torch and the model stack are imported.
     resolve_scenes(scenes, asset=asset)
     check_model_path(model_path)
@@ -436,7 +443,7 @@ def predict_command(
     # Defaults < --config's predict section < flags.
     flags = dict(batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta, threshold=threshold,
                  min_area=min_area, simplify=simplify, regularize=regularize, device=device, precision=precision,
-                 compile=compile_model, instances=instances, seed_threshold=seed_threshold)
+                 compile=compile_model, instances=instances, seed_threshold=seed_threshold, resolution=wanted)
     config = dataclasses.replace(load_config(config_path).predict,
                                  **{k: v for k, v in flags.items() if v is not None})
     reporter = progress_reporter(progress_format)
@@ -454,9 +461,10 @@ def predict_command(
     for res in summary.results:
         n = res.polygon_count
         extra = "".join(f", {kind} {p}" for kind, p in (("mask", res.mask_path), ("prob", res.prob_path)) if p)
+        at = f", read at {res.resolution:.3g} m/px" if res.resolution else ""
         click.echo(f"{res.name}: {n} polygons, {res.chips_predicted} chips in {res.seconds:.1f} s "
                    f"({res.chips_per_s:.1f} chips/s, {res.device}, {res.precision}"
-                   f"{', compiled' if res.compiled else ''}){extra}")
+                   f"{', compiled' if res.compiled else ''}{at}){extra}")
     if summary.shard.rank == 0:
         ranks = f" (merged from {summary.shard.world} ranks)" if summary.shard.active else ""
         click.echo(f"wrote {summary.features} polygons to {summary.out}{ranks}")

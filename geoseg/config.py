@@ -61,6 +61,13 @@ class DataConfig:
     num_workers: int = 0
     assume_crs: str | None = None
     normalization: Literal["imagenet", "dataset"] = "imagenet"
+    # Ground metres per pixel every scene is resampled to on read (bilinear imagery, nearest or
+    # rasterised-at-target labels); ``native``: each scene as it is.
+    resolution: float | Literal["native"] = "native"
+    # Scale jitter of training chips (random windows): each reads a window of between
+    # 1/(1+j) and (1+j) times the chip's ground extent into the chip (log-uniform), i.e. a
+    # ground resolution around ``resolution``; 0: none.
+    scale_jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,9 @@ class PredictConfig:
     instances: bool | None = None  # split touching buildings; null: when the checkpoint learned instances
     seed_threshold: float = 0.5
     min_seed_area: float = 0.5
+    # Ground metres per pixel the model reads the scene at: ``auto`` (the checkpoint's, when
+    # the scene's differs by more than 5%), ``native`` (the scene's own) or metres.
+    resolution: float | Literal["auto", "native"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -370,15 +370,17 @@ def test_resolution_far_from_training_warns_with_both(tmp_path, caplog):
     scene = write_scene(tmp_path / "r.tif", np.zeros((80, 90), np.uint8))  # 0.5 m pixels (UTM)
     with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
         # A background model: an all-rooftop one would add the warning of a mostly-rooftop prediction.
-        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.3), polygons=False, **CPU)
+        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.3), polygons=False,
+                      resolution="native", **CPU)
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert caplog.records[0].getMessage() == (
         f"{scene}: ground resolution 0.5 m/px differs from the model's training data (0.3 m/px) by more "
-        "than 25%; predictions may be poor (resample the scene to the training resolution)"
+        "than 25%; predictions may be poor (predict with --resolution auto to read it at the model's resolution)"
     )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="geoseg.inference.pipeline"):
-        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.45), polygons=False, **CPU)
+        predict_scene(scene, Constant((0.7, 0.0)), oracle_meta(resolution=0.45), polygons=False,
+                      resolution="native", **CPU)
     assert caplog.records == []
 
 

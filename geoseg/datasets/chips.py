@@ -10,6 +10,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from geoseg.config import ModelConfig
@@ -18,7 +20,8 @@ from geoseg.errors import ConfigError, DatasetError, InputFileError, LabelError,
 from geoseg.labels import (
     IGNORE_INDEX, LabelValues, VectorLabels, crs_text, grid_bounds, open_label_raster, to_class_ids,
 )
-from geoseg.raster_io import SceneInfo, ground_resolution, open_scene, read_window
+from geoseg.raster_io import SceneInfo, ground_resolution, open_scene
+from geoseg.resample import grid_at, parse_resolution, read_resampled, same_grid
 from geoseg.targets import check_target, widths_in_pixels
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid, random_chips
 
@@ -32,11 +35,12 @@ class _Source:
     """A validated scene of the dataset (one per distinct item)."""
 
     pair: ScenePair
-    info: SceneInfo
-    region: Window  # the pixels chips may use, within the scene
+    info: SceneInfo  # the grid chips are cut from: the scene's own, or its grid at data.resolution
+    region: Window  # the pixels chips may use, within that grid
     label_mode: LabelValues | None  # resolved value mode of a raster label
     label_nodata: float | None
     widths_px: tuple[float, float] | None = None  # border, contact in pixels of this scene (instances)
+    scene: SceneInfo | None = None  # the scene's own grid, when ``info`` is another (resampled reads)
 
 
 def _clip_region(region: Window, info: SceneInfo) -> Window:
@@ -45,6 +49,17 @@ def _clip_region(region: Window, info: SceneInfo) -> Window:
     c1 = min(info.width, int(region.col_off + region.width))
     r1 = min(info.height, int(region.row_off + region.height))
     return Window(c0, r0, max(0, c1 - c0), max(0, r1 - r0))
+
+
+def _region_on(region: Window, scene: SceneInfo, grid: SceneInfo) -> Window:
+    """A region of the scene's pixels as the pixels of ``grid`` whose centres lie in it."""
+    if grid is scene:
+        return region
+    sx, sy = scene.width / grid.width, scene.height / grid.height
+    c0, r0 = round(float(region.col_off) / sx), round(float(region.row_off) / sy)
+    c1 = round(float(region.col_off + region.width) / sx)
+    r1 = round(float(region.row_off + region.height) / sy)
+    return Window(c0, r0, c1 - c0, r1 - r0)
 
 
 def _bounds_text(bounds: Sequence[float], crs: Any) -> str:
@@ -77,6 +92,13 @@ class ChipDataset:
 
     Padding and image nodata get mask :data:`~geoseg.labels.IGNORE_INDEX` and
     ``valid`` False; padded image pixels are 0.
+
+    With ``resolution`` (ground metres per pixel), every scene is cut on its grid at that
+    resolution (``resample.grid_at``: same CRS and extent): images are read resampled
+    (bilinear), label rasters with nearest, vector labels rasterised on that grid; windows
+    and regions are in its pixels. With ``scale_jitter`` j > 0, each random chip reads a
+    window of s x the chip (s log-uniform in [1/(1+j), 1+j], drawn from seed, epoch and
+    chip) into the chip: a ground resolution around ``resolution``.
 
     With ``target="instances"`` every scene needs vector labels with one polygon
     per building; each sample then also holds ``targets``: (2, H, W) uint8, the
@@ -113,6 +135,8 @@ class ChipDataset:
         require_polygons: Refuse a vector label file none of whose polygons meets
             the scenes (regions) that use it (for training data; a validation
             split may well hold only empty scenes).
+        resolution: Ground metres per pixel to cut every scene at (None: each as it is).
+        scale_jitter: Scale jitter of random chips (0: none).
 
     Raises:
         InputFileError: Missing, unreadable or truncated image or label.
@@ -144,6 +168,8 @@ class ChipDataset:
         border_width: float = ModelConfig.border_width,
         contact_width: float = ModelConfig.contact_width,
         require_polygons: bool = False,
+        resolution: float | None = None,
+        scale_jitter: float = 0.0,
     ) -> None:
         if int(chip_size) != chip_size or chip_size < 1:
             raise ConfigError(f"chip size should be a positive number of pixels, got {chip_size!r}")
@@ -158,6 +184,13 @@ class ChipDataset:
                                             or chips_per_scene < 1):
             raise ConfigError(f"chips_per_scene should be a positive integer, got {chips_per_scene!r}")
         check_target(target, classes=classes, class_column=class_column)
+        if resolution is not None:
+            parse_resolution(resolution, setting="data.resolution", allow_auto=False)
+        if not (isinstance(scale_jitter, (int, float)) and 0 <= scale_jitter <= 1):
+            raise ConfigError(f"data.scale_jitter should be from 0 (none) to 1 (chips of half to twice the "
+                              f"ground extent), got {scale_jitter!r}")
+        self.resolution = None if resolution is None else float(resolution)
+        self.scale_jitter = float(scale_jitter)
         if not pairs:
             raise DatasetError("no scenes to cut chips from; check the dataset folder and the split")
         self.chip_size = int(chip_size)
@@ -172,6 +205,7 @@ class ChipDataset:
         self.epoch = 0
 
         infos: dict[Path, SceneInfo] = {}
+        grids: dict[Path, SceneInfo] = {}
         labels: dict[Path, tuple[SceneInfo, LabelValues]] = {}
         self.vectors: dict[Path, VectorLabels] = {}
         self.sources: list[_Source] = []
@@ -183,6 +217,9 @@ class ChipDataset:
                 info = infos[pair.image] = open_scene(pair.image, assume_crs=assume_crs)
                 self._check_bands(info, count)
                 count = info.count if count is None else count
+                grid = grid_at(info, self.resolution) if self.resolution is not None else info
+                grids[pair.image] = info if same_grid(info, grid) else grid
+            grid = grids[pair.image]
             mode_, nodata, widths = None, None, None
             if target == "instances":
                 if pair.vector is None:
@@ -194,7 +231,7 @@ class ChipDataset:
                         "or train model.target=footprint",
                     )
                 widths = widths_in_pixels(border_width=border_width, contact_width=contact_width,
-                                          resolution=ground_resolution(info), path=info.path)
+                                          resolution=ground_resolution(grid), path=info.path)
             if pair.label is not None:
                 if pair.label not in labels:
                     labels[pair.label] = open_label_raster(
@@ -211,12 +248,13 @@ class ChipDataset:
             else:
                 raise file_error(DatasetError, pair.image, "has no label",
                                  "pair it with a label raster or a vector label file")
-            full = Window(0, 0, info.width, info.height)
-            reg = full if region is None else _clip_region(region, info)
+            full = Window(0, 0, grid.width, grid.height)
+            reg = full if region is None else _clip_region(_region_on(region, info, grid), grid)
             if reg.width < 1 or reg.height < 1:
                 log.warning("%s: region %s lies outside the scene; skipped", pair.image, region)
                 continue
-            self.sources.append(_Source(pair, info, reg, mode_, nodata, widths))
+            self.sources.append(_Source(pair, grid, reg, mode_, nodata, widths,
+                                        scene=None if grid is info else info))
         if require_polygons:
             self._check_polygons()
         self.in_channels = len(self.bands) if self.bands is not None else int(count or 0)
@@ -362,20 +400,24 @@ class ChipDataset:
         k, window = self.chips[index]
         src = self.sources[k]
         info = src.info
-        data, valid = read_window(self._open(info.path), window, bands=self.bands)
         h, w = int(window.height), int(window.width)
+        read, step = self._jittered(index, window)
+        scene = src.scene or info
+        data, valid = read_resampled(self._open(info.path), scene, info, read, out_shape=(h, w), bands=self.bands)
         reg = src.region
         # Only the item's region may be read (a block split): everything else is padding.
-        rows = np.arange(int(window.row_off), int(window.row_off) + h)
-        cols = np.arange(int(window.col_off), int(window.col_off) + w)
+        rows = float(read.row_off) + (np.arange(h) + 0.5) * step
+        cols = float(read.col_off) + (np.arange(w) + 0.5) * step
         in_rows = (rows >= reg.row_off) & (rows < reg.row_off + reg.height)
         in_cols = (cols >= reg.col_off) & (cols < reg.col_off + reg.width)
         inside = in_rows[:, None] & in_cols[None, :]
         if not inside.all():
             data[:, ~inside] = 0
             valid &= inside
+        chip_transform = info.window_transform(read) @ Affine.scale(step)
         if src.pair.label is not None:
-            lab, lab_valid = read_window(self._open(src.pair.label), window, bands=[1])
+            lab, lab_valid = read_resampled(self._open(src.pair.label), scene, info, read, out_shape=(h, w),
+                                            bands=[1], resampling=Resampling.nearest)
             mask = to_class_ids(lab[0], mode=src.label_mode or "auto", nodata=src.label_nodata,
                                 classes=self.classes, path=src.pair.label)
             mask[~lab_valid] = IGNORE_INDEX
@@ -383,19 +425,19 @@ class ChipDataset:
             vector_labels = self.vectors[src.pair.vector]
             if src.widths_px is not None:
                 ids, targets = vector_labels.rasterize_targets(
-                    crs=info.crs, transform=info.window_transform(window), shape=(h, w),
-                    border_px=src.widths_px[0], contact_px=src.widths_px[1],
+                    crs=info.crs, transform=chip_transform, shape=(h, w),
+                    border_px=src.widths_px[0] / step, contact_px=src.widths_px[1] / step,
                 )
                 mask = (ids > 0).astype(np.uint8)
             else:
-                mask = vector_labels.rasterize(crs=info.crs, transform=info.window_transform(window), shape=(h, w))
+                mask = vector_labels.rasterize(crs=info.crs, transform=chip_transform, shape=(h, w))
         mask[~valid] = IGNORE_INDEX
         sample = {
             "image": data.astype(np.float32),
             "mask": mask,
             "valid": valid,
             "window": window,
-            "transform": info.window_transform(window),
+            "transform": chip_transform,
             "crs": info.crs.to_wkt(),
             "scene": src.pair.name,
         }
@@ -403,6 +445,17 @@ class ChipDataset:
             targets[:, mask == IGNORE_INDEX] = IGNORE_INDEX
             sample["targets"] = targets
         return sample
+
+    def _jittered(self, index: int, window: Window) -> tuple[Window, float]:
+        """The window read into chip ``index`` (its own, or scaled about its centre) and the scale."""
+        if self.scale_jitter <= 0 or self.mode != "random":
+            return window, 1.0
+        rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+        step = float(np.exp(rng.uniform(-np.log1p(self.scale_jitter), np.log1p(self.scale_jitter))))
+        w, h = float(window.width) * step, float(window.height) * step
+        col = float(window.col_off) + float(window.width) / 2 - w / 2
+        row = float(window.row_off) + float(window.height) / 2 - h / 2
+        return Window(col, row, w, h), step
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch

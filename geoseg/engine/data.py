@@ -108,8 +108,10 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
     """
     from geoseg import datasets
     from geoseg.raster_io import check_local, ground_resolution, open_scene
+    from geoseg.resample import parse_resolution
 
     d = config.data
+    target = parse_resolution(d.resolution, setting="data.resolution", allow_auto=False)
     pairs: list[Any] = []
     for root in d.root:
         check_local(root)  # before Path(), which collapses the // of a URL
@@ -143,6 +145,8 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
                 f"{info.path}: has {info.count} bands, data.bands asks for band {max(bands)}; "
                 "set data.bands to bands every scene has"
             )
+    if isinstance(target, float):  # every scene is resampled to it: the model learns at exactly this
+        return pairs, splits, bands, first.dtype, target
     res = []
     for info in list(infos.values())[:RESOLUTION_SAMPLE]:
         try:
@@ -167,7 +171,9 @@ def chip_dataset(items: list[Any], config: Config, *, bands: tuple[int, ...], tr
         items, chip_size=d.chip_size, stride=d.stride, bands=bands, transform=transform,
         seed=config.train.seed, assume_crs=d.assume_crs, classes=d.classes,
         label_values=d.label_values, target=m.target, border_width=m.border_width,
-        contact_width=m.contact_width, require_polygons=train, **kwargs,
+        contact_width=m.contact_width, require_polygons=train,
+        resolution=None if d.resolution == "native" else float(d.resolution),
+        scale_jitter=d.scale_jitter if train else 0.0, **kwargs,
     )
 
 

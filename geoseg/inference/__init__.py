@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from geoseg.inference.blending import WEIGHT_FLOOR, axis_weight_sum, taper_window
 from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, stored_to_probability
-from geoseg.inference.checks import check_resolution, effective_block_size, scene_bands
+from geoseg.inference.checks import effective_block_size, model_resolution, scene_bands
 from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inference.job import PredictSummary, predict
 from geoseg.inference.runtime import ChipPredictor, Throughput, model_throughput
@@ -20,7 +20,7 @@ __all__ = [
     "PredictionResult",
     "Throughput",
     "axis_weight_sum",
-    "check_resolution",
+    "model_resolution",
     "effective_block_size",
     "model_throughput",
     "predict",

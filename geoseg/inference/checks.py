@@ -86,27 +86,54 @@ def scene_bands(info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int] | 
     return expected
 
 
-def check_resolution(info: SceneInfo, meta: "CheckpointMeta") -> float | None:
-    """Warn when the scene's ground resolution differs from the training data's by > 25%.
+def model_resolution(info: SceneInfo, meta: "CheckpointMeta", setting: str | float = "auto") -> float | None:
+    """The ground resolution (m/px) to read the scene at, or None to read it on its own grid.
+
+    ``auto`` reads at the checkpoint's resolution when the scene's differs from it by more
+    than ``resample.AUTO_TOLERANCE`` (on its own grid when either is unknown); ``native``
+    reads the scene as it is (with a warning when it differs from the model's by more than
+    25%); metres read at those metres.
+
+    Args:
+        info: The scene.
+        meta: The checkpoint description (``resolution``: ground metres it learned at).
+        setting: ``"auto"``, ``"native"`` or ground metres per pixel (> 0).
 
     Returns:
-        The scene's ground resolution (m/px), or None if it cannot be measured.
+        Ground metres per pixel of the model grid, or None (the scene's own grid).
+
+    Raises:
+        ConfigError: A setting that is not auto, native or metres above 0.
+        GeoreferenceError: Metres asked for on a scene whose CRS has no ground metres.
     """
     from geoseg.raster_io import ground_resolution
+    from geoseg.resample import AUTO_TOLERANCE, parse_resolution
 
+    wanted = parse_resolution(setting)
+    if isinstance(wanted, float):
+        res = float(ground_resolution(info))
+        return None if abs(res - wanted) <= 1e-9 * wanted else wanted
     try:
         res = float(ground_resolution(info))
     except Exception as exc:  # a CRS without ground metres: nothing to compare
         log.debug("%s: ground resolution unknown (%s)", info.path, exc)
         return None
-    if meta.resolution and abs(res - meta.resolution) / meta.resolution > RESOLUTION_TOLERANCE:
-        message = (
-            f"{info.path}: ground resolution {res:.3g} m/px differs from the model's training data "
-            f"({meta.resolution:.3g} m/px) by more than {RESOLUTION_TOLERANCE:.0%}; "
-            "predictions may be poor (resample the scene to the training resolution)"
+    model = float(meta.resolution) if meta.resolution else None
+    if model is None:
+        return None
+    off = abs(res - model) / model
+    if wanted == "auto":
+        if off <= AUTO_TOLERANCE:
+            return None
+        log.info("%s: ground resolution %.3g m/px, read at the model's %.3g m/px", info.path, res, model)
+        return model
+    if off > RESOLUTION_TOLERANCE:
+        log.warning(
+            "%s: ground resolution %.3g m/px differs from the model's training data (%.3g m/px) by more "
+            "than %.0f%%; predictions may be poor (predict with --resolution auto to read it at the "
+            "model's resolution)", info.path, res, model, RESOLUTION_TOLERANCE * 100,
         )
-        log.warning(message)
-    return res
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

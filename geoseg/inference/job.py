@@ -258,6 +258,7 @@ def scene_options(config: PredictConfig) -> dict[str, Any]:
         threshold=config.threshold, precision=config.precision, min_area=config.min_area,
         simplify=config.simplify, regularize=config.regularize, compile_model=config.compile,
         instances=config.instances, seed_threshold=config.seed_threshold, min_seed_area=config.min_seed_area,
+        resolution=config.resolution,
     )
 
 

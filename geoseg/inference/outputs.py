@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import rasterio
@@ -22,6 +22,9 @@ from rasterio.windows import Window
 from geoseg.encoding import MASK_NODATA, PROB_NODATA, PROB_SCALE, ProbDtype
 from geoseg.temporaries import write_errors
 from geoseg.raster_io import GTIFF_PROFILE
+
+if TYPE_CHECKING:
+    from geoseg.raster_io import SceneInfo
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +186,67 @@ class RasterSink:
                 self._dst.close()
 
 
+
+
+#: Rows and columns of the scene written per step when outputs move from the model grid to the scene's.
+REGRID_BLOCK = 1024
+
+
+def to_scene_grid(
+    source: Path, dest: Path, scene: "SceneInfo", *, kind: SinkKind, prob_dtype: ProbDtype = "uint8",
+) -> None:
+    """Write a raster predicted on a model grid onto the scene's own grid, block by block.
+
+    The class mask is resampled with nearest neighbour (at an integer factor every scene
+    pixel takes the class of the model pixel it lies in, which is what the polygons cover),
+    the probabilities bilinearly with nodata kept out of the kernel (``rasterio.warp.reproject``,
+    GDAL's warper). Each step reads the model-grid window under ``REGRID_BLOCK``² scene pixels
+    (and a margin for the kernel), so memory stays flat. The result gets overviews, like
+    every published output raster.
+
+    Args:
+        source: The raster on the model grid (same CRS and extent as the scene).
+        dest: The output (a temporary path of the publication).
+        scene: The scene's grid.
+        kind: ``"mask"`` or ``"prob"``.
+        prob_dtype: Storage of a probability raster.
+
+    Raises:
+        OutputError: The write failed (disk full, ...), naming the output.
+    """
+    from rasterio.warp import reproject
+
+    with rasterio.open(source) as src:
+        if kind == "mask":
+            tags = src.tags(1)
+            names = tuple(tags[f"CLASS_{i}"] for i in range(len(tags)) if f"CLASS_{i}" in tags)
+            extra: dict[str, Any] = {"class_names": names}
+            resampling = Resampling.nearest
+        else:
+            extra = {"band_names": tuple((d or "rooftop").split(" probability")[0] for d in src.descriptions),
+                     "prob_dtype": prob_dtype}
+            resampling = Resampling.bilinear
+        sink = RasterSink(dest, kind=kind, width=scene.width, height=scene.height, crs=scene.crs,
+                          transform=scene.transform, tile=MAX_TILE, **extra)
+        try:
+            for row in range(0, scene.height, REGRID_BLOCK):
+                for col in range(0, scene.width, REGRID_BLOCK):
+                    win = Window(col, row, min(REGRID_BLOCK, scene.width - col), min(REGRID_BLOCK, scene.height - row))
+                    dst_transform = scene.transform @ Affine.translation(col, row)
+                    left, top = dst_transform @ (0, 0)
+                    right, bottom = dst_transform @ (int(win.width), int(win.height))
+                    near = src.window(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+                    c0, r0 = max(0, int(np.floor(near.col_off)) - 2), max(0, int(np.floor(near.row_off)) - 2)
+                    c1 = min(src.width, int(np.ceil(near.col_off + near.width)) + 2)
+                    r1 = min(src.height, int(np.ceil(near.row_off + near.height)) + 2)
+                    read = Window(c0, r0, c1 - c0, r1 - r0)
+                    out = np.full((sink.bands, int(win.height), int(win.width)), sink.nodata, dtype=sink.dtype)
+                    reproject(
+                        source=src.read(window=read), destination=out, src_transform=src.window_transform(read),
+                        src_crs=src.crs, src_nodata=src.nodata, dst_transform=dst_transform, dst_crs=scene.crs,
+                        dst_nodata=sink.nodata, resampling=resampling,
+                    )
+                    sink.write(win, out if sink.bands > 1 else out[0])
+            sink.finish(overviews=True)
+        finally:
+            sink.close()

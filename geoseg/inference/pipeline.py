@@ -31,10 +31,10 @@ from torch import nn
 from geoseg.config import PredictConfig
 from geoseg.errors import ConfigError
 from geoseg.inference.checks import (
-    check_resolution, check_rooftop_share, check_value_range, effective_block_size, scene_bands,
+    check_rooftop_share, check_value_range, effective_block_size, model_resolution, scene_bands,
 )
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, ProbDtype
-from geoseg.inference.outputs import RasterSink, output_tile
+from geoseg.inference.outputs import RasterSink, output_tile, to_scene_grid
 from geoseg.devices import resolve_device, resolve_precision, torch_threads
 from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
 from geoseg.inference.stitch import BlockStitcher
@@ -45,6 +45,7 @@ from geoseg.inference.streams import BlockReader, CoreWriter
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
 from geoseg.raster_io import as_source, source_stem
+from geoseg.resample import grid_at
 from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid
 from geoseg.vector_io import VectorLayer
@@ -102,6 +103,8 @@ class PredictionResult:
         compiled: Whether a ``torch.compile``d model predicted (see ``compile_model``).
         polygon_count: Polygons written (also when they were streamed, not kept).
         batches: Model calls: ``ceil(chips_predicted / batch_size)`` (batches fill across blocks).
+        resolution: Ground metres per pixel the model read the scene at, or None: its own grid
+            (``width``, ``height`` and the chip counts are those of the grid predicted).
     """
 
     scene: Path
@@ -126,6 +129,7 @@ class PredictionResult:
     compiled: bool = False
     polygon_count: int = 0
     batches: int = 0
+    resolution: float | None = None
 
     @property
     def chips_per_s(self) -> float:
@@ -168,6 +172,7 @@ def predict_scene(
     polygon_sink: Callable[[Any], None] | None = None,
     aoi: str | os.PathLike[str] | VectorLayer | None = None,
     skip_outside_aoi: bool = False,
+    resolution: str | float = DEFAULTS.resolution,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -226,6 +231,12 @@ def predict_scene(
         skip_outside_aoi: With ``aoi``: a scene the area does not touch is skipped (a
             warning; nothing read or predicted, no polygons, rasters all nodata) instead
             of refused (``geoseg predict`` with several scenes).
+        resolution: Ground metres per pixel the model reads the scene at: ``"auto"`` (the
+            checkpoint's, when the scene's differs by more than 5%), ``"native"`` (the scene's
+            own grid) or metres. On another grid than the scene's, each block is read resampled
+            (bilinear) onto the model grid (``resample.grid_at``: same CRS and extent), predicted
+            and polygonised there (polygons are exact in the scene's CRS, ``area_m2`` true), and
+            the mask (nearest) and probability (bilinear) are written on the scene's own grid.
 
     Returns:
         Paths, polygons, chip counts and stage timings.
@@ -242,20 +253,21 @@ def predict_scene(
     t_start = time.perf_counter()
     keep_heap_flat()
     scene_path = as_source(scene_path)  # a URL stays text
-    info = open_scene(scene_path, assume_crs=assume_crs)
+    scene = open_scene(scene_path, assume_crs=assume_crs)
+    target = model_resolution(scene, meta, resolution)
+    info = scene if target is None else grid_at(scene, target)  # the grid the model reads
     area = None
     if aoi is not None:
         layer = aoi if isinstance(aoi, VectorLayer) else read_area(aoi)
         area = area_on_scene(layer, info)
         if area is None:
             if not skip_outside_aoi:
-                raise area_outside_error(layer, [info])
+                raise area_outside_error(layer, [scene])
             log.warning("%s: the AOI %s does not touch this scene: skipped (nothing predicted, no polygons, "
                         "rasters all nodata)", scene_path, layer.path)
             area = AoiPixels(shapely.Polygon(), info.transform)  # touches no block
-    use_bands = scene_bands(info, meta, bands)
-    check_resolution(info, meta)
-    value_map = check_value_range(info, meta, use_bands, rescale=rescale)
+    use_bands = scene_bands(scene, meta, bands)
+    value_map = check_value_range(scene, meta, use_bands, rescale=rescale)
     if value_map is not None:  # folded into the normalisation: every block is mapped as it is normalised
         meta = value_map.applied_to(meta)
     chip = int(meta.chip_size)
@@ -281,15 +293,22 @@ def predict_scene(
     with contextlib.ExitStack() as stack:
         # Both rasters are published together (a caller's temporaries are left to the caller).
         publication = stack.enter_context(publishing(overwrite=overwrite))
-        mask_tmp = publication.file(mask_out) if mask_out else None
-        prob_tmp = publication.file(prob_out) if prob_out else None
-        if polygons and (mask_tmp is None or prob_tmp is None):
+        mask_pub = publication.file(mask_out) if mask_out else None
+        prob_pub = publication.file(prob_out) if prob_out else None
+        mask_tmp, prob_tmp = mask_pub, prob_pub
+        if target is not None and (mask_pub or prob_pub or polygons):
+            # On the model grid the rasters are scratch; the published ones are on the scene's grid.
+            scratch = stack.enter_context(temporary_folder(temp_dir))
+            mask_tmp, prob_tmp = scratch / "mask.tif", scratch / "prob.tif"
+        elif polygons and (mask_tmp is None or prob_tmp is None):
             scratch = stack.enter_context(temporary_folder(temp_dir))
             mask_tmp = mask_tmp or scratch / "mask.tif"
             prob_tmp = prob_tmp or scratch / "prob.tif"
         result = _run(
             info, model, meta, use_bands, mask_tmp=mask_tmp, prob_tmp=prob_tmp, polygons=polygons,
-            overviews={mask_tmp: mask_out is not None, prob_tmp: prob_out is not None},
+            scene=scene,
+            overviews={mask_tmp: mask_out is not None and target is None,
+                       prob_tmp: prob_out is not None and target is None},
             batch_size=batch_size, overlap=overlap, block=block, tta=tta, threshold=threshold,
             dev=dev, dtype=dtype, prob_dtype=prob_dtype if prob_out else "uint8", min_area=min_area,
             simplify=simplify, regularize=regularize,
@@ -297,6 +316,14 @@ def predict_scene(
             compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
             min_seed_area=min_seed_area, polygon_sink=polygon_sink, area=area,
         )
+        if target is not None:
+            t0 = time.perf_counter()
+            if mask_pub is not None:
+                to_scene_grid(mask_tmp, mask_pub, scene, kind="mask")
+            if prob_pub is not None:
+                to_scene_grid(prob_tmp, prob_pub, scene, kind="prob", prob_dtype=prob_dtype)
+            result.stages["blend_write"] += time.perf_counter() - t0
+    result.resolution = target
     result.mask_path = Path(mask_out) if mask_out else None
     result.prob_path = Path(prob_out) if prob_out else None
     result.seconds = time.perf_counter() - t_start
@@ -339,7 +366,9 @@ def _run(
     min_seed_area: float,
     polygon_sink: Callable[[Any], None] | None = None,
     area: AoiPixels | None = None,
+    scene: SceneInfo | None = None,
 ) -> PredictionResult:
+    """Predict ``info``'s grid: the scene's own, or (``scene`` given) a model grid over it."""
     from geoseg import vectorize
     from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
 
@@ -383,7 +412,7 @@ def _run(
                         strip_rows=vectorize.strip_height(W), width=W, splitter=splitter)
     workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
     reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda,
-                         aoi=area)
+                         aoi=area, scene=scene, grid=info)
     work = BlockWork(
         predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
                                  channels=predictor.channels, device=dev),

@@ -20,7 +20,8 @@ from rasterio.windows import Window
 from geoseg.encoding import stored_to_probability
 from geoseg.inference.outputs import RasterSink
 from geoseg.inference.runtime import release_free_heap
-from geoseg.raster_io import read_window, remote_env
+from geoseg.raster_io import SceneInfo, read_window, remote_env
+from geoseg.resample import read_resampled, same_grid
 from geoseg.tiling import Block
 
 if TYPE_CHECKING:
@@ -50,14 +51,17 @@ class BlockReader:
 
     With an AOI, a block whose extent it does not touch is not read: it comes out with no
     data, every pixel invalid and every chip to skip, as do the chips of a read block that
-    have no valid pixel inside the AOI.
+    have no valid pixel inside the AOI. With a model ``grid`` other than the ``scene``'s own,
+    blocks are windows of that grid, read resampled (bilinear; ``resample.read_resampled``).
     """
 
     def __init__(
         self, path: Path | str, bands: Sequence[int], *, workers: int, prefetch: int, pin: bool,
-        aoi: AoiPixels | None = None,
+        aoi: AoiPixels | None = None, scene: SceneInfo | None = None, grid: SceneInfo | None = None,
     ) -> None:
         self.path, self.bands, self.pin, self.aoi = path, list(bands), pin, aoi
+        resampled = scene is not None and grid is not None and not same_grid(scene, grid)
+        self.grids = (scene, grid) if resampled else None
         self.prefetch = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="geoseg-read")
         self._local = threading.local()
@@ -82,7 +86,10 @@ class BlockReader:
         # environment (and GDAL's options outside the main thread) are per thread.
         with remote_env(self.path):
             src = self._src()
-            data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+            if self.grids is None:
+                data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
+            else:
+                data, valid = read_resampled(src, *self.grids, block.extent, bands=self.bands, fill=0)
         keep = valid if inside is None else valid & inside  # where chips have something to predict
         r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
         chip_ok = []
