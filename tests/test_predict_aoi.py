@@ -126,13 +126,23 @@ def test_only_the_aoi_is_read_predicted_and_kept(tmp_path, reads):
     assert res.chips_predicted == model.chips == touching
     assert res.chips_total == len(chips) and res.chips_skipped == len(chips) - touching
 
-    # (c) only the blocks whose extent (core and halo) meets the AOI were read, each once.
+    # (c) only the blocks whose extent (core and halo) meets the AOI were read, each once, and of each
+    # only the box of its pixels the AOI covers.
     blocks = block_grid(W, H, block_size=BLOCK, chip_size=CHIP, stride=CHIP - OVERLAP)
     extents = [(int(b.extent.col_off), int(b.extent.row_off), int(b.extent.width), int(b.extent.height))
                for b in blocks]
     expected = [e for e, hit in zip(extents, meets([window_box(*e) for e in extents])) if hit]
     assert len(expected) == 3 and len(blocks) == 15
-    assert sorted(reads) == sorted(expected)
+    pad = 2 * BLOCK
+    covered = np.zeros((H + 2 * pad, W + 2 * pad), bool)
+    covered[pad:pad + H, pad:pad + W] = inside
+    boxes = []
+    for c, r, w, h in expected:
+        sub = covered[r + pad:r + pad + h, c + pad:c + pad + w]
+        rows, cols = np.flatnonzero(sub.any(axis=1)), np.flatnonzero(sub.any(axis=0))
+        boxes.append((c + int(cols[0]), r + int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)))
+    assert sorted(reads) == sorted(boxes)
+    assert all(b[2] * b[3] < e[2] * e[3] for b, e in zip(boxes, expected))  # each read is less than its block
 
     # (d) polygons are the drawn rectangles cut exactly to the AOI, measured as cut.
     gdf = res.polygons

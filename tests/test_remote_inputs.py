@@ -182,6 +182,54 @@ def test_a_remote_cog_predicts_exactly_as_the_local_file(tmp_path, served, oracl
     assert served.sent > 0
 
 
+@pytest.fixture(scope="module")
+def wide_cog(tmp_path_factory) -> Path:
+    """A 1536 x 1536 px 4-band COG (uncompressed noise, label band 4) with overviews 2, 4."""
+    path = tmp_path_factory.mktemp("wide") / "wide.tif"
+    label = draw_rectangles(1536, 1536, [(r, c, 40, 60) for r in range(20, 1500, 190) for c in range(30, 1480, 170)])
+    data = np.concatenate([np.random.default_rng(2).integers(1, 255, (3, 1536, 1536), dtype=np.uint8), label[None]])
+    with rasterio.open(path, "w", driver="COG", width=1536, height=1536, count=4, dtype="uint8", crs=UTM,
+                       transform=UTM_TRANSFORM, blocksize=256, compress="NONE") as dst:
+        dst.write(data)
+    with rasterio.open(path) as src:
+        assert src.overviews(1)[:2] == [2, 4]
+    return path
+
+
+def test_a_remote_cog_with_an_aoi_reads_only_the_tiles_near_it(tmp_path, served, oracle, wide_cog):
+    import geopandas as gpd
+    import shapely
+
+    (served.root / wide_cog.name).symlink_to(wide_cog)
+    x0, y0 = UTM_TRANSFORM * (100, 1400)  # a 150 m x 75 m area near the lower-left corner
+    aoi = tmp_path / "aoi.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(x0, y0, x0 + 150, y0 + 75)], crs=UTM).to_crs("EPSG:4326").to_file(aoi)
+    local_mask, local_polygons = predict_to(tmp_path / "local", str(wide_cog), "--aoi", str(aoi))
+    served.reset()
+    mask, polygons = predict_to(tmp_path / "remote", served.url(wide_cog.name), "--aoi", str(aoi))
+    assert mask == local_mask
+    polygons_equal(local_polygons, polygons, scene="wide")
+    size = wide_cog.stat().st_size
+    # The scene is one block (2048 px blocks), of which only the box of the AOI is read: the tiles
+    # under it (and the value check's overview), well under a fifth of the file.
+    assert 0 < served.sent < size / 5, (served.sent, size)
+
+
+def test_a_coarser_resolution_reads_an_overview_of_a_remote_cog(tmp_path, served, oracle, wide_cog):
+    (served.root / wide_cog.name).symlink_to(wide_cog)
+    local_mask, local_polygons = predict_to(tmp_path / "local", str(wide_cog), "--resolution", "2.0")
+    served.reset()
+    mask, polygons = predict_to(tmp_path / "remote", served.url(wide_cog.name), "--resolution", "2.0")
+    assert mask == local_mask
+    polygons_equal(local_polygons, polygons, scene="wide")
+    # 2.0 m on a 0.5 m scene: the blocks are read from the 1/4 overview (384² px in 4 tiles of 256²,
+    # 1/12 of the file) and the value check from the 1/8 one; the 1/2 overview alone is 1/4 of it.
+    size = wide_cog.stat().st_size
+    assert 0 < served.sent < size / 6, (served.sent, size)
+    with rasterio.open(tmp_path / "local" / "mask.tif") as src:
+        assert (src.width, src.height, src.transform) == (1536, 1536, UTM_TRANSFORM)
+
+
 def test_reader_threads_read_a_remote_scene_under_the_remote_settings(served, monkeypatch):
     write_cog(served.root / "scene.tif", draw_rectangles(HEIGHT, WIDTH, RECTS))
     url = served.url("scene.tif")

@@ -86,10 +86,7 @@ class BlockReader:
         # environment (and GDAL's options outside the main thread) are per thread.
         with remote_env(self.path):
             src = self._src()
-            if self.grids is None:
-                data, valid = read_window(src, block.extent, bands=self.bands, fill=0)
-            else:
-                data, valid = read_resampled(src, *self.grids, block.extent, bands=self.bands, fill=0)
+            data, valid = self._read_extent(src, block.extent, inside)
         keep = valid if inside is None else valid & inside  # where chips have something to predict
         r0, c0 = int(block.extent.row_off), int(block.extent.col_off)
         chip_ok = []
@@ -107,6 +104,28 @@ class BlockReader:
             inside_t = inside_t.pin_memory() if inside_t is not None else None
         return BlockData(block, data_t, valid_t, bool(valid.all()), chip_ok, time.perf_counter() - t0,
                          inside=inside_t)
+
+    def _read_extent(self, src: Any, extent: Window, inside: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Read a block extent; with an AOI, only the box of its pixels inside the AOI (the rest is
+        nodata anyway), so a small AOI in a large block reads only the tiles under it."""
+        part = extent
+        if inside is not None:
+            rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+            part = Window(int(extent.col_off) + int(cols[0]), int(extent.row_off) + int(rows[0]),
+                          int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+        if self.grids is None:
+            data, valid = read_window(src, part, bands=self.bands, fill=0)
+        else:
+            data, valid = read_resampled(src, *self.grids, part, bands=self.bands, fill=0)
+        if part is extent:
+            return data, valid
+        h, w = int(extent.height), int(extent.width)
+        r, c = int(part.row_off - extent.row_off), int(part.col_off - extent.col_off)
+        full = np.zeros((data.shape[0], h, w), dtype=data.dtype)
+        full_valid = np.zeros((h, w), dtype=bool)
+        full[:, r:r + data.shape[1], c:c + data.shape[2]] = data
+        full_valid[r:r + data.shape[1], c:c + data.shape[2]] = valid
+        return full, full_valid
 
     @staticmethod
     def _outside(block: Block) -> BlockData:
