@@ -493,6 +493,9 @@ def predict_command(
 @click.option("--scaling", default=None, metavar="N,N,...",
               help="Also predict square scenes of these sizes, each in a fresh process "
                    "(time and peak memory per size), e.g. 1000,5000,10000,20000.")
+@click.option("--resolution", default="native", show_default=True, metavar="auto|native|METRES",
+              help="Ground resolution the --scaling runs read their (0.3 m) scenes at, e.g. 0.6: each is "
+                   "predicted on a grid of half its side and its mask written back on its own grid.")
 @compile_option("torch.compile the model for the model-only and end-to-end measurements "
                 "(the compile is untimed warm-up).", negatable=False)
 @click.option("--train", "train_mode", is_flag=True,
@@ -506,17 +509,20 @@ def benchmark_command(
     model_path: str | None, encoder: str, scene: str | None, size: str, batch_size: int,
     overlap: int | None, device: str, precision: str, repeats: int, threads: int | None,
     scaling: str | None, compile_model: bool, train_mode: bool, agreement: str | None, as_json: bool,
+    resolution: str,
 ) -> None:
     """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
     import json
 
     from geoseg.benchmarks import AgreementResult, TrainBenchmark, benchmark
+    from geoseg.resample import parse_resolution
 
     say = (lambda msg: None) if as_json else (lambda msg: click.echo(f"... {msg}", err=True))
     result = benchmark(
         model_path=model_path, encoder=encoder, scene=scene, size=size, batch_size=batch_size,
         overlap=overlap, device=device, precision=precision, repeats=repeats, threads=threads,
         scaling=scaling, compile=compile_model, train=train_mode, agreement=agreement, progress=say,
+        resolution=parse_resolution(resolution),
     )
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -545,7 +551,8 @@ def _echo_speed(r: Any) -> None:
                f"MFU {r.mfu:.1%}")
     for p in r.scaling:
         split = f", split {p.stages['split']:.1f} s" if "split" in p.stages else ""
-        click.echo(f"scaling    {p.width}x{p.height}: {p.chips} chips in {p.seconds:.1f} s "
+        grid = f" (read at {p.resolution:.3g} m/px: {p.grid[0]}x{p.grid[1]})" if p.grid else ""
+        click.echo(f"scaling    {p.width}x{p.height}{grid}: {p.chips} chips in {p.seconds:.1f} s "
                    f"({p.chips_per_s:.2f} chips/s), peak RSS {p.peak_rss_mb:.0f} MB, {p.polygons} polygons, "
                    f"vectorise {p.stages.get('vectorise', 0.0):.1f} s{split}")
 

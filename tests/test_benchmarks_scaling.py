@@ -41,6 +41,11 @@ def test_scaling_runs_each_size_in_a_fresh_process_as_predict_does(tmp_path, mon
     p = points[0]
     assert p.chips == 4 and p.seconds > 0 and p.peak_rss_mb > 100 and p.polygons >= 0
     assert set(p.stages) >= {"read", "model", "blend_write", "vectorise"}
+    assert p.resolution is None and p.grid is None
+    assert list(tmp_path.iterdir()) == []
+    # At 0.6 m the 0.3 m scene is predicted on a 150x150 grid: one chip.
+    (q,) = scaling([300], encoder="resnet18", batch_size=4, precision="32", device="cpu", resolution=0.6)
+    assert (q.width, q.height, q.grid, q.resolution, q.chips) == (300, 300, (150, 150), 0.6, 1)
     assert list(tmp_path.iterdir()) == []
 
 

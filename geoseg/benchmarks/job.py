@@ -29,6 +29,7 @@ def benchmark(
     train: bool = False,
     agreement: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     progress: ProgressFn | None = None,
+    resolution: str | float = "native",
 ) -> BenchmarkResult | TrainBenchmark | AgreementResult:
     """Measure what ``geoseg benchmark`` measures, chosen as the command chooses it.
 
@@ -58,6 +59,8 @@ def benchmark(
         train: Measure training throughput instead.
         agreement: Measure the agreement of fp32 and mixed-precision masks on these scenes instead.
         progress: Called with a short description before each stage.
+        resolution: Ground resolution the ``scaling`` runs read their scenes at (``auto``,
+            ``native`` or metres; the generated scenes are 0.3 m).
 
     Returns:
         The training throughput, the agreement, or the prediction speed (with its scaling points).
@@ -89,5 +92,5 @@ def benchmark(
         model_path=model_path, encoder=encoder, scene=scene,
         size=parse_size(size) if isinstance(size, str) else size, batch_size=batch_size, device=device,
         precision=precision, overlap=overlap, repeats=repeats, threads=threads, compile=compile,
-        scaling=sizes, progress=progress,
+        scaling=sizes, scaling_resolution=resolution, progress=progress,
     )

@@ -54,6 +54,8 @@ class ScalingPoint:
     peak_rss_mb: float
     stages: dict[str, float] = field(default_factory=dict)
     polygons: int = 0  # streamed to disk and written as geoseg predict writes them
+    resolution: float | None = None  # ground m/px the model read the scene at (None: the scene's own)
+    grid: tuple[int, int] | None = None  # (width, height) of the model grid, when resampled
 
 
 def scaling(
@@ -67,8 +69,12 @@ def scaling(
     precision: str = "auto",
     compile: bool = False,
     progress: ProgressFn | None = None,
+    resolution: str | float = "native",
 ) -> list[ScalingPoint]:
     """Predict square scenes of each size, each in a fresh process, recording time and peak RSS.
+
+    ``resolution`` is ``predict_scene``'s (the generated scenes are 0.3 m): e.g. 0.6 predicts
+    each scene on a model grid of half its side and writes the mask back on the scene's grid.
 
     Raises:
         ConfigError: A run failed (the child's last error line), e.g. a bad device or precision.
@@ -90,6 +96,7 @@ def scaling(
                 "scene": str(scene), "model_path": None if model_path is None else str(model_path),
                 "arch": arch, "encoder": encoder, "batch_size": batch_size, "device": device,
                 "precision": precision, "out": str(Path(tmp) / f"mask_{n}.tif"), "compile": compile,
+                "resolution": resolution,
             }
             say(f"predicting {n}x{n} in a fresh process")
             point = in_fresh_process(_scaling_worker, args, log=Path(tmp) / f"scaling_{n}.log",
@@ -172,6 +179,7 @@ def _int8_for(precision: str, device: str, scene: str | os.PathLike[str], meta: 
 def _scaling_worker(args: dict[str, Any]) -> ScalingPoint:
     """One scaling run, in the fresh process: the model built, the scene predicted as geoseg predict does."""
     from geoseg.inference import predict_scene
+    from geoseg.raster_io import open_scene
 
     model, meta, _ = benchmark_model(
         args["model_path"], arch=args["arch"], encoder=args["encoder"], chip_size=256
@@ -191,14 +199,16 @@ def _scaling_worker(args: dict[str, Any]) -> ScalingPoint:
         args["scene"], model, meta, mask_out=args["out"], polygons=True,
         batch_size=args["batch_size"], device=args["device"], precision=precision,
         temp_dir=str(folder), compile_model=bool(args.get("compile", False)), polygon_sink=spool.append,
-        min_area=0.0, simplify=0.0,
+        min_area=0.0, simplify=0.0, resolution=args.get("resolution", "native"),
     )
     spool.write(folder / "roofs.gpkg", overwrite=True)
     for p in (spool.path, folder / "roofs.gpkg"):
         p.unlink(missing_ok=True)
+    scene = open_scene(args["scene"])
     return ScalingPoint(
-        width=res.width, height=res.height, chips=res.chips_predicted,
+        width=scene.width, height=scene.height, chips=res.chips_predicted,
         seconds=round(res.seconds, 2), chips_per_s=round(res.chips_per_s, 3),
         peak_rss_mb=round(peak_rss_mb(), 1), stages={k: round(v, 3) for k, v in res.stages.items()},
-        polygons=res.polygon_count,
+        polygons=res.polygon_count, resolution=res.resolution,
+        grid=(res.width, res.height) if res.resolution is not None else None,
     )

@@ -164,6 +164,7 @@ def run_benchmark(
     baseline_chips: int = BASELINE_CHIPS,
     compile: bool = False,
     scaling: Sequence[int] = (),
+    scaling_resolution: str | float = "native",
     progress: ProgressFn | None = None,
 ) -> BenchmarkResult:
     """Measure model-only and end-to-end throughput and everything around it, in one run.
@@ -188,6 +189,8 @@ def run_benchmark(
         scaling: Then predict a square scene of each of these sides (pixels), each in a
             fresh process (:func:`geoseg.benchmarks.scaling.scaling`), with the same model,
             batch size, device, precision and compile.
+        scaling_resolution: Ground resolution the scaling runs read their scenes at
+            (``predict_scene``'s ``resolution``; the generated scenes are 0.3 m).
         progress: Called with a short description before each stage.
 
     Returns:
@@ -289,5 +292,6 @@ def run_benchmark(
         result.scaling = scaling_points(
             scaling, model_path=model_path, arch=arch, encoder=encoder, batch_size=batch_size,
             device=device, precision=asked_precision, compile=compile, progress=progress,
+            resolution=scaling_resolution,
         )
     return result
