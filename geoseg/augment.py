@@ -80,6 +80,26 @@ def imagenet_stats(
     return tuple(m * scale for m in mean), tuple(s * scale for s in std)
 
 
+def _sampled_chips(dataset: Sequence[Any], max_chips: int, what: str) -> list[int]:
+    """Indexes of up to ``max_chips`` chips evenly spaced over ``dataset``.
+
+    Raises:
+        ValueError: An empty dataset.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"cannot compute {what} of an empty dataset")
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))]
+
+
+def _valid_pixels(sample: Mapping[str, Any]) -> np.ndarray:
+    """A chip's valid pixels, (bands, pixels) float64 raw values (all of them without ``valid``)."""
+    image = np.asarray(sample["image"], dtype=np.float64)
+    flat = image.reshape(image.shape[0], -1)
+    valid = sample.get("valid")
+    return flat if valid is None else flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+
+
 def dataset_stats(
     dataset: Sequence[Mapping[str, Any]],
     *,
@@ -101,21 +121,12 @@ def dataset_stats(
     Raises:
         ValueError: An empty dataset or no valid pixel.
     """
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cannot compute normalisation statistics of an empty dataset")
-    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))
     total = sq = None
     count = 0
-    for i in idx:
-        sample = dataset[int(i)]
-        image = np.asarray(sample["image"], dtype=np.float64)
+    for i in _sampled_chips(dataset, max_chips, "normalisation statistics"):
+        flat = _valid_pixels(dataset[i])
         if stretch is not None:
-            image = apply_stretch(image, stretch, channel_axis=0)
-        valid = sample.get("valid")
-        flat = image.reshape(image.shape[0], -1)
-        if valid is not None:
-            flat = flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+            flat = apply_stretch(flat, stretch, channel_axis=0).astype(np.float64)
         if total is None:
             total, sq = np.zeros(flat.shape[0]), np.zeros(flat.shape[0])
         total += flat.sum(axis=1)
@@ -177,19 +188,11 @@ def stretch_bounds(
     Raises:
         ValueError: An empty dataset or no valid pixel.
     """
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cannot compute the stretch of an empty dataset")
-    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))
+    idx = _sampled_chips(dataset, max_chips, "the stretch")
     per_chip = max(1, max_pixels // len(idx))
     samples = []
     for i in idx:
-        sample = dataset[int(i)]
-        image = np.asarray(sample["image"], dtype=np.float64)
-        flat = image.reshape(image.shape[0], -1)
-        valid = sample.get("valid")
-        if valid is not None:
-            flat = flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+        flat = _valid_pixels(dataset[i])
         flat = flat[:, np.isfinite(flat).all(axis=0)]
         if flat.shape[1] > per_chip:
             flat = flat[:, np.linspace(0, flat.shape[1] - 1, num=per_chip).round().astype(int)]

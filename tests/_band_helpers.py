@@ -60,11 +60,12 @@ def write_dataset(
     labels: Sequence[np.ndarray],
     *,
     descriptions: Sequence[str | None] | None = None,
+    nodata: float | None = None,
 ) -> Path:
     """A flat training folder: ``images/scene_i.tif`` and ``labels/scene_i.tif`` per scene."""
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     for i, (data, label) in enumerate(zip(scenes, labels)):
-        write_raster(root / "images" / f"scene_{i}.tif", data, descriptions=descriptions)
+        write_raster(root / "images" / f"scene_{i}.tif", data, descriptions=descriptions, nodata=nodata)
         write_raster(root / "labels" / f"scene_{i}.tif", label[None])
     return root

@@ -150,3 +150,23 @@ def test_predict_cli_bands_by_name_one_line_and_nothing_written(tmp_path, monkey
                                           "--mask-out", str(tmp_path / "mask.tif"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "mask.tif").exists() and (tmp_path / "roofs.gpkg").exists()
+
+
+def test_training_bands_by_name_must_be_the_same_bands_in_every_scene(tmp_path):
+    from geoseg.engine.data import training_bands
+
+    bgrn = _scene(tmp_path, "a.tif", descriptions=("blue", "green", "red", "nir"))
+    also = _scene(tmp_path, "b.tif", descriptions=("Blue", "Green", "Red", "Near infrared"))
+    rgbn = _scene(tmp_path, "c.tif", descriptions=("red", "green", "blue", "nir"))
+    assert training_bands(["nir", "red", 2], [bgrn, also]) == (4, 3, 2)
+    assert training_bands(None, [bgrn]) == (1, 2, 3, 4) and training_bands([3, 1], [bgrn, rgbn]) == (3, 1)
+    with pytest.raises(DatasetError) as err:
+        training_bands(["red", "green"], [bgrn, rgbn])
+    assert str(err.value) == (
+        f"{rgbn.path}: data.bands red,green are bands 1,2 here but 3,2 in {bgrn.path}; give the scenes the same "
+        "band names, or set data.bands to numbers")
+    with pytest.raises(DatasetError) as err:
+        training_bands(["red", "swir"], [bgrn])
+    assert str(err.value) == (
+        f"{bgrn.path}: has no band named 'swir' (data.bands red,swir); its bands are 1:blue, 2:green, 3:red, "
+        "4:nir; set data.bands to band names (or numbers) every scene has")

@@ -179,3 +179,19 @@ def test_bands_by_name_and_stretch_train_and_predict(tmp_path):
         "names) that are the model's red,green,blue, e.g. --bands 1,2,3\n")
     out, result = _predict(tmp_path / "by_number", unnamed, tmp_path / "out" / "last.pt", "--bands", "1,2,3")
     assert result.exit_code == 0, result.output and (out / "mask.tif").exists()
+
+
+def test_a_bad_stretch_or_no_valid_pixel_is_one_error_and_nothing_is_written(tmp_path):
+    from geoseg.errors import ConfigError, DatasetError
+
+    labels = [roof_label(128, 192, 1)]
+    root = write_dataset(tmp_path / "ds", [sixteen_bit(labels[0], 1)], labels)
+    with pytest.raises(ConfigError) as err:
+        _train(tmp_path, root, "data.stretch=[98, 2]")
+    assert str(err.value) == (
+        "data.stretch should be [low, high] percentiles with 0 <= low < high <= 100 (e.g. [2, 98]), got [98.0, 2.0]")
+    assert not (tmp_path / "out").exists()
+    empty = write_dataset(tmp_path / "nodata", [np.zeros((4, 128, 192), np.uint16)], labels, nodata=0)
+    with pytest.raises(DatasetError, match="zero usable training chips"):
+        _train(tmp_path, empty, "data.stretch=[2, 98]")
+    assert not (tmp_path / "out").exists()

@@ -232,7 +232,7 @@ def build_datasets(
 
     Raises:
         ConfigError: ``data.stretch`` not two percentiles 0 <= low < high <= 100.
-        DatasetError: No usable training chip.
+        DatasetError: No usable training chip, or no valid pixel to measure the stretch or statistics on.
     """
     from geoseg.augment import build_transform, normalization_stats, stretch_bounds, value_scale
     from geoseg.errors import ConfigError
@@ -248,10 +248,13 @@ def build_datasets(
             raw = chip_dataset(splits["train"], config, bands=bands, train=False, transform=None)
             if len(raw) == 0:
                 raise zero
-        if d.stretch is not None:
-            stretch = stretch_bounds(raw, (float(d.stretch[0]), float(d.stretch[1])))
-        mean_std = normalization_stats(d.normalization, num_bands=len(bands), dtype=dtype, dataset=raw,
-                                       stretch=stretch)
+        try:
+            if d.stretch is not None:
+                stretch = stretch_bounds(raw, (float(d.stretch[0]), float(d.stretch[1])))
+            mean_std = normalization_stats(d.normalization, num_bands=len(bands), dtype=dtype, dataset=raw,
+                                           stretch=stretch)
+        except ValueError:  # no valid pixel to measure: nothing to learn from either
+            raise zero_usable_error(config) from None
         stats = (*mean_std, stretch)
     mean, std = tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])
     stretch = tuple((float(lo), float(hi)) for lo, hi in stats[2]) if stats[2] is not None else None
