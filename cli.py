@@ -373,7 +373,8 @@ def chip_command(
                   "or more (with geoseg[onnx]), else fp32. int8: the model quantised by ONNX Runtime, "
                   "calibrated on chips of the scenes (CPU) [default: auto].", choices=PREDICT_PRECISIONS)
 @click.option("--bands", default=None, metavar="B1,B2,...",
-              help="Scene bands (1-based) to feed the model instead of the checkpoint's.")
+              help="Scene bands to feed the model instead of the checkpoint's: 1-based numbers and/or "
+                   "names matched to the band descriptions, then colour interpretations (e.g. red,green,blue).")
 @click.option("--resolution", "resolution", default=None, metavar="auto|native|METRES",
               help="Ground metres per pixel the model reads each scene at: auto (the checkpoint's, when the "
                    "scene's differs by more than 5%), native (as it is) or metres. The scene is read "
@@ -436,10 +437,13 @@ def predict_command(
 
     band_list = None
     if bands is not None:
+        from geoseg.bands import band_spec
+
         try:
-            band_list = [int(b) for b in bands.split(",") if b.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{bands!r} should be band numbers like 1,2,3", param_hint="--bands")
+            band_list = list(band_spec([b for b in bands.split(",") if b.strip()]))
+        except ValueError as exc:
+            raise click.BadParameter(f"{bands!r}: {exc}; give band numbers or names like 1,2,3 or red,green,blue",
+                                     param_hint="--bands")
     # Defaults < --config's predict section < flags.
     flags = dict(batch_size=batch_size, overlap=overlap, block_size=block_size, tta=tta, threshold=threshold,
                  min_area=min_area, simplify=simplify, regularize=regularize, device=device, precision=precision,
@@ -592,7 +596,8 @@ def export_model_command(checkpoint: str, out: str, export_format: ExportFormat,
     """Export the model of checkpoint CKPT to ONNX (or TorchScript), its self-description inside.
 
     The exported model takes normalised chips (N, bands, chip, chip), any batch size
-    N, and returns logits; the checkpoint's bands, normalisation, chip size, ground
+    N, and returns logits (a model trained with data.stretch wants the chips stretched
+    before they are normalised); the checkpoint's bands, stretch, normalisation, chip size, ground
     resolution, classes and target are stored in it (ONNX: metadata_props key
     'geoseg', JSON). Needs pip install 'geoseg[onnx]' for ONNX.
     """

@@ -1,4 +1,4 @@
-"""Training augmentation (albumentations), per-band normalisation statistics and value ranges.
+"""Training augmentation (albumentations), per-band normalisation statistics, stretch and value ranges.
 
 The callables built here match the ``transform`` argument of
 ``geoseg.datasets.ChipDataset``: ``f(image_hwc float32 raw values, mask_hw) ->
@@ -54,16 +54,23 @@ def value_scale(dtype: str | np.dtype) -> float:
     return 1.0
 
 
-def imagenet_stats(num_bands: int, *, dtype: str | np.dtype = "uint8") -> tuple[tuple[float, ...], tuple[float, ...]]:
+def imagenet_stats(
+    num_bands: int, *, dtype: str | np.dtype = "uint8", stretched: bool = False
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """ImageNet mean and std in raw pixel units for ``num_bands`` bands.
 
     Bands beyond the third get the average of the RGB statistics.
 
+    Args:
+        num_bands: Bands.
+        dtype: The rasters' dtype: the statistics are scaled by :func:`value_scale`.
+        stretched: The values are stretched to [0, 1] first (``data.stretch``): scale 1.
+
     Returns:
-        ``(mean, std)``, one value per band, in raw pixel units.
+        ``(mean, std)``, one value per band, in raw pixel units (stretched units with ``stretched``).
     """
-    scale = value_scale(dtype)
-    if np.dtype(dtype) != np.uint8:
+    scale = 1.0 if stretched else value_scale(dtype)
+    if np.dtype(dtype) != np.uint8 and not stretched:
         logger.warning(
             "ImageNet normalisation assumes 0-%g for %s imagery; "
             "data.normalization: dataset fits other value ranges better", scale, np.dtype(dtype).name,
@@ -73,8 +80,31 @@ def imagenet_stats(num_bands: int, *, dtype: str | np.dtype = "uint8") -> tuple[
     return tuple(m * scale for m in mean), tuple(s * scale for s in std)
 
 
+def _sampled_chips(dataset: Sequence[Any], max_chips: int, what: str) -> list[int]:
+    """Indexes of up to ``max_chips`` chips evenly spaced over ``dataset``.
+
+    Raises:
+        ValueError: An empty dataset.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"cannot compute {what} of an empty dataset")
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))]
+
+
+def _valid_pixels(sample: Mapping[str, Any]) -> np.ndarray:
+    """A chip's valid pixels, (bands, pixels) float64 raw values (all of them without ``valid``)."""
+    image = np.asarray(sample["image"], dtype=np.float64)
+    flat = image.reshape(image.shape[0], -1)
+    valid = sample.get("valid")
+    return flat if valid is None else flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+
+
 def dataset_stats(
-    dataset: Sequence[Mapping[str, Any]], *, max_chips: int = MAX_STATS_CHIPS
+    dataset: Sequence[Mapping[str, Any]],
+    *,
+    max_chips: int = MAX_STATS_CHIPS,
+    stretch: Sequence[tuple[float, float]] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-band mean and std of valid pixels over (up to ``max_chips``) training chips.
 
@@ -82,26 +112,21 @@ def dataset_stats(
         dataset: Samples with ``image`` (C, H, W raw values, tensor or array) and
             optionally ``valid`` (H, W bool); built without a transform.
         max_chips: Chips read at most, evenly spaced over the dataset.
+        stretch: Per band ``(low, high)``: the statistics are those of the stretched
+            values (:func:`apply_stretch`), in [0, 1].
 
     Returns:
-        ``(mean, std)`` in raw pixel units; a constant band gets std 1.
+        ``(mean, std)`` in raw pixel units (stretched units with ``stretch``); a constant band gets std 1.
 
     Raises:
         ValueError: An empty dataset or no valid pixel.
     """
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cannot compute normalisation statistics of an empty dataset")
-    idx = np.unique(np.linspace(0, n - 1, num=min(n, max_chips)).round().astype(int))
     total = sq = None
     count = 0
-    for i in idx:
-        sample = dataset[int(i)]
-        image = np.asarray(sample["image"], dtype=np.float64)
-        valid = sample.get("valid")
-        flat = image.reshape(image.shape[0], -1)
-        if valid is not None:
-            flat = flat[:, np.asarray(valid).reshape(-1).astype(bool)]
+    for i in _sampled_chips(dataset, max_chips, "normalisation statistics"):
+        flat = _valid_pixels(dataset[i])
+        if stretch is not None:
+            flat = apply_stretch(flat, stretch, channel_axis=0).astype(np.float64)
         if total is None:
             total, sq = np.zeros(flat.shape[0]), np.zeros(flat.shape[0])
         total += flat.sum(axis=1)
@@ -116,6 +141,93 @@ def dataset_stats(
                        [int(b) + 1 for b in np.flatnonzero(std == 0)])
     std[std == 0] = 1.0
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def apply_stretch(
+    image: np.ndarray, stretch: Sequence[tuple[float, float]], *, channel_axis: int
+) -> np.ndarray:
+    """The percentile stretch of training and prediction: ``clip((raw - low) / (high - low), 0, 1)`` per band.
+
+    Args:
+        image: Raw values, the bands along ``channel_axis``.
+        stretch: Per band ``(low, high)`` raw values (``high > low``).
+        channel_axis: Axis of the bands (0 for C, H, W; -1 for H, W, C).
+
+    Returns:
+        float32 values in [0, 1].
+    """
+    shape = [1] * image.ndim
+    shape[channel_axis] = len(stretch)
+    low = np.asarray([lo for lo, _ in stretch], dtype=np.float32).reshape(shape)
+    span = np.asarray([hi - lo for lo, hi in stretch], dtype=np.float32).reshape(shape)
+    return np.clip((np.asarray(image, dtype=np.float32) - low) / span, 0.0, 1.0)
+
+
+def stretch_bounds(
+    dataset: Sequence[Mapping[str, Any]],
+    percentiles: tuple[float, float],
+    *,
+    max_chips: int = MAX_STATS_CHIPS,
+    max_pixels: int = VALUE_SAMPLE_PIXELS,
+) -> tuple[tuple[float, float], ...]:
+    """Per band, the ``percentiles`` (low, high) of the valid pixels of (up to ``max_chips``) training chips.
+
+    The chips are those :func:`dataset_stats` reads (evenly spaced); each gives at most
+    ``max_pixels / chips`` of its valid, finite pixels (evenly spaced), so the sample is
+    bounded. Percentiles interpolate linearly (``numpy.percentile``'s default).
+
+    Args:
+        dataset: Samples with ``image`` (C, H, W raw values) and optionally ``valid`` (H, W bool).
+        percentiles: ``(low, high)`` in [0, 100], low < high (``data.stretch``).
+        max_chips: Chips read at most.
+        max_pixels: Pixels per band read at most, over all chips.
+
+    Returns:
+        One ``(low, high)`` per band in raw units; a band where they are equal gets ``high = low + 1``.
+
+    Raises:
+        ValueError: An empty dataset or no valid pixel.
+    """
+    idx = _sampled_chips(dataset, max_chips, "the stretch")
+    per_chip = max(1, max_pixels // len(idx))
+    samples = []
+    for i in idx:
+        flat = _valid_pixels(dataset[i])
+        flat = flat[:, np.isfinite(flat).all(axis=0)]
+        if flat.shape[1] > per_chip:
+            flat = flat[:, np.linspace(0, flat.shape[1] - 1, num=per_chip).round().astype(int)]
+        samples.append(flat)
+    values = np.concatenate(samples, axis=1)
+    if values.shape[1] == 0:
+        raise ValueError("cannot compute the stretch: no valid pixel in the training chips")
+    low, high = np.percentile(values, percentiles, axis=1)
+    flat_bands = [int(b) + 1 for b in np.flatnonzero(high <= low)]
+    if flat_bands:
+        logger.warning("band(s) %s have equal %g and %g percentiles in the training chips; their stretch "
+                       "spans 1 raw unit", flat_bands, *percentiles)
+    high = np.where(high <= low, low + 1.0, high)
+    return tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
+
+
+def raw_normalisation(
+    mean: Sequence[float], std: Sequence[float], stretch: Sequence[tuple[float, float]] | None
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[tuple[float, float], ...] | None]:
+    """A model's input recipe in raw units: clip to ``clip`` (when not None), then ``(raw - mean) / std``.
+
+    Without a stretch that is ``mean`` and ``std`` as they are. With one, the stretch
+    ``clip((raw - lo) / (hi - lo), 0, 1)`` followed by ``(x - mean) / std`` equals clipping
+    the raw values to ``[lo, hi]`` followed by ``(raw - (lo + mean (hi - lo))) / (std (hi - lo))``:
+    prediction (``ChipPredictor``), the int8 calibration and the benchmarks normalise raw
+    blocks this way, in place, and linear value maps (``--rescale``) fold into it.
+
+    Returns:
+        ``(mean, std, clip)``: per band, in raw units; ``clip`` per band ``(low, high)`` or None.
+    """
+    if stretch is None:
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std), None
+    raw_mean = tuple(lo + m * (hi - lo) for m, (lo, hi) in zip(mean, stretch))
+    raw_std = tuple(s * (hi - lo) for s, (lo, hi) in zip(std, stretch))
+    return raw_mean, raw_std, tuple((float(lo), float(hi)) for lo, hi in stretch)
 
 
 def value_range(
@@ -206,8 +318,10 @@ class ChipTransform:
         augment: AugmentConfig | None = None,
         scale: float = 255.0,
         seed: int = 0,
+        stretch: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         """See :func:`build_transform`."""
+        self.stretch = tuple((float(lo), float(hi)) for lo, hi in stretch) if stretch is not None else None
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         if (self.std <= 0).any():
@@ -253,6 +367,8 @@ class ChipTransform:
             raise ValueError(
                 f"chip has {img.shape[2]} bands but normalisation has {len(self.mean)} values"
             )
+        if self.stretch is not None:  # before augmentation: the colour transforms work on [0, 1]
+            img = apply_stretch(img, self.stretch, channel_axis=-1)
         if self.pipeline is not None:
             self._reseed()
             dtype = mask.dtype
@@ -270,6 +386,7 @@ def build_transform(
     augment: AugmentConfig | None = None,
     scale: float = 255.0,
     seed: int = 0,
+    stretch: Sequence[tuple[float, float]] | None = None,
 ) -> ChipTransform:
     """Build the chip transform for a dataset.
 
@@ -281,11 +398,14 @@ def build_transform(
         scale: Raw value of full brightness (:func:`value_scale`); colour
             augmentations work on ``raw / scale``.
         seed: Seed of the random draws.
+        stretch: Per band ``(low, high)`` raw values: chips are stretched to [0, 1]
+            (:func:`apply_stretch`) before anything else; ``mean``, ``std`` are then in
+            stretched units and ``scale`` should be 1.
 
     Returns:
         A callable ``f(image_hwc, mask_hw) -> (image_hwc, mask_hw)``.
     """
-    return ChipTransform(mean=mean, std=std, augment=augment, scale=scale, seed=seed)
+    return ChipTransform(mean=mean, std=std, augment=augment, scale=scale, seed=seed, stretch=stretch)
 
 
 def normalization_stats(
@@ -294,16 +414,19 @@ def normalization_stats(
     num_bands: int,
     dtype: str | np.dtype = "uint8",
     dataset: Sequence[Mapping[str, Any]] | None = None,
+    stretch: Sequence[tuple[float, float]] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std in raw pixel units: ``"imagenet"`` or ``"dataset"`` (from ``dataset``).
+
+    With ``stretch`` (per band ``(low, high)``), of the stretched values in [0, 1] instead.
 
     Raises:
         ValueError: Unknown kind, or ``"dataset"`` without a dataset.
     """
     if kind == "imagenet":
-        return imagenet_stats(num_bands, dtype=dtype)
+        return imagenet_stats(num_bands, dtype=dtype, stretched=stretch is not None)
     if kind == "dataset":
         if dataset is None:
             raise ValueError("dataset normalisation needs the training dataset")
-        return dataset_stats(dataset)
+        return dataset_stats(dataset, stretch=stretch)
     raise ValueError(f"normalization should be 'imagenet' or 'dataset', got {kind!r}")

@@ -36,9 +36,10 @@ class CheckpointMeta:
         classes: Number of output classes.
         class_names: One name per class.
         bands: 1-based band indexes of the scene read as model input, in order.
-        mean: Per-band mean in raw pixel units.
-        std: Per-band standard deviation in raw pixel units.
-            Preprocessing is ``(raw_float - mean) / std`` per band, nothing else.
+        mean: Per-band mean in raw pixel units (in stretched units, [0, 1], with ``stretch``).
+        std: Per-band standard deviation in raw pixel units (stretched units with ``stretch``).
+            Preprocessing is ``(raw_float - mean) / std`` per band, after the stretch if any
+            (``augment.raw_normalisation`` gives the same in raw units).
         chip_size: Chip size of the training data in pixels.
         resolution: Ground metres per pixel of the training data (None if unknown).
         config: The resolved training configuration (``Config.to_dict()``).
@@ -55,6 +56,13 @@ class CheckpointMeta:
             99th percentiles of the valid pixels of a decimated read of the training scenes
             (``augment.value_range``). Prediction refuses scenes far outside it and maps
             scenes onto it with ``rescale``; None in older checkpoints (no check).
+        stretch: Per band, the (low, high) raw values of the percentile stretch
+            (``data.stretch``): the model's input is ``clip((raw - low) / (high - low), 0, 1)``
+            normalised with ``mean`` and ``std``. None: no stretch (and older checkpoints).
+        band_names: The name of each training band (its description, else its colour
+            interpretation; ``geoseg.bands``) when every band had one; None otherwise (and in
+            older checkpoints). A model whose ``data.bands`` named its bands finds them by
+            name in every scene it predicts.
     """
 
     arch: str
@@ -75,6 +83,8 @@ class CheckpointMeta:
     target_settings: dict[str, Any] = field(default_factory=dict)
     input_dtype: str | None = None
     value_range: tuple[tuple[float, float], ...] | None = None
+    stretch: tuple[tuple[float, float], ...] | None = None
+    band_names: tuple[str, ...] | None = None
 
     @property
     def out_channels(self) -> int:
@@ -99,8 +109,11 @@ class CheckpointMeta:
         values = dict(raw)
         for key in ("class_names", "bands", "mean", "std"):
             values[key] = tuple(values[key])
-        if values.get("value_range") is not None:
-            values["value_range"] = tuple((float(lo), float(hi)) for lo, hi in values["value_range"])
+        for key in ("value_range", "stretch"):
+            if values.get(key) is not None:
+                values[key] = tuple((float(lo), float(hi)) for lo, hi in values[key])
+        if values.get("band_names") is not None:
+            values["band_names"] = tuple(str(n) for n in values["band_names"])
         return cls(**values)
 
 

@@ -40,7 +40,11 @@ ChannelLoss = Literal["focal_dice", "bce_dice"]
 class DataConfig:
     """Where the training data is and how it is cut into chips.
 
-    Sizes are in pixels.
+    Sizes are in pixels. ``bands``: 1-based band numbers and/or band names (matched to
+    descriptions, then colour interpretations: ``geoseg.bands``); null: every band.
+    ``stretch``: ``[low, high]`` percentiles (e.g. ``[2, 98]``) of the training pixels per
+    band; values are mapped to ``clip((raw - p_low) / (p_high - p_low), 0, 1)`` before
+    normalisation, in training and prediction alike; null: no stretch.
     """
 
     root: tuple[str, ...] = ("dataset",)
@@ -48,7 +52,7 @@ class DataConfig:
     vector_labels: str | None = None
     chip_size: int = 256
     stride: int | None = None
-    bands: tuple[int, ...] | None = None
+    bands: tuple[int | str, ...] | None = None
     classes: int = 2
     class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
     label_values: Literal["auto", "binary255", "binary01", "classes"] = "auto"
@@ -68,6 +72,7 @@ class DataConfig:
     # 1/(1+j) and (1+j) times the chip's ground extent into the chip (log-uniform), i.e. a
     # ground resolution around ``resolution``; 0: none.
     scale_jitter: float = 0.0
+    stretch: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,12 @@
 Not to be confused with :mod:`geoseg.export`, which writes rooftop polygons. The
 exported graph is the model alone: it takes normalised chips ``(raw - mean) / std``
 of the checkpoint's bands, (N, bands, chip, chip) float32 with any batch size N,
-and returns logits (N, out_channels, chip, chip). Everything needed to feed it
-(bands, normalisation, chip size, ground resolution, classes, target, value range)
+and returns logits (N, out_channels, chip, chip). A checkpoint trained with a percentile
+stretch (``data.stretch``) wants ``raw`` stretched first, ``clip((raw - low) / (high - low), 0, 1)``
+per band: the stretch is part of the preprocessing the caller does, like the
+normalisation (it is not baked into the graph, so that every exported model takes the
+same kind of input; ``geoseg predict`` does it itself). Everything needed to feed it
+(bands, stretch, normalisation, chip size, ground resolution, classes, target, value range)
 travels inside the file: ONNX ``metadata_props`` (:mod:`geoseg.onnx_model`), or a
 TorchScript archive's extra file :data:`TORCHSCRIPT_META`.
 """
@@ -202,7 +206,9 @@ def write_onnx(model: Any, meta: CheckpointMeta, path: Path) -> None:
     onnx.helper.set_model_props(proto, metadata_props(meta))
     proto.doc_string = (
         f"geoseg {meta.arch}/{meta.encoder}: input {INPUT_NAME!r} float32 (N, {meta.in_channels}, "
-        f"{meta.chip_size}, {meta.chip_size}) = (raw scene bands {list(meta.bands)} - mean) / std; output "
+        f"{meta.chip_size}, {meta.chip_size}) = ("
+        f"{'clip((raw - low) / (high - low), 0, 1) of ' if meta.stretch else 'raw '}scene bands "
+        f"{list(meta.bands)} - mean) / std; output "
         f"{OUTPUT_NAME!r} float32 logits (N, {meta.out_channels}, {meta.chip_size}, {meta.chip_size}); "
         f"everything else as JSON in metadata_props[{METADATA_KEY!r}]"
     )

@@ -86,7 +86,8 @@ def calibration_chips(
     *,
     count: int = CALIBRATION_CHIPS,
     bands: Sequence[Sequence[int]] | None = None,
-    normalisations: Sequence[tuple[Sequence[float], Sequence[float]]] | None = None,
+    normalisations: Sequence[tuple[Sequence[float], Sequence[float], Sequence[tuple[float, float]] | None]]
+    | None = None,
 ) -> Calibration:
     """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
 
@@ -95,8 +96,9 @@ def calibration_chips(
     evenly over the list), read with the model's bands and normalised with its mean and std, exactly as
     prediction feeds them; chips with less than half valid pixels are skipped unless the
     scene has no other. ``bands``: each scene's bands, where they are not the model's
-    (``geoseg predict --bands``); ``normalisations``: each scene's (mean, std), where they are
-    not the model's (``geoseg predict --rescale`` folds its value map into them).
+    (``geoseg predict --bands``); ``normalisations``: each scene's (mean, std, stretch), where they
+    are not the model's (``geoseg predict --rescale`` folds its value map into them). A stretch is
+    applied as prediction applies it (``augment.raw_normalisation``: clip, then normalise).
 
     Raises:
         GeosegError: A scene cannot be read (the reader's own one-line errors).
@@ -104,6 +106,7 @@ def calibration_chips(
     """
     from rasterio.windows import Window
 
+    from geoseg.augment import raw_normalisation
     from geoseg.raster_io import open_raster, read_window
 
     chip = int(meta.chip_size)
@@ -116,15 +119,21 @@ def calibration_chips(
     for i in picked_scenes:
         scene = scenes[i]
         read_bands = list(bands[i]) if bands is not None else list(meta.bands)
-        mean_i, std_i = normalisations[i] if normalisations is not None else (meta.mean, meta.std)
+        mean_i, std_i, clip = raw_normalisation(
+            *(normalisations[i] if normalisations is not None else (meta.mean, meta.std, meta.stretch)))
         mean = np.asarray(mean_i, np.float32)[:, None, None]
         inv_std = (1.0 / np.asarray(std_i, np.float32))[:, None, None]
+        low = np.asarray([lo for lo, _ in clip], np.float32)[:, None, None] if clip is not None else None
+        high = np.asarray([hi for _, hi in clip], np.float32)[:, None, None] if clip is not None else None
         kept: list[np.ndarray] = []
         empty: list[np.ndarray] = []
         with open_raster(scene) as src:
             for row, col in _grid(src.width, src.height, chip, per_scene):
                 data, valid = read_window(src, Window(col, row, chip, chip), bands=read_bands)
-                normalised = (data.astype(np.float32) - mean) * inv_std
+                values = data.astype(np.float32)
+                if low is not None:
+                    np.clip(values, low, high, out=values)
+                normalised = (values - mean) * inv_std
                 (kept if valid.mean() >= _MIN_VALID else empty).append(normalised)
         picked = kept or empty  # a scene of nodata only still calibrates what prediction will feed
         chips.extend(picked)

@@ -81,6 +81,8 @@ class SceneInfo:
         transform: Affine pixel-to-CRS transform.
         nodata: Nodata value, or None.
         descriptions: Band descriptions (None entries where unset).
+        colorinterp: Band colour interpretations (rasterio ``ColorInterp`` names: ``red``, ``gray``,
+            ``undefined``, ...); empty where unknown.
     """
 
     path: Path | str
@@ -92,6 +94,7 @@ class SceneInfo:
     transform: Affine
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    colorinterp: tuple[str, ...] = ()
 
     @property
     def res(self) -> tuple[float, float]:
@@ -498,7 +501,7 @@ def open_scene(
         return SceneInfo(
             path=p, width=src.width, height=src.height, count=src.count, dtype=src.dtypes[0],
             crs=crs, transform=src.transform, nodata=src.nodata,
-            descriptions=tuple(src.descriptions),
+            descriptions=tuple(src.descriptions), colorinterp=tuple(c.name for c in src.colorinterp),
         )
 
 

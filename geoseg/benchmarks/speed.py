@@ -129,9 +129,13 @@ def baseline_loop(
     from geoseg.raster_io import read_window
     from geoseg.tiling import chip_grid
 
+    from geoseg.augment import raw_normalisation
+
     model = model.eval().cpu().to(memory_format=torch.contiguous_format)
-    mean = np.asarray(meta.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(meta.std, dtype=np.float32)[:, None, None]
+    raw_mean, raw_std, clip = raw_normalisation(meta.mean, meta.std, meta.stretch)
+    mean = np.asarray(raw_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(raw_std, dtype=np.float32)[:, None, None]
+    bounds = np.asarray(clip, np.float32).T[:, :, None, None] if clip else None  # (2, bands, 1, 1)
     with rasterio.open(scene) as src:
         grid = chip_grid(src.width, src.height, size=meta.chip_size, stride=meta.chip_size - overlap)
         sample = grid[:chips]
@@ -140,7 +144,8 @@ def baseline_loop(
             for i, chip in enumerate([sample[0], *sample]):  # first one is warm-up
                 t0 = time.perf_counter()
                 data, _ = read_window(src, chip.window, bands=meta.bands)
-                x = torch.from_numpy((data.astype(np.float32) - mean) / std)[None]
+                values = data.astype(np.float32) if bounds is None else np.clip(data.astype(np.float32), *bounds)
+                x = torch.from_numpy((values - mean) / std)[None]
                 model(x).argmax(1).numpy()
                 if i:
                     times.append(time.perf_counter() - t0)

@@ -138,13 +138,7 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
         if pair.image not in infos:
             infos[pair.image] = open_scene(pair.image, assume_crs=d.assume_crs, check_blocks=False)
     first = next(iter(infos.values()))
-    bands = tuple(d.bands) if d.bands else tuple(range(1, first.count + 1))
-    for info in infos.values():
-        if max(bands) > info.count:
-            raise DatasetError(
-                f"{info.path}: has {info.count} bands, data.bands asks for band {max(bands)}; "
-                "set data.bands to bands every scene has"
-            )
+    bands = training_bands(d.bands, list(infos.values()))
     if isinstance(target, float):  # every scene is resampled to it: the model learns at exactly this
         return pairs, splits, bands, first.dtype, target
     res = []
@@ -155,6 +149,48 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
             logger.warning("%s: ground resolution not measurable (%s)", info.path, exc)
     resolution = float(np.median(res)) if res else None
     return pairs, splits, bands, first.dtype, resolution
+
+
+def training_bands(spec: Sequence[int | str] | None, infos: Sequence[Any]) -> tuple[int, ...]:
+    """The 1-based bands ``data.bands`` picks, the same in every scene (``infos``: their SceneInfos).
+
+    Numbers are kept; names are matched in each scene (``geoseg.bands``) and must pick the
+    same bands in all of them. None: every band of the first scene.
+
+    Raises:
+        ConfigError: An empty name or a number below 1.
+        DatasetError: A band a scene lacks, a name it lacks or has twice, or names that pick
+            other bands in another scene.
+    """
+    from geoseg.bands import band_spec, by_name, resolve_bands
+    from geoseg.errors import ConfigError
+
+    if not spec:
+        return tuple(range(1, infos[0].count + 1))
+    try:
+        wanted = band_spec(spec)
+    except ValueError as exc:
+        raise ConfigError(f"data.bands {list(spec)}: {exc}; give 1-based band numbers or band names") from None
+    if not by_name(wanted):
+        bands = tuple(int(b) for b in wanted)
+        for info in infos:
+            if max(bands) > info.count:
+                raise DatasetError(
+                    f"{info.path}: has {info.count} bands, data.bands asks for band {max(bands)}; "
+                    "set data.bands to bands every scene has"
+                )
+        return bands
+    fix = "set data.bands to band names (or numbers) every scene has"
+    found = [(info, resolve_bands(info, wanted, error=DatasetError, fix=fix, what="data.bands")) for info in infos]
+    (first, bands), listed = found[0], ",".join(map(str, wanted))
+    for info, got in found[1:]:
+        if got != bands:
+            raise DatasetError(
+                f"{info.path}: data.bands {listed} are bands {','.join(map(str, got))} here but "
+                f"{','.join(map(str, bands))} in {first.path}; give the scenes the same band names, or set "
+                "data.bands to numbers"
+            )
+    return bands
 
 
 def chip_dataset(items: list[Any], config: Config, *, bands: tuple[int, ...], train: bool, transform: Any) -> Any:
@@ -192,28 +228,46 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
 def build_datasets(
     config: Config, splits: dict[str, list[Any]], *, bands: tuple[int, ...], dtype: str,
-    stats: tuple[Sequence[float], Sequence[float]] | None,
-) -> tuple[Any, Any | None, Any, tuple[tuple[float, ...], tuple[float, ...]]]:
+    stats: tuple[Sequence[float], Sequence[float], Sequence[tuple[float, float]] | None] | None,
+) -> tuple[Any, Any | None, Any, tuple[tuple[float, ...], tuple[float, ...], tuple[tuple[float, float], ...] | None]]:
     """Training and validation datasets with their transforms, and the normalisation used.
 
-    ``stats`` (mean, std) are reused when given (resume), else computed as
-    ``data.normalization`` says.
+    ``stats`` (mean, std, stretch) are reused when given (resume), else computed as
+    ``data.stretch`` and ``data.normalization`` say: the stretch's percentiles first
+    (``augment.stretch_bounds``), then the statistics of the stretched values.
+
+    Raises:
+        ConfigError: ``data.stretch`` not two percentiles 0 <= low < high <= 100.
+        DatasetError: No usable training chip, or no valid pixel to measure the stretch or statistics on.
     """
-    from geoseg.augment import build_transform, normalization_stats, value_scale
+    from geoseg.augment import build_transform, normalization_stats, stretch_bounds, value_scale
+    from geoseg.errors import ConfigError
 
     d = config.data
     zero = DatasetError(f"{', '.join(d.root)}: zero usable training chips; check the images, masks and nodata")
     if stats is None:
-        raw = None
-        if d.normalization == "dataset":
+        raw = stretch = None
+        if d.stretch is not None and not 0 <= d.stretch[0] < d.stretch[1] <= 100:
+            raise ConfigError(f"data.stretch should be [low, high] percentiles with 0 <= low < high <= 100 "
+                              f"(e.g. [2, 98]), got {list(d.stretch)}")
+        if d.normalization == "dataset" or d.stretch is not None:
             raw = chip_dataset(splits["train"], config, bands=bands, train=False, transform=None)
             if len(raw) == 0:
                 raise zero
-        stats = normalization_stats(d.normalization, num_bands=len(bands), dtype=dtype, dataset=raw)
+        try:
+            if d.stretch is not None:
+                stretch = stretch_bounds(raw, (float(d.stretch[0]), float(d.stretch[1])))
+            mean_std = normalization_stats(d.normalization, num_bands=len(bands), dtype=dtype, dataset=raw,
+                                           stretch=stretch)
+        except ValueError:  # no valid pixel to measure: nothing to learn from either
+            raise zero_usable_error(config) from None
+        stats = (*mean_std, stretch)
     mean, std = tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])
-    scale = value_scale(dtype)
-    train_tf = build_transform(mean=mean, std=std, augment=config.augment, scale=scale, seed=config.train.seed)
-    val_tf = build_transform(mean=mean, std=std, augment=None, scale=scale)
+    stretch = tuple((float(lo), float(hi)) for lo, hi in stats[2]) if stats[2] is not None else None
+    scale = 1.0 if stretch is not None else value_scale(dtype)
+    train_tf = build_transform(mean=mean, std=std, augment=config.augment, scale=scale, seed=config.train.seed,
+                               stretch=stretch)
+    val_tf = build_transform(mean=mean, std=std, augment=None, scale=scale, stretch=stretch)
     train_ds = chip_dataset(splits["train"], config, bands=bands, train=True, transform=train_tf)
     if len(train_ds) == 0:
         raise zero
@@ -223,4 +277,4 @@ def build_datasets(
     if val_ds is None or len(val_ds) == 0:
         logger.warning("no validation chips: best checkpoints, scheduler and early stopping follow the training metrics")
         val_ds = None
-    return train_ds, val_ds, train_tf, (mean, std)
+    return train_ds, val_ds, train_tf, (mean, std, stretch)

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: What fit() writes into ``train.out_dir``.
 OUTPUT_NAMES = (BEST_IOU, BEST_LOSS, BEST_OBJECT_F1, LAST, HISTORY, CURVES, SPLIT)
+#: Training scenes whose band names are read for the checkpoint (they must all agree).
+BAND_NAME_SAMPLE = 16
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,28 @@ def training_value_range(
     return value_range(list(dict.fromkeys(scenes)), bands)
 
 
+def training_band_names(
+    splits: dict[str, list[Any]], bands: tuple[int, ...], *, assume_crs: str | None
+) -> tuple[str, ...] | None:
+    """The names of the training bands, recorded in the checkpoint (``bands.names_of``): from up to
+    BAND_NAME_SAMPLE training scenes' headers, when every band has a name and the scenes agree."""
+    from geoseg.bands import canonical_name, names_of
+    from geoseg.raster_io import open_scene
+
+    scenes = [(item[0] if isinstance(item, tuple) else item).image for item in splits.get("train") or []]
+    found = None
+    for scene in list(dict.fromkeys(scenes))[:BAND_NAME_SAMPLE]:
+        names = names_of(open_scene(scene, assume_crs=assume_crs, check_blocks=False), bands)
+        if names is None:
+            return None
+        if found is not None and [canonical_name(n) for n in names] != [canonical_name(n) for n in found]:
+            logger.info("training scenes name their bands differently (%s, %s): no band names recorded",
+                        ",".join(found), ",".join(names))
+            return None
+        found = found or names
+    return found
+
+
 def build_criterion(config: Config) -> nn.Module:
     """The training loss: the footprint's CE + Dice, plus the border and contact losses for ``instances``."""
     from geoseg.losses import InstanceSegmentationLoss, SegmentationLoss
@@ -228,9 +252,11 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         check_resume(resumed, str(resume), config, bands)
     model = _build_model(config, in_channels=len(bands), resumed=resumed is not None)
 
-    stats = (resumed.meta.mean, resumed.meta.std) if resumed is not None else None
-    train_ds, val_ds, train_tf, (mean, std) = build_datasets(config, splits, bands=bands, dtype=dtype, stats=stats)
+    stats = (resumed.meta.mean, resumed.meta.std, resumed.meta.stretch) if resumed is not None else None
+    train_ds, val_ds, train_tf, (mean, std, stretch) = build_datasets(config, splits, bands=bands, dtype=dtype,
+                                                                      stats=stats)
     learned_range = training_value_range(splits, bands)
+    names = training_band_names(splits, bands, assume_crs=d.assume_crs)
     loaders = _loaders(config, train_ds, val_ds, ctx=ctx, cuda=device.type == "cuda")
 
     model.to(device)
@@ -259,7 +285,7 @@ def _fit(config: Config, *, ctx: DistContext, device: torch.device, resume: Any,
         class_names=tuple(d.class_names), bands=bands, mean=tuple(mean), std=tuple(std),
         chip_size=d.chip_size, resolution=resolution, config=config.to_dict(), version=__version__,
         target=config.model.target, target_settings=target_settings(config),
-        input_dtype=str(dtype), value_range=learned_range,
+        input_dtype=str(dtype), value_range=learned_range, stretch=stretch, band_names=names,
     )
     loop = EpochLoop(model=train_model, criterion=state.criterion, optimizer=state.optimizer, scaler=state.scaler,
                      device=device, amp_dtype=amp.dtype, ctx=ctx, classes=d.classes, grad_clip=t.grad_clip,

@@ -86,6 +86,8 @@ class BlockWork:
             return
         self.read_blocks += 1
         x = item.data.to(dev, non_blocking=True).to(torch.float32)  # (H, W, C) raw pixels
+        if predictor.low is not None:  # the checkpoint's percentile stretch
+            x.clamp_(min=predictor.low, max=predictor.high)
         x.sub_(predictor.mean).mul_(predictor.inv_std)
         if not item.all_valid:
             x.masked_fill_(~valid[..., None], 0.0)

@@ -9,7 +9,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from geoseg.errors import CheckpointError, file_error
+from geoseg.errors import CheckpointError, ConfigError, file_error
 from geoseg.raster_io import SceneInfo, source_key
 
 if TYPE_CHECKING:
@@ -36,34 +36,60 @@ _GDAL_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "In
                "int32": "Int32", "float32": "Float32", "float64": "Float64"}
 
 
-def scene_bands(info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int] | None = None) -> tuple[int, ...]:
+def _wanted(meta: "CheckpointMeta") -> str:
+    """What the model was trained on, for messages: band names (when recorded) or numbers."""
+    return ",".join(meta.band_names) if meta.band_names else ",".join(str(b) for b in meta.bands)
+
+
+def _names_fix(meta: "CheckpointMeta") -> str:
+    n = len(meta.bands)
+    return (f"pass --bands with the {n} of this scene's bands (numbers or names) that are the model's "
+            f"{_wanted(meta)}, e.g. --bands {','.join(str(i) for i in range(1, n + 1))}")
+
+
+def scene_bands(
+    info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int | str] | None = None
+) -> tuple[int, ...]:
     """The scene bands to feed the model, checked against the checkpoint.
 
-    A checkpoint trained on explicitly chosen bands (``data.bands`` in its
-    config) reads those bands from any scene that has them; one trained on all
-    the bands of its images wants a scene with the same number of bands.
+    A checkpoint trained on bands chosen by name (``data.bands: [red, green, blue]`` in its
+    config) finds those names in every scene (``geoseg.bands``: descriptions, then colour
+    interpretations); one trained on bands chosen by number reads those bands from any scene
+    that has them; one trained on all the bands of its images wants a scene with the same
+    number of bands (and logs a warning when the scene's band names differ from the ones it
+    recorded).
 
     Args:
         info: The scene.
         meta: The checkpoint description.
-        bands: 1-based scene bands chosen by the user (overrides the checkpoint's).
+        bands: 1-based scene bands or band names chosen by the user (overrides the checkpoint's).
 
     Returns:
         1-based band indexes.
 
     Raises:
-        CheckpointError: Bands that do not fit, with the fix.
+        CheckpointError: Bands that do not fit, or names the scene lacks, with the scene's bands
+            and the fix.
     """
+    from geoseg.bands import band_spec, by_name, resolve_bands
+
     expected = tuple(int(b) for b in meta.bands)
     listed = ",".join(str(b) for b in expected)
     if bands is not None:
-        chosen = tuple(int(b) for b in bands)
-        if len(chosen) != len(expected):
+        try:
+            spec = band_spec(bands)
+        except ValueError as exc:
+            raise ConfigError(f"--bands {','.join(map(str, bands))}: {exc}; pass band numbers or names") from None
+        if len(spec) != len(expected):
             raise file_error(
                 CheckpointError, info.path,
-                f"--bands {','.join(map(str, chosen))} gives {len(chosen)} bands, the model takes "
-                f"{len(expected)} (bands {listed})", f"pass {len(expected)} band numbers",
+                f"--bands {','.join(map(str, spec))} gives {len(spec)} bands, the model takes "
+                f"{len(expected)} (bands {_wanted(meta) if by_name(spec) else listed})",
+                f"pass {len(expected)} band {'numbers or names' if by_name(spec) else 'numbers'}",
             )
+        if by_name(spec):
+            return resolve_bands(info, spec, error=CheckpointError, fix=_names_fix(meta), what="--bands")
+        chosen = tuple(int(b) for b in spec)
         bad = [b for b in chosen if not 1 <= b <= info.count]
         if bad:
             raise file_error(
@@ -73,6 +99,9 @@ def scene_bands(info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int] | 
         return chosen
     data_cfg = meta.config.get("data", {}) if isinstance(meta.config, dict) else {}
     explicit = isinstance(data_cfg, dict) and data_cfg.get("bands") is not None
+    if explicit and by_name(data_cfg["bands"]):
+        return resolve_bands(info, data_cfg["bands"], error=CheckpointError, fix=_names_fix(meta),
+                             what="the model wants bands")
     fits = max(expected) <= info.count and (explicit or info.count == len(expected))
     if not fits:
         raise file_error(
@@ -83,7 +112,21 @@ def scene_bands(info: SceneInfo, meta: "CheckpointMeta", bands: Sequence[int] | 
             f"(e.g. --bands {','.join(str(i) for i in range(1, len(expected) + 1))}) "
             f"or use a model trained on {info.count}-band imagery",
         )
+    _warn_renamed(info, meta, expected)
     return expected
+
+
+def _warn_renamed(info: SceneInfo, meta: "CheckpointMeta", bands: tuple[int, ...]) -> None:
+    """Warn when the scene names the model's bands (chosen by number) otherwise than the training data."""
+    from geoseg.bands import canonical_name, names_of
+
+    found = names_of(info, bands)
+    if meta.band_names is None or found is None:
+        return
+    if [canonical_name(n) for n in found] != [canonical_name(n) for n in meta.band_names]:
+        log.warning("%s: bands %s are %s here, the model learned %s; if they are not the same bands, %s",
+                    info.path, ",".join(map(str, bands)), ",".join(found), ",".join(meta.band_names),
+                    _names_fix(meta))
 
 
 def model_resolution(info: SceneInfo, meta: "CheckpointMeta", setting: str | float = "auto") -> float | None:
@@ -151,7 +194,12 @@ class ValueMap:
     def applied_to(self, meta: "CheckpointMeta") -> "CheckpointMeta":
         """``meta`` whose normalisation applies the map first: ``(scale * raw + offset - mean) / std``
         is ``(raw - mean') / std'`` with ``mean' = (mean - offset) / scale`` and ``std' = std / scale``,
-        so the normaliser maps every block at no extra cost."""
+        so the normaliser maps every block at no extra cost. With a stretch, the map moves the
+        stretch's bounds instead (``low' = (low - offset) / scale``), the scale being positive;
+        mean and std stay in stretched units."""
+        if meta.stretch is not None:
+            stretch = tuple(((lo - o) / k, (hi - o) / k) for (lo, hi), o, k in zip(meta.stretch, self.offset, self.scale))
+            return dataclasses.replace(meta, stretch=stretch)
         mean = tuple((m - o) / k for m, o, k in zip(meta.mean, self.offset, self.scale))
         std = tuple(s / k for s, k in zip(meta.std, self.scale))
         return dataclasses.replace(meta, mean=mean, std=std)

@@ -224,7 +224,7 @@ def check_outputs(
 
 
 def check_scenes(
-    scenes: Sequence[Path], meta: CheckpointMeta, *, bands: Sequence[int] | None, assume_crs: str | None,
+    scenes: Sequence[Path], meta: CheckpointMeta, *, bands: Sequence[int | str] | None, assume_crs: str | None,
     rescale: bool, aoi: Any = None,
 ) -> CheckedScenes:
     """Open every scene and check its bands (and, without ``rescale``, its values) against the model.
@@ -272,7 +272,7 @@ def predict(
     prob_out: str | os.PathLike[str] | None = None,
     prob_dtype: ProbDtype = "uint8",
     preview: str | os.PathLike[str] | None = None,
-    bands: Sequence[int] | None = None,
+    bands: Sequence[int | str] | None = None,
     assume_crs: str | None = None,
     rescale: bool = False,
     overwrite: bool = False,
@@ -297,7 +297,7 @@ def predict(
         prob_dtype: ``"uint8"`` or ``"float16"``.
         preview: A PNG of each scene with its polygons (``geoseg.preview``): a ``.png`` file
             (one scene), a folder, or a template with ``{scene}``.
-        bands: Scene bands to use instead of the checkpoint's.
+        bands: Scene bands (numbers and/or names, ``geoseg.bands``) to use instead of the checkpoint's.
         assume_crs: CRS for scenes without one.
         rescale: Map each scene's values linearly onto the range the model learned
             (``checks.check_value_range``) instead of refusing scenes far outside it.
@@ -392,7 +392,7 @@ def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],
         for path, use in zip(scenes, bands):
             value_map = check_value_range(open_scene(path, assume_crs=assume_crs), meta, use, rescale=True)
             mapped = value_map.applied_to(meta) if value_map is not None else meta
-            normalisations.append((mapped.mean, mapped.std))
+            normalisations.append((mapped.mean, mapped.std, mapped.stretch))
     folder = scratch.enter_context(temporary_folder(name="int8"))
     return int8_model((model, meta), scenes, folder, bands=bands, normalisations=normalisations)
 

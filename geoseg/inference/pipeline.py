@@ -382,7 +382,7 @@ def _run(
     predictor = ChipPredictor(
         model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
         compile=compile_wanted(compile_model, dev, chips_total), batch_size=batch_size,
-        extra_channels=len(extra),
+        extra_channels=len(extra), stretch=meta.stretch,
     )
     cuda = dev.type == "cuda"
     sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),

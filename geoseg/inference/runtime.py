@@ -142,13 +142,14 @@ class ChipPredictor:
         compile: bool = False,
         batch_size: int | None = None,
         extra_channels: int = 0,
+        stretch: Sequence[tuple[float, float]] | None = None,
     ) -> None:
         """Prepare the model.
 
         Args:
             model: Segmentation model returning logits (N, classes, H, W).
-            mean: Per-band mean in raw pixel units.
-            std: Per-band standard deviation in raw pixel units.
+            mean: Per-band mean in raw pixel units (stretched units with ``stretch``).
+            std: Per-band standard deviation in raw pixel units (stretched units with ``stretch``).
             classes: Number of classes the model outputs.
             device: Device to run on.
             autocast_dtype: Autocast dtype, or None for fp32.
@@ -161,10 +162,16 @@ class ChipPredictor:
             extra_channels: Sigmoid channels the model outputs after its ``classes`` class
                 logits (an ``instances`` model: border, contact); their probabilities follow
                 the class probabilities.
+            stretch: Per band ``(low, high)`` raw values of the checkpoint's percentile stretch:
+                raw blocks are clipped to it, then normalised with the mean and std folded into
+                raw units (``augment.raw_normalisation``; the same as the training transform's
+                ``clip((raw - low) / (high - low), 0, 1)`` then ``(x - mean) / std``).
 
         Raises:
             ConfigError: A zero standard deviation.
         """
+        from geoseg.augment import raw_normalisation
+
         if any(float(s) == 0 for s in std):
             raise ConfigError(f"normalisation std {tuple(std)} has a zero; the checkpoint is broken")
         if getattr(model, "runs_own_precision", False):  # autocast cannot reach it; compiling gains nothing
@@ -187,8 +194,14 @@ class ChipPredictor:
         self.pad_to = int(batch_size) if compile and batch_size else None
         if compile:
             self.model = compiled_model(self.eager, device)
+        mean, std, clip = raw_normalisation(mean, std, stretch)
         self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device)
         self.inv_std = 1.0 / torch.tensor([float(s) for s in std], dtype=torch.float32, device=device)
+        #: Per band, the raw values the stretch clips to (None: no stretch).
+        self.low = self.high = None
+        if clip is not None:
+            self.low = torch.tensor([lo for lo, _ in clip], dtype=torch.float32, device=device)
+            self.high = torch.tensor([hi for _, hi in clip], dtype=torch.float32, device=device)
 
     @property
     def precision(self) -> str:
