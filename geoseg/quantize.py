@@ -88,6 +88,8 @@ def calibration_chips(
     bands: Sequence[Sequence[int]] | None = None,
     normalisations: Sequence[tuple[Sequence[float], Sequence[float], Sequence[tuple[float, float]] | None]]
     | None = None,
+    resolutions: Sequence[float | None] | None = None,
+    assume_crs: str | None = None,
 ) -> Calibration:
     """Normalised chips spread evenly over ``scenes`` (each scene gives its share), for calibration.
 
@@ -99,6 +101,9 @@ def calibration_chips(
     (``geoseg predict --bands``); ``normalisations``: each scene's (mean, std, stretch), where they
     are not the model's (``geoseg predict --rescale`` folds its value map into them). A stretch is
     applied as prediction applies it (``augment.raw_normalisation``: clip, then normalise).
+    ``resolutions``: each scene's ground resolution where prediction reads it on a model grid
+    (``predict --resolution``; None: its own grid): its chips are read there, resampled, as
+    prediction reads them (``assume_crs`` for scenes without a CRS).
 
     Raises:
         GeosegError: A scene cannot be read (the reader's own one-line errors).
@@ -107,7 +112,8 @@ def calibration_chips(
     from rasterio.windows import Window
 
     from geoseg.augment import raw_normalisation
-    from geoseg.raster_io import open_raster, read_window
+    from geoseg.raster_io import open_raster, open_scene, read_window
+    from geoseg.resample import grid_at, read_resampled
 
     chip = int(meta.chip_size)
     per_scene = max(1, math.ceil(count / max(len(scenes), 1)))
@@ -127,9 +133,17 @@ def calibration_chips(
         high = np.asarray([hi for _, hi in clip], np.float32)[:, None, None] if clip is not None else None
         kept: list[np.ndarray] = []
         empty: list[np.ndarray] = []
+        metres = resolutions[i] if resolutions is not None else None
         with open_raster(scene) as src:
-            for row, col in _grid(src.width, src.height, chip, per_scene):
-                data, valid = read_window(src, Window(col, row, chip, chip), bands=read_bands)
+            info = grid = None
+            if metres is not None:  # the model grid prediction reads (the CRS as the caller resolved it)
+                info = open_scene(scene, check_blocks=False, assume_crs=assume_crs)
+                grid = grid_at(info, metres)
+            for row, col in _grid(grid.width if grid else src.width, grid.height if grid else src.height,
+                                  chip, per_scene):
+                win = Window(col, row, chip, chip)
+                data, valid = (read_resampled(src, info, grid, win, bands=read_bands) if grid is not None
+                               else read_window(src, win, bands=read_bands))
                 values = data.astype(np.float32)
                 if low is not None:
                     np.clip(values, low, high, out=values)
@@ -239,13 +253,15 @@ def int8_model(
     count: int = CALIBRATION_CHIPS,
     bands: Sequence[Sequence[int]] | None = None,
     normalisations: Sequence[tuple[Sequence[float], Sequence[float]]] | None = None,
+    resolutions: Sequence[float | None] | None = None,
+    assume_crs: str | None = None,
 ) -> tuple[Any, CheckpointMeta]:
     """An int8 :class:`~geoseg.onnx_model.OnnxModel`, calibrated on ``scenes``.
 
     ``source`` is a checkpoint (exported to ONNX first), an ONNX model (used as it is when
     already int8) or a torch model with its description ``(model, meta)``. The files are
-    written in ``workdir`` (a temporary folder the caller removes). ``bands`` and
-    ``normalisations``: as :func:`calibration_chips`.
+    written in ``workdir`` (a temporary folder the caller removes). ``bands``,
+    ``normalisations``, ``resolutions`` and ``assume_crs``: as :func:`calibration_chips`.
 
     Returns:
         ``(model, meta)`` as ``load_checkpoint`` gives them.
@@ -275,6 +291,7 @@ def int8_model(
         module, meta = load_checkpoint(source, map_location="cpu")
         fp32 = work / "model.onnx"
         write_onnx(module, meta, fp32)
-    calibration = calibration_chips(scenes, meta, count=count, bands=bands, normalisations=normalisations)
+    calibration = calibration_chips(scenes, meta, count=count, bands=bands, normalisations=normalisations,
+                                    resolutions=resolutions, assume_crs=assume_crs)
     quantized = quantize_onnx(fp32, work / "model.int8.onnx", calibration)
     return load_onnx_model(quantized)

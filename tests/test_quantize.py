@@ -75,6 +75,22 @@ def test_calibration_chips_are_normalised_exactly_as_prediction_feeds_them(fp32)
     assert calibration.sources == (scene.name,) * 4
 
 
+def test_calibration_at_a_resolution_reads_the_model_grid(fp32):
+    """A scene predicted on a model grid (--resolution) is calibrated with chips read there."""
+    from rasterio.enums import Resampling
+
+    _, _, _, meta, scene = fp32
+    with rasterio.open(scene) as src:
+        metres = 2 * (src.res[0] / 0.9996)  # the scene's ground resolution, twice (UTM, central meridian)
+        width, height = round(src.width / 2), round(src.height / 2)
+        whole = src.read(list(meta.bands), out_shape=(len(meta.bands), height, width),
+                         resampling=Resampling.bilinear).astype(np.float32)
+    calibration = calibration_chips([scene], meta, count=4, resolutions=[metres])
+    want = [(whole[:, r:r + CHIP, c:c + CHIP] - np.array(meta.mean, np.float32)[:, None, None])
+            / np.array(meta.std, np.float32)[:, None, None] for r, c in _grid(width, height, CHIP, 4)]
+    np.testing.assert_allclose(calibration.chips, np.stack(want), rtol=1e-6, atol=1e-6)
+
+
 def test_calibration_skips_chips_of_nodata(fp32, tmp_path):
     _, _, _, meta, scene = fp32
     with rasterio.open(scene) as src:

@@ -176,3 +176,19 @@ def test_read_resampled_windows_equal_a_whole_read(tmp_path):
         np.testing.assert_array_equal(inside, whole[:, grid.height - 30:, :43])
         assert valid[:30, 7:].all() and not valid[30:].any() and not valid[:, :7].any()
         assert (part[:, 30:] == 9).all()
+
+
+@pytest.mark.parametrize("bad, said", [("0", "'0'"), ("-2", "'-2'"), ("fine", "'fine'")])
+def test_cli_bad_resolution_is_one_line_and_writes_nothing(tmp_path, bad, said):
+    from click.testing import CliRunner
+
+    import cli
+
+    scene = write_scene(tmp_path / "s.tif", draw_rectangles(40, 40, []))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.cli, ["predict", str(scene), "--out", str(out / "roofs.gpkg"),
+                                          "--resolution", bad])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --resolution should be ") and said in lines[0]
+    assert "Traceback" not in result.output and not out.exists()

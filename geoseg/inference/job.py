@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from geoseg.config import PredictConfig
 from geoseg.encoding import ProbDtype
-from geoseg.inference.checks import check_value_range, scene_bands
+from geoseg.inference.checks import check_value_range, model_resolution, scene_bands
 from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
@@ -348,7 +348,7 @@ def predict(
         if _int8_run(config, options["device"], model, meta, checked.sizes):
             # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.
             model, meta = _int8_model(model, meta, scene_paths, list(checked.bands), scratch,
-                                      rescale=rescale, assume_crs=assume_crs)
+                                      rescale=rescale, assume_crs=assume_crs, resolution=config.resolution)
             options["precision"] = "32"  # the int8 graph runs in its own precision
         run = _Run(
             scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
@@ -376,12 +376,13 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
 
 def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],
                 bands: Sequence[Sequence[int]], scratch: contextlib.ExitStack, *, rescale: bool,
-                assume_crs: str | None) -> tuple[nn.Module, CheckpointMeta]:
+                assume_crs: str | None, resolution: str | float = "native") -> tuple[nn.Module, CheckpointMeta]:
     """The run's (already loaded) model quantised to int8, calibrated on its scenes, in a scratch folder
     removed after the run.
 
     With ``rescale``, each scene's chips are normalised as prediction will normalise them:
-    with its value map folded in.
+    with its value map folded in; each scene predicted on a model grid (``resolution``) is
+    calibrated with chips read there.
     """
     from geoseg.quantize import int8_model
     from geoseg.temporaries import temporary_folder
@@ -393,8 +394,13 @@ def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],
             value_map = check_value_range(open_scene(path, assume_crs=assume_crs), meta, use, rescale=True)
             mapped = value_map.applied_to(meta) if value_map is not None else meta
             normalisations.append((mapped.mean, mapped.std, mapped.stretch))
+    resolutions = [None] * len(scenes) if resolution == "native" else [
+        model_resolution(open_scene(path, assume_crs=assume_crs, check_blocks=False), meta, resolution)
+        for path in scenes]
     folder = scratch.enter_context(temporary_folder(name="int8"))
-    return int8_model((model, meta), scenes, folder, bands=bands, normalisations=normalisations)
+    return int8_model((model, meta), scenes, folder, bands=bands, normalisations=normalisations,
+                      resolutions=resolutions if any(r is not None for r in resolutions) else None,
+                      assume_crs=assume_crs)
 
 
 def _publish(run: "_Run", shard: Shard, plan: OutputPlan, *, keep_polygons: bool, crs: Any,
