@@ -298,6 +298,9 @@ def train_command(
               help="Chip side in pixels.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
               help="Step between chips in pixels [default: --size, no overlap].")
+@click.option("--resolution", type=click.FloatRange(0, min_open=True), default=None, metavar="METRES",
+              help="Cut every scene on its grid at this ground resolution (read resampled: images bilinear, "
+                   "labels nearest) [default: each scene as it is].")
 @overwrite_option("Replace existing chips and index.")
 @assume_crs_option()
 @click.option("--demo", "demo_dir", type=click.Path(file_okay=False), default=None,
@@ -305,6 +308,7 @@ def train_command(
 def chip_command(
     scenes: tuple[str, ...], labels: tuple[str, ...], out_dir: str | None, size: int,
     stride: int | None, overwrite: bool, assume_crs: str | None, demo_dir: str | None,
+    resolution: float | None,
 ) -> None:
     """Cut SCENE(s) (images or dataset folders) into georeferenced GeoTIFF chips.
 
@@ -325,7 +329,7 @@ def chip_command(
         if out_dir is None:
             raise click.UsageError("missing option '--out'")
         result = chip_scenes(scenes, out_dir=out_dir, labels=labels, size=size, stride=stride,
-                             overwrite=overwrite, assume_crs=assume_crs)
+                             overwrite=overwrite, assume_crs=assume_crs, resolution=resolution)
     click.echo(f"wrote {len(result.images)} chips from {result.scenes} scene(s) to "
                f"{result.out_dir} (index: {result.index}, layer 'chips')")
 

@@ -8,7 +8,9 @@ Output (a flat-layout dataset that :func:`geoseg.datasets.find_pairs` reads back
 
 ``<row>`` and ``<col>`` are the chip's pixel offsets in its scene. Each chip's
 transform is the scene transform shifted by the window, so its pixels lie
-exactly where they are in the scene. All inputs are validated before anything
+exactly where they are in the scene. With ``resolution``, scenes are cut on their
+grid at that ground resolution (``resample.grid_at``; images bilinear, label
+rasters nearest, vector labels rasterised there) and offsets are in its pixels. All inputs are validated before anything
 is written; chips are written to a staging folder and published only when every
 chip is done, the index last (geoseg.publish: no file is replaced without
 ``overwrite``, and a failure leaves nothing).
@@ -27,6 +29,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from geoseg.datasets import ScenePair, find_pairs
@@ -40,8 +43,9 @@ from geoseg.labels import (
 )
 from geoseg.publish import Publication
 from geoseg.raster_io import (
-    GTIFF_PROFILE, SceneInfo, check_local, check_not_inputs, check_output, open_scene, read_window,
+    GTIFF_PROFILE, SceneInfo, check_local, check_not_inputs, check_output, open_scene,
 )
+from geoseg.resample import grid_at, parse_resolution, read_resampled, same_grid
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
 from geoseg.vector_io import is_vector_file
 
@@ -75,10 +79,16 @@ class _Job:
     """A validated scene to chip, with its label raster's description or its vector labels."""
 
     pair: ScenePair
-    info: SceneInfo
+    info: SceneInfo  # the grid chips are cut from: the scene's own, or its grid at ``resolution``
     label_info: SceneInfo | None
     label_mode: LabelValues | None
     vector: VectorLabels | None = None
+    scene: SceneInfo | None = None  # the scene's own grid when ``info`` is another
+
+    @property
+    def own(self) -> SceneInfo:
+        """The scene's own grid."""
+        return self.scene or self.info
 
 
 def resolve_inputs(
@@ -197,6 +207,7 @@ def chip_scenes(
     label_values: LabelValues = "auto",
     class_column: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resolution: float | None = None,
 ) -> ChipResult:
     """Cut scenes into chips on the tiling grid and write them with an index GeoPackage.
 
@@ -212,6 +223,7 @@ def chip_scenes(
         label_values: How label raster values map to class ids.
         class_column: Class attribute of vector labels (None: binary).
         progress: Called with (chips done, chips total).
+        resolution: Ground metres per pixel to cut every scene at (None: as it is).
 
     Returns:
         What was written.
@@ -225,10 +237,12 @@ def chip_scenes(
     out = Path(out_dir)
     pairs = _scene_pairs(scenes, labels)
     chip_grid(1, 1, size=size, stride=stride)  # validates size and stride before any file is opened
+    if resolution is not None:
+        parse_resolution(resolution, setting="--resolution", allow_auto=False)
     folders = [Path(s) for s in scenes if not isinstance(s, ScenePair) and Path(s).is_dir()]
     check_chip_out_dir(out, pairs, dataset_folders=folders)
     jobs = _open_inputs(pairs, assume_crs=assume_crs, classes=classes, label_values=label_values,
-                        class_column=class_column)
+                        class_column=class_column, resolution=resolution)
     with_labels = _with_labels(jobs)
     chips = [_Chip(job, c.window, chip_name(job.pair.name, c.window))
              for job in jobs for c in chip_grid(job.info.width, job.info.height, size=size, stride=stride)]
@@ -296,7 +310,7 @@ def _scene_pairs(
 
 def _open_inputs(
     pairs: Sequence[ScenePair], *, assume_crs: str | None, classes: int, label_values: LabelValues,
-    class_column: str | None,
+    class_column: str | None, resolution: float | None = None,
 ) -> list[_Job]:
     """Open and validate every scene and label, before anything is written (one VectorLabels per file)."""
     jobs: list[_Job] = []
@@ -312,7 +326,11 @@ def _open_inputs(
                 vectors[pair.vector] = VectorLabels(pair.vector, class_column=class_column,
                                                     classes=classes, assume_crs=assume_crs)
             vector = vectors[pair.vector]
-        jobs.append(_Job(pair, info, linfo, mode, vector))
+        grid = grid_at(info, resolution) if resolution is not None else info
+        if same_grid(info, grid):
+            jobs.append(_Job(pair, info, linfo, mode, vector))
+        else:
+            jobs.append(_Job(pair, grid, linfo, mode, vector, scene=info))
     return jobs
 
 
@@ -390,7 +408,7 @@ def _write_image_chip(
     """Write the image chip (scene dtype, bands and nodata; padding marked); its valid pixels."""
     info, window = chip.job.info, chip.window
     fill = info.nodata if info.nodata is not None else 0
-    data, valid = read_window(src_of(info.path), window, fill=fill)
+    data, valid = read_resampled(src_of(info.path), chip.job.own, info, window, fill=fill)
     padded = (window.col_off + window.width > info.width
               or window.row_off + window.height > info.height)
     with rasterio.open(path, "w", **_profile(
@@ -412,7 +430,8 @@ def _label_chip(
     """The chip's class ids (uint8, 255 ignore) from its label raster or vector file; None: no label."""
     job = chip.job
     if job.pair.label is not None:
-        lab, lab_valid = read_window(src_of(job.pair.label), chip.window, bands=[1])
+        lab, lab_valid = read_resampled(src_of(job.pair.label), job.own, job.info, chip.window, bands=[1],
+                                        resampling=Resampling.nearest)
         mask = to_class_ids(lab[0], mode=job.label_mode or "auto",
                             nodata=job.label_info.nodata if job.label_info else None,
                             classes=classes, path=job.pair.label)

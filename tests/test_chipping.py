@@ -234,15 +234,15 @@ def test_failure_midway_leaves_nothing(synthetic_scene, tmp_path, monkeypatch):
     from geoseg.errors import InputFileError
 
     calls = []
-    real = chipping.read_window
+    real = chipping.read_resampled
 
-    def flaky(src, window, **kw):
+    def flaky(src, scene, grid, window, **kw):
         calls.append(window)
         if len(calls) == 4:
             raise InputFileError(f"{src.name}: cannot read window; re-export it")
-        return real(src, window, **kw)
+        return real(src, scene, grid, window, **kw)
 
-    monkeypatch.setattr(chipping, "read_window", flaky)
+    monkeypatch.setattr(chipping, "read_resampled", flaky)
     out = tmp_path / "new"
     with pytest.raises(InputFileError):
         chip_scenes([synthetic_scene.image], out_dir=out)

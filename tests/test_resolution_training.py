@@ -124,3 +124,27 @@ def test_training_at_a_resolution_records_it_in_the_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.resolution should be a ground resolution above 0 metres"):
         fit(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_geoseg_chip_at_a_resolution_writes_chips_of_the_grid(fine_pair, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    img, lab, vec, image, label = fine_pair
+    result = CliRunner().invoke(cli.cli, ["chip", str(img), "--labels", str(lab), "--out", str(tmp_path / "c"),
+                                          "--size", "64", "--resolution", "0.5"])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(img) as src:
+        whole = src.read(out_shape=(3, 128, 128), resampling=Resampling.bilinear)
+    names = sorted(p.name for p in (tmp_path / "c" / "images").iterdir())
+    assert names == ["img_0_0.tif", "img_0_64.tif", "img_64_0.tif", "img_64_64.tif"]
+    for name in names:
+        row, col = (int(v) for v in name[:-4].split("_")[1:])
+        with rasterio.open(tmp_path / "c" / "images" / name) as chip, \
+                rasterio.open(tmp_path / "c" / "labels" / name) as lchip:
+            assert chip.transform == Affine(0.5, 0.0, 500000 + col * 0.5, 0.0, -0.5, 4650000 - row * 0.5)
+            np.testing.assert_array_equal(chip.read(), whole[:, row:row + 64, col:col + 64])
+            np.testing.assert_array_equal(lchip.read(1), label[::2, ::2][row:row + 64, col:col + 64])
+    bad = CliRunner().invoke(cli.cli, ["chip", str(img), "--out", str(tmp_path / "d"), "--resolution", "0"])
+    assert bad.exit_code == 2 and "--resolution" in bad.output and not (tmp_path / "d").exists()
