@@ -321,7 +321,7 @@ def _remote_failure(url: str | os.PathLike[str], messages: str, detail: str) -> 
     return None
 
 
-def _read_failure(path: str | os.PathLike[str], exc: BaseException, problem: str, fix: str) -> InputFileError:
+def read_failure(path: str | os.PathLike[str], exc: BaseException, problem: str, fix: str) -> InputFileError:
     """A failed read of ``path`` in one line: for a remote input, a network or credentials failure in
     its own words (:func:`_remote_failure`); otherwise ``problem`` (``{detail}`` is GDAL's) and ``fix``."""
     detail = _gdal_detail(exc)
@@ -343,7 +343,7 @@ def _gdal_messages(exc: BaseException) -> str:
     return " | ".join(parts)
 
 
-def _display_name(src: rasterio.io.DatasetReader) -> str:
+def display_name(src: rasterio.io.DatasetReader) -> str:
     """A dataset's name as the user gave it: ``/vsicurl/https://...`` shows as ``https://...``."""
     name = str(src.name)
     prefix = "/vsicurl/"
@@ -424,8 +424,8 @@ def _open_remote(url: str) -> Iterator[rasterio.io.DatasetReader]:
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 src = rasterio.open(url)
         except (RasterioIOError, RasterioError) as exc:
-            raise _read_failure(url, exc, "is not a raster GDAL can read ({detail})",
-                                "pass a GeoTIFF (or another GDAL raster)") from None
+            raise read_failure(url, exc, "is not a raster GDAL can read ({detail})",
+                               "pass a GeoTIFF (or another GDAL raster)") from None
         try:
             yield src
         finally:
@@ -447,7 +447,7 @@ def _check_readable(src: rasterio.io.DatasetReader, path: Path | str) -> None:
         for win in (Window(0, 0, min(w, src.width), min(h, src.height)), last):
             src.read(window=win)
     except (RasterioIOError, RasterioError) as exc:
-        raise _read_failure(
+        raise read_failure(
             path, exc, "cannot be read, the file looks truncated or corrupt ({detail})", "re-export or re-download it",
         ) from None
 
@@ -546,8 +546,8 @@ def read_window(
         data[:, ys, xs] = src.read(idx, window=inner)
         valid[ys, xs] = src.dataset_mask(window=inner) > 0
     except (RasterioIOError, RasterioError) as exc:
-        raise _read_failure(
-            _display_name(src), exc, f"cannot read window {inner} ({{detail}})",
+        raise read_failure(
+            display_name(src), exc, f"cannot read window {inner} ({{detail}})",
             "the file looks truncated or corrupt; re-export it",
         ) from None
     return data, valid
@@ -587,7 +587,7 @@ def read_decimated(
             data = src.read(list(bands), out_shape=(len(bands), h, w), resampling=Resampling.nearest)
             valid = src.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
         except (RasterioIOError, RasterioError) as exc:
-            raise _read_failure(
+            raise read_failure(
                 path, exc, "cannot be read ({detail})", "the file looks truncated or corrupt; re-export it",
             ) from None
     return data, valid
