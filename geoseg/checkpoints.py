@@ -191,7 +191,7 @@ def read_checkpoint(
         CheckpointError: Missing, a URL, unreadable, corrupt or foreign file, or one that
             holds Python objects or code (never loaded).
     """
-    from geoseg.raster_io import check_local
+    from geoseg.remote import check_local
 
     check_local(path, error=CheckpointError)
     p = Path(path)

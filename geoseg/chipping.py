@@ -43,8 +43,9 @@ from geoseg.labels import (
 )
 from geoseg.publish import Publication
 from geoseg.raster_io import (
-    GTIFF_PROFILE, SceneInfo, check_local, check_not_inputs, check_output, open_scene,
+    GTIFF_PROFILE, SceneInfo, check_not_inputs, check_output, open_scene,
 )
+from geoseg.remote import check_local
 from geoseg.resample import grid_at, parse_resolution, read_resampled, same_grid
 from geoseg.tiling import DEFAULT_CHIP_SIZE, chip_grid
 from geoseg.vector_io import is_vector_file

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 from geoseg.errors import CheckpointError, InputFileError, file_error
-from geoseg.raster_io import as_source, check_local, is_url
+from geoseg.remote import as_source, check_local, is_url
 from geoseg.stac import is_stac, stac_assets
 
 #: Default checkpoint, as written by ``geoseg train``.

@@ -131,7 +131,7 @@ def create_model(
     local = encoder_weights if is_weights_file(encoder_weights) else None
     named = None if local is not None else encoder_weights
     if local is not None:
-        from geoseg.raster_io import check_local
+        from geoseg.remote import check_local
 
         check_local(local, error=ModelError)
     if local is not None and not Path(local).is_file():

@@ -12,7 +12,8 @@ import numpy as np
 
 from geoseg.errors import ConfigError
 from geoseg.publish import Publication, atomic_output
-from geoseg.raster_io import as_source, check_not_inputs, check_output, per_scene_paths, source_stem
+from geoseg.raster_io import check_not_inputs, check_output, per_scene_paths
+from geoseg.remote import as_source, source_stem
 
 if TYPE_CHECKING:
     import geopandas

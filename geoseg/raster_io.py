@@ -5,7 +5,7 @@ a user can cause (missing file, not a raster, truncated TIFF, no CRS, a URL that
 answers 404 or not at all, ...) is turned into a one-line GeosegError that names
 the file (or URL) and the fix. Remote scenes (``https://``, ``s3://``, ``/vsicurl/``,
 ...) are read through GDAL's network file systems under one environment,
-:func:`remote_env`: only the byte ranges of the windows asked for travel.
+:func:`geoseg.remote.remote_env`: only the byte ranges of the windows asked for travel.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -27,9 +26,10 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from geoseg.errors import GeoreferenceError, GeosegError, InputFileError, OutputError, file_error
+from geoseg.errors import GeoreferenceError, InputFileError, OutputError, file_error
 # Publishing outputs has one home, geoseg.publish; raster_io re-exports its two everyday names.
 from geoseg.publish import atomic_output, check_output  # noqa: F401
+from geoseg.remote import as_source, is_url, remote_env, remote_failure, unwrap_vsicurl
 
 #: Creation options for every GeoTIFF geoseg writes: tiled, compressed,
 #: BigTIFF when the size calls for it.
@@ -72,7 +72,7 @@ class SceneInfo:
     """What geoseg needs to know about a raster, read from its header.
 
     Attributes:
-        path: The file (a Path), or a remote scene's URL as given (text, see :func:`as_source`).
+        path: The file (a Path), or a remote scene's URL as given (text, see :func:`geoseg.remote.as_source`).
         width: Width in pixels.
         height: Height in pixels.
         count: Number of bands.
@@ -124,232 +124,23 @@ def _bounds(transform: Affine, width: int, height: int) -> tuple[float, float, f
 
 #: First bytes of classic TIFF and BigTIFF files (little- and big-endian).
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-#: A URL: a scheme of two or more characters, then ``://`` (one letter before ``:`` is a drive).
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]+://")
-#: GDAL's network file systems (``/vsicurl/``, ``/vsis3/``, ...), also inside a chain
-#: such as ``/vsizip//vsicurl/...``.
-_REMOTE_VSI = re.compile(r"/vsi(curl|s3|gs|az|adls|oss|swift|hdfs|webhdfs)(_streaming)?/")
 
 
-def is_url(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a remote input rather than a local file.
-
-    Remote: a URL (``https://``, ``s3://``, ...) or a GDAL network path
-    (``/vsicurl/...``). Ask before turning the text into a ``Path``, which
-    collapses the ``//`` of a URL.
-    """
-    text = os.fspath(path)
-    return bool(_URL.match(text)) or (text.startswith("/vsi") and bool(_REMOTE_VSI.search(text)))
-
-
-def check_local(path: str | os.PathLike[str], *, error: type[GeosegError] = InputFileError) -> None:
-    """Refuse a remote input (see :func:`is_url`) with the URL intact in the message.
-
-    Args:
-        path: An input as the user gave it (scene, label, AOI, checkpoint, data folder).
-        error: The GeosegError subclass to raise.
-
-    Raises:
-        GeosegError: ``error``, when ``path`` is a URL.
-    """
-    if is_url(path):
-        raise file_error(error, path, "remote inputs (URLs) are not read yet",
-                         "download the file and pass its local path")
-
-
-# --- remote inputs -----------------------------------------------------------------------------
-
-
-def as_source(path: str | os.PathLike[str]) -> Path | str:
-    """A scene as geoseg passes it on: a local file as a Path, a remote one (:func:`is_url`) as its text.
-
-    A Path would collapse the ``//`` of a URL, so a remote scene stays text all the way
-    to GDAL (rasterio opens ``https://`` through ``/vsicurl/``, ``s3://`` through ``/vsis3/``).
-    """
-    text = os.fspath(path)
-    return text if is_url(text) else Path(text)
-
-
-def source_stem(path: str | os.PathLike[str]) -> str:
-    """A scene's name from its path: the file stem; for a URL, the stem of its last path component.
-
-    The query string (a signed URL's) is dropped: ``https://h/a/scene.tif?sig=x`` is ``scene``.
-    """
-    text = os.fspath(path)
-    if not is_url(text):
-        return Path(text).stem
-    return PurePosixPath(text.split("?", 1)[0].split("#", 1)[0].rstrip("/")).stem or text
-
-
-def source_key(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]]:
-    """What a cache of a scene's contents is keyed on: the resolved path and (mtime in ns, size) of a
-    local file, which change with it; a remote scene's text (not asked again within a process).
-
-    Raises:
-        OSError: A local file that does not exist.
-    """
-    text = os.fspath(path)
-    if is_url(text):
-        return text, (0, 0)
-    st = os.stat(text)
-    return str(Path(text).resolve()), (st.st_mtime_ns, st.st_size)
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """How GDAL reads remote inputs: the GDAL configuration options of :func:`remote_env`.
-
-    Attributes:
-        timeout_s: Seconds one HTTP request may take in all (``GDAL_HTTP_TIMEOUT``): a server
-            that accepts the connection and never answers fails after this long.
-        connect_timeout_s: Seconds to connect (``GDAL_HTTP_CONNECTTIMEOUT``).
-        retries: Retries of a request answered 429 or 5xx, or cut off or timed out
-            (``GDAL_HTTP_MAX_RETRY``).
-        retry_delay_s: Seconds before the first retry, growing with each (``GDAL_HTTP_RETRY_DELAY``).
-        cache_bytes: Bytes of each remote file kept in memory once read (``VSI_CACHE_SIZE``):
-            a block's halo read again by the next block does not travel twice.
-    """
-
-    timeout_s: int = 30
-    connect_timeout_s: int = 10
-    retries: int = 3
-    retry_delay_s: float = 1.0
-    cache_bytes: int = 64 * 2**20
-
-
-#: The settings of every remote read (the one place to change them; tests shorten the timeout here).
-REMOTE = RemoteSettings()
-
-
-def remote_options(settings: RemoteSettings | None = None) -> dict[str, Any]:
-    """The GDAL configuration options of a remote read (``settings`` default: :data:`REMOTE`).
-
-    ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR`` spares the listing of the file's folder (a bucket
-    may hold millions of keys) and the probes for sidecar files. ``CPL_VSIL_CURL_ALLOWED_EXTENSIONS``
-    is left unset: STAC asset hrefs and signed URLs often do not end in ``.tif``.
-    """
-    s = REMOTE if settings is None else settings
-    return {
-        "GDAL_HTTP_TIMEOUT": int(s.timeout_s),
-        "GDAL_HTTP_CONNECTTIMEOUT": int(s.connect_timeout_s),
-        "GDAL_HTTP_MAX_RETRY": int(s.retries),
-        "GDAL_HTTP_RETRY_DELAY": float(s.retry_delay_s),
-        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-        "VSI_CACHE": True,
-        "VSI_CACHE_SIZE": int(s.cache_bytes),
-    }
-
-
-@contextlib.contextmanager
-def remote_env(path: str | os.PathLike[str]) -> Iterator[None]:
-    """The GDAL environment in which ``path`` is opened and read: :func:`remote_options` for a
-    remote input, nothing at all for a local file.
-
-    Enter it in every thread that opens or reads a remote dataset: rasterio keeps one
-    environment per thread (and in threads other than the main one GDAL's options are
-    thread-local), so a reader thread does not see the main thread's.
-    """
-    if not is_url(path):
-        yield
-        return
-    with rasterio.Env(**remote_options()):
-        yield
-
-
-#: A status code in GDAL's words for an HTTP failure ("HTTP response code on URL: 404",
-#: "HTTP error code : 404", "... 403 Forbidden ..."), and the reason geoseg gives for it.
-_HTTP_STATUS = re.compile(r"(?:response code|error code|HTTP/[\d.]+)\D{0,200}?\b([45]\d\d)\b", re.IGNORECASE)
-_HTTP_REASONS = {401: "needs credentials", 403: "access denied", 404: "not found", 410: "gone",
-                 429: "too many requests", 500: "server error", 502: "bad gateway",
-                 503: "service unavailable", 504: "gateway timeout"}
-#: curl's words for a request that ran out of time, for a host name that is not known, and for
-#: a server that could not be reached.
-_TIMED_OUT = re.compile(r"timed? ?out|timeout", re.IGNORECASE)
-_UNKNOWN_HOST = re.compile(r"could not resolve|couldn't resolve", re.IGNORECASE)
-_UNREACHABLE = re.compile(r"could not connect|couldn't connect|connection refused|failed to connect|"
-                          r"network is unreachable|no route to host", re.IGNORECASE)
-#: GDAL's words for a cloud path (``s3://``, ``gs://``, ``/vsiaz/``, ...) read without credentials.
-_NO_CREDENTIALS = re.compile(r"configuration options? not defined|credentials not filled", re.IGNORECASE)
-
-
-def http_failure(url: str | os.PathLike[str], status: int) -> InputFileError:
-    """The one-line error of a remote input answered with an HTTP error ``status``.
-
-    ``"URL: answered 404 (not found); check the address"``; 401/403 point at the credentials.
-    """
-    reason = _HTTP_REASONS.get(status, "client error" if status < 500 else "server error")
-    if status in (401, 403):
-        fix = "check the address and the credentials (a signed URL may have expired)"
-    elif status in (404, 410) or status < 500 and status != 429:
-        fix = "check the address"
-    else:
-        fix = "try again later"
-    return file_error(InputFileError, url, f"answered {status} ({reason})", fix)
-
-
-def timeout_failure(url: str | os.PathLike[str]) -> InputFileError:
-    """The one-line error of a remote input whose server did not answer in time, each of the
-    ``1 + retries`` times it was asked (:data:`REMOTE`)."""
-    tries = f" (asked {REMOTE.retries + 1} times)" if REMOTE.retries > 0 else ""
-    return file_error(InputFileError, url, f"did not answer within {REMOTE.timeout_s} s{tries}",
-                      "check the address and the network, or try again later")
-
-
-def unreachable_failure(url: str | os.PathLike[str], *, unknown_host: bool) -> InputFileError:
-    """The one-line error of a remote input whose server could not be reached (or whose host
-    name is not known)."""
-    why = "unknown host" if unknown_host else "no connection to its server"
-    return file_error(InputFileError, url, f"could not be reached ({why})", "check the address and the network")
-
-
-def _remote_failure(url: str | os.PathLike[str], messages: str, detail: str) -> InputFileError | None:
-    """GDAL's ``messages`` about a remote input in geoseg's words (``detail``: the first of them),
-    or None when they tell of no network or credentials failure."""
-    status = _HTTP_STATUS.search(messages)
-    if status is not None:
-        return http_failure(url, int(status.group(1)))
-    if _TIMED_OUT.search(messages):
-        return timeout_failure(url)
-    if _UNKNOWN_HOST.search(messages):
-        return unreachable_failure(url, unknown_host=True)
-    if _UNREACHABLE.search(messages):
-        return unreachable_failure(url, unknown_host=False)
-    if _NO_CREDENTIALS.search(messages):
-        return file_error(InputFileError, url, f"cannot be read without credentials ({detail})",
-                          "set them as GDAL reads them, or AWS_NO_SIGN_REQUEST=YES (GS_NO_SIGN_REQUEST=YES) "
-                          "for a public bucket")
-    return None
-
-
-def _read_failure(path: str | os.PathLike[str], exc: BaseException, problem: str, fix: str) -> InputFileError:
+def read_failure(path: str | os.PathLike[str], exc: BaseException, problem: str, fix: str) -> InputFileError:
     """A failed read of ``path`` in one line: for a remote input, a network or credentials failure in
-    its own words (:func:`_remote_failure`); otherwise ``problem`` (``{detail}`` is GDAL's) and ``fix``."""
+    its own words (:func:`geoseg.remote.remote_failure`); otherwise ``problem`` (``{detail}`` is GDAL's)
+    and ``fix``."""
     detail = _gdal_detail(exc)
     if is_url(path):
-        failure = _remote_failure(path, _gdal_messages(exc), detail)
+        failure = remote_failure(path, exc, detail)
         if failure is not None:
             return failure
     return file_error(InputFileError, path, problem.format(detail=detail), fix)
 
 
-def _gdal_messages(exc: BaseException) -> str:
-    """Every message of a GDAL error and its causes, in one text (the status code may be in any)."""
-    parts, seen = [], set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        parts.append(str(current))
-        current = current.__cause__ or current.__context__
-    return " | ".join(parts)
-
-
-def _display_name(src: rasterio.io.DatasetReader) -> str:
+def display_name(src: rasterio.io.DatasetReader) -> str:
     """A dataset's name as the user gave it: ``/vsicurl/https://...`` shows as ``https://...``."""
-    name = str(src.name)
-    prefix = "/vsicurl/"
-    if name.startswith(prefix) and _URL.match(name[len(prefix):]):
-        return name[len(prefix):]
-    return name
+    return unwrap_vsicurl(str(src.name))
 
 
 def _gdal_detail(exc: BaseException) -> str:
@@ -386,8 +177,8 @@ def _not_a_raster(path: Path, exc: Exception) -> InputFileError:
 def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.io.DatasetReader]:
     """Open a raster for reading, turning GDAL errors into InputFileError.
 
-    A remote raster (:func:`is_url`) is opened, and must be read, inside the ``with``:
-    the dataset is read under :func:`remote_env` there.
+    A remote raster (:func:`geoseg.remote.is_url`) is opened, and must be read, inside the ``with``:
+    the dataset is read under :func:`geoseg.remote.remote_env` there.
 
     Raises:
         InputFileError: If the file does not exist, is a folder, or is not a raster; a URL that
@@ -417,15 +208,15 @@ def open_raster(path: str | os.PathLike[str]) -> Iterator[rasterio.io.DatasetRea
 
 @contextlib.contextmanager
 def _open_remote(url: str) -> Iterator[rasterio.io.DatasetReader]:
-    """Open a remote raster under :func:`remote_env` (GDAL reads the header's byte ranges only)."""
+    """Open a remote raster under :func:`geoseg.remote.remote_env` (GDAL reads the header's byte ranges only)."""
     with remote_env(url):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 src = rasterio.open(url)
         except (RasterioIOError, RasterioError) as exc:
-            raise _read_failure(url, exc, "is not a raster GDAL can read ({detail})",
-                                "pass a GeoTIFF (or another GDAL raster)") from None
+            raise read_failure(url, exc, "is not a raster GDAL can read ({detail})",
+                               "pass a GeoTIFF (or another GDAL raster)") from None
         try:
             yield src
         finally:
@@ -447,7 +238,7 @@ def _check_readable(src: rasterio.io.DatasetReader, path: Path | str) -> None:
         for win in (Window(0, 0, min(w, src.width), min(h, src.height)), last):
             src.read(window=win)
     except (RasterioIOError, RasterioError) as exc:
-        raise _read_failure(
+        raise read_failure(
             path, exc, "cannot be read, the file looks truncated or corrupt ({detail})", "re-export or re-download it",
         ) from None
 
@@ -546,8 +337,8 @@ def read_window(
         data[:, ys, xs] = src.read(idx, window=inner)
         valid[ys, xs] = src.dataset_mask(window=inner) > 0
     except (RasterioIOError, RasterioError) as exc:
-        raise _read_failure(
-            _display_name(src), exc, f"cannot read window {inner} ({{detail}})",
+        raise read_failure(
+            display_name(src), exc, f"cannot read window {inner} ({{detail}})",
             "the file looks truncated or corrupt; re-export it",
         ) from None
     return data, valid
@@ -587,7 +378,7 @@ def read_decimated(
             data = src.read(list(bands), out_shape=(len(bands), h, w), resampling=Resampling.nearest)
             valid = src.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
         except (RasterioIOError, RasterioError) as exc:
-            raise _read_failure(
+            raise read_failure(
                 path, exc, "cannot be read ({detail})", "the file looks truncated or corrupt; re-export it",
             ) from None
     return data, valid
@@ -653,7 +444,7 @@ def check_not_inputs(outputs: PathsByRole, inputs: PathsByRole) -> None:
     the same real path up to case where its folder's file system ignores case.
     An output folder that is an input folder (a data folder) is refused too.
 
-    A remote input (:func:`is_url`) is never a local output, and is skipped.
+    A remote input (:func:`geoseg.remote.is_url`) is never a local output, and is skipped.
 
     Call it for every output before any input is read and anything is written,
     and before :func:`check_output` (whose hint is to pass ``--overwrite``).

@@ -22,7 +22,7 @@ from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError
-from geoseg.raster_io import SceneInfo, _display_name, _read_failure, ground_pixel_size, read_window
+from geoseg.raster_io import SceneInfo, display_name, ground_pixel_size, read_failure, read_window
 
 #: A scene within this relative difference of the resolution asked for by ``auto`` is read as
 #: it is (resampling by a few percent only blurs; the model does not see the difference).
@@ -160,8 +160,8 @@ def read_resampled(
         data[:, r0:r1, c0:c1] = src.read(idx, window=inner, out_shape=(len(idx), *shape), resampling=resampling)
         valid[r0:r1, c0:c1] = src.dataset_mask(window=inner, out_shape=shape, resampling=Resampling.nearest) > 0
     except (RasterioIOError, RasterioError) as exc:
-        raise _read_failure(
-            _display_name(src), exc, f"cannot read window {inner} ({{detail}})",
+        raise read_failure(
+            display_name(src), exc, f"cannot read window {inner} ({{detail}})",
             "the file looks truncated or corrupt; re-export it",
         ) from None
     return data, valid

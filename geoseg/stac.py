@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from geoseg import __version__
 from geoseg.errors import InputFileError, file_error
-from geoseg import raster_io
-from geoseg.raster_io import http_failure, is_url, timeout_failure, unreachable_failure
+from geoseg import remote
+from geoseg.remote import http_failure, is_url, timeout_failure, unreachable_failure
 
 if TYPE_CHECKING:
     import pystac
@@ -175,7 +175,7 @@ def _band_count(asset: "pystac.Asset") -> int:
 
 
 def _fetch(url: str) -> str:
-    """A STAC document over http(s): :data:`~geoseg.raster_io.REMOTE`'s timeout and retries, one-line errors.
+    """A STAC document over http(s): :data:`~geoseg.remote.REMOTE`'s timeout and retries, one-line errors.
 
     pystac's own reader waits on a server that never answers (urllib without a timeout), so
     the reading is done here; pystac parses what it returns.
@@ -188,7 +188,7 @@ def _fetch(url: str) -> str:
     if urlsplit(url).scheme.lower() not in ("http", "https"):
         raise file_error(InputFileError, url, "STAC documents are read from local files and http(s) URLs",
                          "download it and pass its local path")
-    settings = raster_io.REMOTE  # looked up at each call: the one place that sets it
+    settings = remote.REMOTE  # looked up at each call: the one place that sets it
     delay, retries = float(settings.retry_delay_s), int(settings.retries)
     request = Request(url, headers={"User-Agent": f"geoseg/{__version__}"})
     while True:

@@ -32,7 +32,8 @@ import shapely
 from rasterio.crs import CRS
 
 from geoseg.errors import GeoreferenceError, InputFileError, file_error
-from geoseg.raster_io import check_local, parse_crs
+from geoseg.raster_io import parse_crs
+from geoseg.remote import check_local
 
 if TYPE_CHECKING:
     import geopandas

@@ -34,6 +34,7 @@ import cli
 from _prediction_helpers import UTM, UTM_TRANSFORM, Oracle, draw_rectangles, oracle_meta, write_scene
 from geoseg import inputs
 from geoseg import publish, raster_io
+from geoseg.remote import is_url
 from geoseg.errors import OutputError
 from geoseg.inference import job
 from geoseg.temporaries import HOST_TAG, TEMP_PREFIX
@@ -451,7 +452,7 @@ def test_every_command_refuses_a_url_input_with_the_url_intact(here, training_da
     (Path("s.tif"), False),
 ])
 def test_is_url(path, remote_):
-    assert raster_io.is_url(path) is remote_
+    assert is_url(path) is remote_
 
 
 # ---------------------------------------------------------------------------------------------

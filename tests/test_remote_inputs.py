@@ -28,7 +28,7 @@ from rasterio.windows import Window
 import cli
 from _prediction_helpers import UTM, UTM_TRANSFORM, draw_rectangles
 from test_predict_cli import oracle  # noqa: F401 - the fixture: geoseg predict with the oracle model
-from geoseg import inputs, raster_io, stac
+from geoseg import inputs, raster_io, remote, stac
 from geoseg.errors import InputFileError, OutputError
 from geoseg.inference import checks, streams
 from geoseg.tiling import block_grid
@@ -97,7 +97,7 @@ def served(tmp_path):
 @pytest.fixture(autouse=True)
 def short_timeouts(monkeypatch):
     """GDAL and the STAC reader give up on a silent server after 1 s, asked twice."""
-    monkeypatch.setattr(raster_io, "REMOTE", raster_io.RemoteSettings(
+    monkeypatch.setattr(remote, "REMOTE", remote.RemoteSettings(
         timeout_s=1, connect_timeout_s=1, retries=1, retry_delay_s=0.05))
 
 
@@ -278,7 +278,7 @@ def test_a_window_of_a_remote_cog_reads_its_tiles_only(served, big_cog):
 
 
 def test_a_server_that_answers_503_at_first_is_asked_again(served, monkeypatch):
-    monkeypatch.setattr(raster_io, "REMOTE", raster_io.RemoteSettings(timeout_s=5, retries=3, retry_delay_s=0.05))
+    monkeypatch.setattr(remote, "REMOTE", remote.RemoteSettings(timeout_s=5, retries=3, retry_delay_s=0.05))
     write_cog(served.root / "scene.tif", draw_rectangles(HEIGHT, WIDTH, RECTS))
     served.fail_first(2)
     info = raster_io.open_scene(served.url("flaky/scene.tif"))
@@ -420,13 +420,13 @@ def test_stac_documents_that_are_no_items_are_refused(tmp_path):
     ("s3://bucket/k/tile_3.tiff", "tile_3"), ("/vsicurl/https://h.example/dl/b.tif", "b"), ("local/x.tif", "x"),
 ])
 def test_a_scene_is_named_after_the_last_component_of_its_url(spec, name):
-    assert raster_io.source_stem(spec) == name
+    assert remote.source_stem(spec) == name
 
 
 def test_urls_are_kept_as_text_and_stac_files_are_recognised(tmp_path):
     url = "https://h.example/a//b/scene.tif?sig=1"
-    assert raster_io.as_source(url) == url
-    assert raster_io.as_source(str(tmp_path / "s.tif")) == tmp_path / "s.tif"
+    assert remote.as_source(url) == url
+    assert remote.as_source(str(tmp_path / "s.tif")) == tmp_path / "s.tif"
     assert inputs.resolve_scenes([url, url]) == [url]
     assert [stac.is_stac(s) for s in ("i.json", "https://h/i.JSON?t=1", "s.tif", "https://h/x.json/s.tif")] == [
         True, True, False, False]

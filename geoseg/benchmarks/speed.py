@@ -210,7 +210,8 @@ def run_benchmark(
 
     from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads, wants_int8
     from geoseg.inference import model_throughput, predict_scene
-    from geoseg.raster_io import check_local, open_scene
+    from geoseg.raster_io import open_scene
+    from geoseg.remote import check_local
     from geoseg.tiling import chip_grid
 
     if repeats < 1:

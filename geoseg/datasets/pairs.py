@@ -12,7 +12,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import ConfigError, DatasetError, InputFileError, file_error
 from geoseg.vector_io import VECTOR_SUFFIXES
-from geoseg.raster_io import check_local
+from geoseg.remote import check_local
 
 log = logging.getLogger(__name__)
 

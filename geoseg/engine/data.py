@@ -107,7 +107,8 @@ def discover(config: Config) -> tuple[list[Any], dict[str, list[Any]], tuple[int
         InputFileError: A data folder given as a URL.
     """
     from geoseg import datasets
-    from geoseg.raster_io import check_local, ground_resolution, open_scene
+    from geoseg.raster_io import ground_resolution, open_scene
+    from geoseg.remote import check_local
     from geoseg.resample import parse_resolution
 
     d = config.data

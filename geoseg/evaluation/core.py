@@ -30,7 +30,7 @@ from geoseg.evaluation.inputs import (
     raster_on_grid,
     vector_grid,
 )
-from geoseg.vector_io import VectorLayer, polygonal_parts, read_aoi
+from geoseg.vector_io import VectorLayer, bounds_text, polygonal_parts, read_aoi
 from geoseg.evaluation.objects import (
     DEFAULT_IOU_THRESHOLD,
     ROOFTOP_CLASS,
@@ -214,11 +214,6 @@ def _crs_name(crs: CRS) -> str:
     return f"EPSG:{epsg}" if epsg else crs.to_string()
 
 
-def _fmt_bounds(bounds: tuple[float, float, float, float], crs: CRS) -> str:
-    decimals = 6 if crs.is_geographic else 2
-    return "(" + ", ".join(f"{v:.{decimals}f}" for v in bounds) + ")"
-
-
 def _overlaps(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
@@ -229,8 +224,8 @@ def _check_overlap(pred: EvalInput, truth: EvalInput, grid: Grid) -> None:
         return
     raise file_error(
         GeoreferenceError, pred.path,
-        f"does not overlap the truth {truth.path} (prediction extent {_fmt_bounds(pe, grid.crs)}, "
-        f"truth extent {_fmt_bounds(te, grid.crs)} in {_crs_name(grid.crs)})",
+        f"does not overlap the truth {truth.path} (prediction extent {bounds_text(pe, grid.crs)}, "
+        f"truth extent {bounds_text(te, grid.crs)} in {_crs_name(grid.crs)})",
         "pass a prediction and a truth of the same area",
     )
 
@@ -243,8 +238,8 @@ def _region(grid: Grid, aoi_geom: Any, aoi_path: Path | None) -> Window:
     if not _overlaps(aoi_geom.bounds, gb) or aoi_geom.intersection(shapely.box(*gb)).area <= 0:
         raise file_error(
             GeoreferenceError, aoi_path or "AOI",
-            f"does not overlap the evaluated area (AOI extent {_fmt_bounds(aoi_geom.bounds, grid.crs)}, "
-            f"area extent {_fmt_bounds(gb, grid.crs)} in {_crs_name(grid.crs)})",
+            f"does not overlap the evaluated area (AOI extent {bounds_text(aoi_geom.bounds, grid.crs)}, "
+            f"area extent {bounds_text(gb, grid.crs)} in {_crs_name(grid.crs)})",
             "pass an AOI polygon inside the prediction and truth",
         )
     try:

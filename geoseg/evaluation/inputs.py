@@ -25,7 +25,8 @@ from rasterio.windows import Window
 
 from geoseg.errors import InputFileError, file_error
 from geoseg.evaluation.objects import IGNORE_INDEX
-from geoseg.raster_io import GRID_TOLERANCE_PX, SceneInfo, check_local, open_scene, read_window
+from geoseg.raster_io import GRID_TOLERANCE_PX, SceneInfo, open_scene, read_window
+from geoseg.remote import check_local
 from geoseg.vector_io import VECTOR_SUFFIXES, VectorLayer, read_vector, same_crs
 
 logger = logging.getLogger(__name__)

@@ -12,10 +12,11 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError, GeoreferenceError, InputFileError, file_error
-from geoseg.evaluation.core import EvaluationResult, _crs_name, _fmt_bounds, _overlaps
+from geoseg.evaluation.core import EvaluationResult, _crs_name, _overlaps
 from geoseg.evaluation.inputs import Grid, _transform_bounds, raster_on_grid
 from geoseg.plots import plot_evaluation_panels
 from geoseg.raster_io import SceneInfo, check_not_inputs, check_output, open_scene
+from geoseg.vector_io import bounds_text
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,8 @@ def check_image(
     if grid.width and not _overlaps(extent, grid.bounds):
         raise file_error(
             GeoreferenceError, info.path,
-            f"does not overlap the evaluated area (image extent {_fmt_bounds(extent, grid.crs)}, "
-            f"area extent {_fmt_bounds(grid.bounds, grid.crs)} in {_crs_name(grid.crs)})",
+            f"does not overlap the evaluated area (image extent {bounds_text(extent, grid.crs)}, "
+            f"area extent {bounds_text(grid.bounds, grid.crs)} in {_crs_name(grid.crs)})",
             "pass the scene the prediction was made from",
         )
     return info

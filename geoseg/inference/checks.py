@@ -10,7 +10,8 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from geoseg.errors import CheckpointError, ConfigError, file_error
-from geoseg.raster_io import SceneInfo, source_key
+from geoseg.raster_io import SceneInfo
+from geoseg.remote import source_key
 
 if TYPE_CHECKING:
     from geoseg.checkpoints import CheckpointMeta

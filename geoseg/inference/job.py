@@ -25,8 +25,9 @@ from geoseg.inference.pipeline import PredictionResult, predict_scene
 from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, find_scenes, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
-    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths, source_stem,
+    PathsByRole, check_distinct_outputs, check_not_inputs, check_output, open_scene, per_scene_paths,
 )
+from geoseg.remote import source_stem
 
 if TYPE_CHECKING:
     from torch import nn

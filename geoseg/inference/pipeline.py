@@ -44,7 +44,7 @@ from geoseg.inference.batching import BlockWork
 from geoseg.inference.streams import BlockReader, CoreWriter
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
-from geoseg.raster_io import as_source, source_stem
+from geoseg.remote import as_source, source_stem
 from geoseg.resample import grid_at
 from geoseg.temporaries import temporary_folder
 from geoseg.tiling import block_grid

@@ -20,7 +20,8 @@ from rasterio.windows import Window
 from geoseg.encoding import stored_to_probability
 from geoseg.inference.outputs import RasterSink
 from geoseg.inference.runtime import release_free_heap
-from geoseg.raster_io import SceneInfo, read_window, remote_env
+from geoseg.raster_io import SceneInfo, read_window
+from geoseg.remote import remote_env
 from geoseg.resample import read_resampled, same_grid
 from geoseg.tiling import Block
 
