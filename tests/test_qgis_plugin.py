@@ -55,6 +55,25 @@ FIND_OPTIONS = {"THRESHOLD": 0.4, "MIN_AREA": 5.0, "SIMPLIFY": 0.5, "OVERLAP": 1
 CLI_OPTIONS = ["--threshold", "0.4", "--min-area", "5.0", "--simplify", "0.5", "--overlap", "16", "--device", "cpu"]
 YELLOW = (255, 221, 0)  # the outline colour of geoseg/rooftops.qml
 MASK_COLOURS = {0: (0x2B, 0x2B, 0x2B), 1: YELLOW}  # geoseg/qgis_plugin/layers.py MASK_CLASSES
+#: Find rooftops' ground resolution and bands, and the arguments they add after --device (and --precision):
+#: none for geoseg's defaults (auto, or empty).
+RESOLUTION_CASES = [
+    ({}, []), ({"RESOLUTION": "auto"}, []), ({"RESOLUTION": ""}, []), ({"RESOLUTION": None}, []),
+    ({"RESOLUTION": " Native "}, ["--resolution", "native"]), ({"RESOLUTION": "0.3"}, ["--resolution", "0.3"]),
+    ({"RESOLUTION": 2}, ["--resolution", "2.0"]), ({"RESOLUTION": "1e-1"}, ["--resolution", "0.1"]),
+    ({"BANDS": "red,green,blue"}, ["--bands", "red,green,blue"]),
+    ({"BANDS": " 4,near infrared "}, ["--bands", "4,near infrared"]), ({"BANDS": "  "}, []),
+    ({"RESOLUTION": "AUTO", "BANDS": "3,2,1", "PRECISION": 1}, ["--precision", "32", "--bands", "3,2,1"]),
+    ({"RESOLUTION": "native", "BANDS": "nir,red,green"},
+     ["--resolution", "native", "--bands", "nir,red,green"]),
+]
+BAD_RESOLUTIONS = ["0", "-0.5", "0,3", "fine", "nan", "inf"]
+
+
+def bad_resolution(text: str) -> str:
+    return f"Ground resolution should be auto, native or metres per pixel above 0 (e.g. 0.3), got {text!r}"
+
+
 NOT_A_FILE = ("not a file on this computer; geoseg reads raster and vector files only: save the layer as a file "
               "(right-click the layer > Export > Save As...) and run on that file")
 
@@ -131,7 +150,8 @@ def session(tmp_path_factory, qgis_home, checkpoint, scenes) -> dict:
     plan = {
         "plugins": str(qgis_home / "profiles" / "default" / "python" / "plugins"),
         "model": str(checkpoint), **{k: str(v) for k, v in scenes.items()}, "out": str(work),
-        "find_options": FIND_OPTIONS,
+        "find_options": FIND_OPTIONS, "command_cases": [case for case, _ in RESOLUTION_CASES],
+        "bad_resolutions": BAD_RESOLUTIONS,
     }
     (work / "plan.json").write_text(json.dumps(plan))
     (work / "session.py").write_text(QGIS_SCRIPT)
@@ -198,6 +218,22 @@ QGIS_SCRIPT = textwrap.dedent(
                                  p.defaultValue()] for p in a.parameterDefinitions()],
                  "outputs": [[o.name(), o.type()] for o in a.outputDefinitions()]}
         for a in provider.algorithms()}
+
+    # Find rooftops' command lines, built (and its parameters checked as the dialog does) without running.
+    from qgis.core import QgsProcessingContext, QgsProcessingException
+    find_alg = QgsApplication.processingRegistry().createAlgorithmById("geoseg:findrooftops")
+    context = QgsProcessingContext()
+    base = {"INPUT": plan["tiny"], "MODEL": plan["model"], "OUTPUT": os.path.join(out, "c.gpkg")}
+    record["commands"] = []
+    for case in plan["command_cases"]:
+        ok, message = find_alg.checkParameterValues({**base, **case}, context)
+        record["commands"].append([ok, find_alg.command({**base, **case}, context)[0]])
+    record["bad_resolutions"] = [list(find_alg.checkParameterValues({**base, "RESOLUTION": text}, context))
+                                 for text in plan["bad_resolutions"]]
+    try:
+        find_alg.command({**base, "RESOLUTION": "0"}, context)
+    except QgsProcessingException as exc:
+        record["bad_command"] = str(exc)
 
 
     class Feedback(QgsProcessingFeedback):
@@ -341,6 +377,12 @@ QGIS_SCRIPT = textwrap.dedent(
         "INPUT": plan["nocrs"], "MODEL": plan["model"], "OUTPUT": os.path.join(nocrs, "roofs.gpkg")})
     record["nocrs"]["left"] = sorted(os.listdir(nocrs))
 
+    # A ground resolution of 0: refused before anything runs.
+    bad = folder("bad_resolution")
+    record["bad_resolution"] = run("geoseg:findrooftops", {
+        "INPUT": plan["tiny"], "MODEL": plan["model"], "RESOLUTION": "0", "OUTPUT": os.path.join(bad, "roofs.gpkg")})
+    record["bad_resolution"]["left"] = sorted(os.listdir(bad))
+
     # Layers that are not files are refused before anything runs.
     tiles = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/%7Bz%7D/%7Bx%7D/%7By%7D.png&zmax=19&zmin=0",
                            "tiles", "wms")
@@ -397,6 +439,7 @@ def test_provider_lists_its_algorithms_and_parameters(session):
         ["SIMPLIFY", "number", True, False, None], ["REGULARIZE", "boolean", False, False, False],
         ["TTA", "boolean", False, False, False], ["OVERLAP", "number", True, True, None],
         ["DEVICE", "enum", False, True, 0], ["PRECISION", "enum", False, True, 0],
+        ["RESOLUTION", "string", True, True, "auto"], ["BANDS", "string", True, True, None],
         ["OUTPUT", "vectorDestination", False, False, None],
         ["MASK", "rasterDestination", True, False, None], ["PROBABILITY", "rasterDestination", True, False, None]]
     assert algs["geoseg:findrooftops"]["outputs"] == [
@@ -455,6 +498,20 @@ def test_find_rooftops_in_an_area_of_interest_is_geoseg_predict_with_aoi(session
     assert 0 < len(inside) < len(whole)  # the area holds some of the scene's roofs, not all
     assert [g.wkb for g in inside.geometry] == [g.wkb for g in gpd.read_file(tmp_path / "roofs.gpkg",
                                                                              layer="rooftops").geometry]
+
+
+def test_find_rooftops_passes_resolution_and_bands_only_when_not_the_defaults(session, checkpoint, scenes):
+    base = ["predict", str(scenes["tiny"]), "--model", str(checkpoint), "--out", str(session["work"] / "c.gpkg"),
+            "--device", "auto"]
+    assert session["commands"] == [[True, [*base, *extra, "--overwrite"]] for _, extra in RESOLUTION_CASES]
+
+
+def test_a_bad_ground_resolution_is_one_message_before_geoseg_starts(session):
+    assert session["bad_resolutions"] == [[False, bad_resolution(text)] for text in BAD_RESOLUTIONS]
+    assert session["bad_command"] == bad_resolution("0")
+    bad = session["bad_resolution"]
+    assert bad["error"] == ["QgsProcessingException", "Unable to execute algorithm\n" + bad_resolution("0")]
+    assert bad["pid"] is None and bad["left"] == []  # no geoseg process, nothing written
 
 
 def test_results_load_with_geosegs_styles(session, scenes):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from qgis.core import (
     QgsProcessing,
     QgsProcessingContext,
+    QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
@@ -16,6 +18,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
     QgsProcessingParameterVectorLayer,
 )
@@ -27,6 +30,33 @@ from .layers import MaskStyler, RooftopsStyler, layer_file, style_on_load
 PRECISIONS = ("auto", "32", "bf16", "int8")
 #: geoseg predict's last line: "wrote N polygons to PATH".
 _WROTE = re.compile(r"^wrote (\d+) polygons to ")
+#: The Ground resolution parameter's text for geoseg's default (``--resolution auto``).
+AUTO_RESOLUTION = "auto"
+
+
+def resolution_argument(text: str) -> str | None:
+    """``--resolution``'s value for the Ground resolution parameter's text; None for geoseg's default (auto).
+
+    geoseg checks it again (geoseg/resample.py ``parse_resolution`` owns the rule); this copy exists
+    because QGIS's Python cannot import geoseg, and a bad value should be refused in the dialog,
+    before geoseg starts, in words about the parameter rather than ``--resolution``.
+
+    Raises:
+        QgsProcessingException: Not auto, native or ground metres per pixel above 0 (empty is auto).
+    """
+    value = text.strip().lower()
+    if value in ("", AUTO_RESOLUTION):
+        return None
+    if value == "native":
+        return value
+    try:
+        metres = float(value)
+    except ValueError:
+        metres = math.nan
+    if not math.isfinite(metres) or metres <= 0:
+        raise QgsProcessingException(f"Ground resolution should be auto, native or metres per pixel above 0 "
+                                     f"(e.g. 0.3), got {text!r}")
+    return number_text(metres)
 
 
 class FindRooftops(GeosegAlgorithm):
@@ -34,7 +64,7 @@ class FindRooftops(GeosegAlgorithm):
 
     INPUT, MODEL, THRESHOLD, MIN_AREA, SIMPLIFY = "INPUT", "MODEL", "THRESHOLD", "MIN_AREA", "SIMPLIFY"
     REGULARIZE, TTA, OVERLAP, DEVICE = "REGULARIZE", "TTA", "OVERLAP", "DEVICE"
-    AOI, PRECISION = "AOI", "PRECISION"
+    AOI, PRECISION, RESOLUTION, BANDS = "AOI", "PRECISION", "RESOLUTION", "BANDS"
     OUTPUT, MASK, PROBABILITY, ROOFTOPS = "OUTPUT", "MASK", "PROBABILITY", "ROOFTOPS"
 
     def name(self) -> str:
@@ -80,6 +110,17 @@ class FindRooftops(GeosegAlgorithm):
         self.addParameter(advanced(QgsProcessingParameterEnum(
             self.PRECISION, "Precision (auto: bf16 where the CPU/GPU has it; int8: quantised, CPU only)",
             options=PRECISIONS, defaultValue=0)))
+        # One text field, as the command line's one option: auto, native or metres typed the same way
+        # (also in qgis_process and the modeller). An enum (auto/native/metres) plus a number would be two
+        # fields that can disagree (metres without a number, a number with auto); checkParameterValues
+        # refuses a bad text before anything runs, and the dialog shows its message.
+        self.addParameter(advanced(QgsProcessingParameterString(
+            self.RESOLUTION, "Ground resolution the model reads the scene at: auto (the model's, when the "
+            "scene's differs by more than 5%), native (the scene's own) or metres per pixel, e.g. 0.3",
+            defaultValue=AUTO_RESOLUTION, optional=True)))
+        self.addParameter(advanced(QgsProcessingParameterString(
+            self.BANDS, "Scene bands for the model, by number and/or name, e.g. 1,2,3 or red,green,blue "
+            "(empty: the model's)", optional=True)))
         self.addParameter(QgsProcessingParameterVectorDestination(
             self.OUTPUT, "Rooftops", QgsProcessing.TypeVectorPolygon))
         self.addParameter(QgsProcessingParameterRasterDestination(
@@ -112,6 +153,12 @@ class FindRooftops(GeosegAlgorithm):
         precision = PRECISIONS[self.parameterAsEnum(parameters, self.PRECISION, context)]
         if precision != "auto":
             args += ["--precision", precision]
+        resolution = resolution_argument(self.parameterAsString(parameters, self.RESOLUTION, context))
+        if resolution is not None:
+            args += ["--resolution", resolution]
+        bands = self.parameterAsString(parameters, self.BANDS, context).strip()
+        if bands:
+            args += ["--bands", bands]
         aoi = self.parameterAsVectorLayer(parameters, self.AOI, context) if self.is_set(parameters, self.AOI) else None
         if aoi is not None:
             args += ["--aoi", layer_file(aoi)]
@@ -122,6 +169,17 @@ class FindRooftops(GeosegAlgorithm):
         # A Processing output replaces the file chosen for it, as every QGIS algorithm does.
         args.append("--overwrite")
         return args, {self.OUTPUT: out, self.MASK: mask, self.PROBABILITY: prob}
+
+    def checkParameterValues(self, parameters: dict[str, Any],  # noqa: N802
+                             context: QgsProcessingContext) -> tuple[bool, str]:
+        """QGIS's checks, then the ground resolution's (the dialog shows the message; nothing runs)."""
+        ok, message = super().checkParameterValues(parameters, context)
+        if ok:
+            try:
+                resolution_argument(self.parameterAsString(parameters, self.RESOLUTION, context))
+            except QgsProcessingException as exc:
+                return False, str(exc)
+        return ok, message
 
     def processAlgorithm(self, parameters: dict[str, Any], context: QgsProcessingContext,  # noqa: N802
                          feedback: QgsProcessingFeedback) -> dict[str, Any]:
