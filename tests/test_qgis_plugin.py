@@ -51,8 +51,11 @@ REPO = Path(__file__).resolve().parent.parent
 PLUGIN_SOURCE = REPO / "geoseg" / "qgis_plugin"
 SESSION_TIMEOUT = 400
 #: Find rooftops options of the comparisons (not geoseg's defaults, so that a dropped option shows).
-FIND_OPTIONS = {"THRESHOLD": 0.4, "MIN_AREA": 5.0, "SIMPLIFY": 0.5, "OVERLAP": 16, "DEVICE": 1}
-CLI_OPTIONS = ["--threshold", "0.4", "--min-area", "5.0", "--simplify", "0.5", "--overlap", "16", "--device", "cpu"]
+#: The scene's own resolution and bands by name: the same pixels and chips, through both options.
+FIND_OPTIONS = {"THRESHOLD": 0.4, "MIN_AREA": 5.0, "SIMPLIFY": 0.5, "OVERLAP": 16, "DEVICE": 1, "RESOLUTION": "0.25",
+                "BANDS": "red,green,blue"}
+CLI_OPTIONS = ["--threshold", "0.4", "--min-area", "5.0", "--simplify", "0.5", "--overlap", "16", "--device", "cpu",
+               "--resolution", "0.25", "--bands", "red,green,blue"]
 YELLOW = (255, 221, 0)  # the outline colour of geoseg/rooftops.qml
 MASK_COLOURS = {0: (0x2B, 0x2B, 0x2B), 1: YELLOW}  # geoseg/qgis_plugin/layers.py MASK_CLASSES
 #: Find rooftops' ground resolution and bands, and the arguments they add after --device (and --precision):
