@@ -333,15 +333,39 @@ def read_window(
         return data, valid
     inner = Window(c0, r0, c1 - c0, r1 - r0)
     ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+    data[:, ys, xs], valid[ys, xs] = read_inside(src, idx, inner)
+    return data, valid
+
+
+def read_inside(
+    src: rasterio.io.DatasetReader,
+    bands: Sequence[int],
+    window: Window,
+    *,
+    out_shape: tuple[int, int] | None = None,
+    resampling: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a window that lies inside the raster, and its validity (GDAL's dataset mask).
+
+    With ``out_shape`` (and fractional windows), GDAL resamples the window into that
+    shape with ``resampling`` (the mask with nearest), from an overview where one fits.
+
+    Raises:
+        InputFileError: GDAL failed to read (truncated or corrupt file), naming it.
+    """
+    from rasterio.enums import Resampling
+
     try:
-        data[:, ys, xs] = src.read(idx, window=inner)
-        valid[ys, xs] = src.dataset_mask(window=inner) > 0
+        if out_shape is None:
+            return src.read(list(bands), window=window), src.dataset_mask(window=window) > 0
+        data = src.read(list(bands), window=window, out_shape=(len(bands), *out_shape),
+                        resampling=resampling or Resampling.nearest)
+        return data, src.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest) > 0
     except (RasterioIOError, RasterioError) as exc:
         raise read_failure(
-            display_name(src), exc, f"cannot read window {inner} ({{detail}})",
+            display_name(src), exc, f"cannot read window {window} ({{detail}})",
             "the file looks truncated or corrupt; re-export it",
         ) from None
-    return data, valid
 
 
 def read_decimated(

@@ -18,11 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import ConfigError
-from geoseg.raster_io import SceneInfo, display_name, ground_pixel_size, read_failure, read_window
+from geoseg.raster_io import SceneInfo, ground_pixel_size, read_inside, read_window
 
 #: A scene within this relative difference of the resolution asked for by ``auto`` is read as
 #: it is (resampling by a few percent only blurs; the model does not see the difference).
@@ -155,15 +154,8 @@ def read_resampled(
     y0 = max(0.0, float(window.row_off) + r0 * py) * sy
     y1 = min(float(grid.height), float(window.row_off) + r1 * py) * sy
     inner = Window(x0, y0, x1 - x0, y1 - y0)
-    shape = (r1 - r0, c1 - c0)
-    try:
-        data[:, r0:r1, c0:c1] = src.read(idx, window=inner, out_shape=(len(idx), *shape), resampling=resampling)
-        valid[r0:r1, c0:c1] = src.dataset_mask(window=inner, out_shape=shape, resampling=Resampling.nearest) > 0
-    except (RasterioIOError, RasterioError) as exc:
-        raise read_failure(
-            display_name(src), exc, f"cannot read window {inner} ({{detail}})",
-            "the file looks truncated or corrupt; re-export it",
-        ) from None
+    data[:, r0:r1, c0:c1], valid[r0:r1, c0:c1] = read_inside(
+        src, idx, inner, out_shape=(r1 - r0, c1 - c0), resampling=resampling)
     return data, valid
 
 
