@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/oam_resolution", type=Path)
     ap.add_argument("--cities", default=",".join(CITIES))
     ap.add_argument("--predict-args", default="", help="extra geoseg predict options")
+    ap.add_argument("--also", action="append", default=[], metavar="ZOOM:RESOLUTION",
+                    help="more runs, e.g. z20:0.075 (the 0.15 m tiles read at 0.075 m: upsampled 2x)")
     args = ap.parse_args(argv)
     geoseg = [sys.executable, "-m", "geoseg"]
     summary: dict = {}
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for city in args.cities.split(","):
         model = args.models / city / "best_iou.pt"
         runs = [("z20", "auto", args.data)] + [(z, mode, args.more) for z in ZOOMS for mode in ("native", "auto")]
+        runs += [(z, mode, args.data if z == "z20" else args.more) for z, mode in (a.split(":") for a in args.also)]
         for zoom, mode, data in runs:
             key = f"{city}/{zoom}/{mode}"
             if key in summary:
