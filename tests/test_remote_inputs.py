@@ -112,17 +112,22 @@ def write_cog(path: Path, label: np.ndarray, *, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def big_cog(tmp_path_factory) -> Path:
-    """A 3100 x 3050 px one-band COG (uncompressed noise) with overviews down to 1/16."""
-    path = tmp_path_factory.mktemp("big") / "big.tif"
-    data = np.random.default_rng(5).integers(0, 256, (1, 3050, 3100), dtype=np.uint8)
-    with rasterio.open(path, "w", driver="COG", width=3100, height=3050, count=1, dtype="uint8", crs=UTM,
+def uncompressed_cog(path: Path, data: np.ndarray) -> Path:
+    """An uncompressed COG of ``data`` (bands, h, w) on the UTM grid: 256-px tiles, overviews 2, 4, ..."""
+    count, height, width = data.shape
+    with rasterio.open(path, "w", driver="COG", width=width, height=height, count=count, dtype="uint8", crs=UTM,
                        transform=UTM_TRANSFORM, blocksize=256, compress="NONE") as dst:
         dst.write(data)
     with rasterio.open(path) as src:
         assert src.overviews(1)[:2] == [2, 4]
     return path
+
+
+@pytest.fixture(scope="module")
+def big_cog(tmp_path_factory) -> Path:
+    """A 3100 x 3050 px one-band COG (uncompressed noise) with overviews down to 1/16."""
+    data = np.random.default_rng(5).integers(0, 256, (1, 3050, 3100), dtype=np.uint8)
+    return uncompressed_cog(tmp_path_factory.mktemp("big") / "big.tif", data)
 
 
 def run(*args: str):
@@ -185,15 +190,9 @@ def test_a_remote_cog_predicts_exactly_as_the_local_file(tmp_path, served, oracl
 @pytest.fixture(scope="module")
 def wide_cog(tmp_path_factory) -> Path:
     """A 1536 x 1536 px 4-band COG (uncompressed noise, label band 4) with overviews 2, 4."""
-    path = tmp_path_factory.mktemp("wide") / "wide.tif"
     label = draw_rectangles(1536, 1536, [(r, c, 40, 60) for r in range(20, 1500, 190) for c in range(30, 1480, 170)])
     data = np.concatenate([np.random.default_rng(2).integers(1, 255, (3, 1536, 1536), dtype=np.uint8), label[None]])
-    with rasterio.open(path, "w", driver="COG", width=1536, height=1536, count=4, dtype="uint8", crs=UTM,
-                       transform=UTM_TRANSFORM, blocksize=256, compress="NONE") as dst:
-        dst.write(data)
-    with rasterio.open(path) as src:
-        assert src.overviews(1)[:2] == [2, 4]
-    return path
+    return uncompressed_cog(tmp_path_factory.mktemp("wide") / "wide.tif", data)
 
 
 def test_a_remote_cog_with_an_aoi_reads_only_the_tiles_near_it(tmp_path, served, oracle, wide_cog):
