@@ -295,15 +295,14 @@ def predict_scene(
         publication = stack.enter_context(publishing(overwrite=overwrite))
         mask_pub = publication.file(mask_out) if mask_out else None
         prob_pub = publication.file(prob_out) if prob_out else None
-        mask_tmp, prob_tmp = mask_pub, prob_pub
-        if target is not None and (mask_pub or prob_pub or polygons):
-            # On the model grid the rasters are scratch; the published ones are on the scene's grid.
+        # On a model grid the rasters predicted are scratch (the published ones are written on the
+        # scene's grid from them); polygons need both, each published raster its own.
+        mask_tmp, prob_tmp = (mask_pub, prob_pub) if target is None else (None, None)
+        want_mask, want_prob = polygons or mask_pub is not None, polygons or prob_pub is not None
+        if (want_mask and mask_tmp is None) or (want_prob and prob_tmp is None):
             scratch = stack.enter_context(temporary_folder(temp_dir))
-            mask_tmp, prob_tmp = scratch / "mask.tif", scratch / "prob.tif"
-        elif polygons and (mask_tmp is None or prob_tmp is None):
-            scratch = stack.enter_context(temporary_folder(temp_dir))
-            mask_tmp = mask_tmp or scratch / "mask.tif"
-            prob_tmp = prob_tmp or scratch / "prob.tif"
+            mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask else None)
+            prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob else None)
         result = _run(
             info, model, meta, use_bands, mask_tmp=mask_tmp, prob_tmp=prob_tmp, polygons=polygons,
             scene=scene,
