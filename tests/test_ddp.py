@@ -117,7 +117,8 @@ def test_torchrun_runs_the_train_command(data, tmp_path):
         "-m", "geoseg.train", "--data", str(data), "--out-dir", str(out), "--device", "cpu",
         *[arg for s in [*SETTINGS, "train.epochs=1", "data.batch_size=2"] for arg in ("--set", s)],
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "tmp").mkdir()  # torchrun leaves a torchelastic_* folder in TMPDIR: keep it in the test's own
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 1/1: train loss ") == 1  # rank 0 reports, rank 1 is quiet

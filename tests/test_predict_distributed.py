@@ -159,8 +159,9 @@ def test_torchrun_runs_the_predict_command(scenes, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(_free_port()), "-m", "geoseg", "predict", *map(str, scenes), "--out", str(out),
            "--model", str(ckpt), "--bands", "1,2,3", "--device", "cpu", "--min-area", "0", "--simplify", "0"]
+    (tmp_path / "tmp").mkdir()  # torchrun leaves a torchelastic_* folder in TMPDIR: keep it in the test's own
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     per_scene = sorted(line.split(":")[0] for line in lines if " polygons, " in line)
