@@ -1,8 +1,13 @@
-"""The model's thread of one scene: blocks in, chips gathered into full batches across blocks, cores out.
+"""The model's thread: chips gathered into full batches across blocks and scenes, cores out.
 
-Chips fill batches across blocks: the chips left over at the end of one block go
-through the model with the first chips of the next, so only a scene's last batch
-is partial (or padded, when compiled). Blocks close in grid order.
+A :class:`Batches` is shared by every scene of a run (``inference.job``) or owned by one
+:func:`~geoseg.inference.pipeline.predict_scene` call. Each scene's :class:`BlockWork`
+normalises its blocks and adds their chips; a batch goes through the model as soon as it
+is full, whatever blocks or scenes its chips come from, so only the run's last batch is
+partial (or padded, when compiled). After each batch every scene with chips in it blends
+them and closes its blocks that are complete (in grid order); a scene whose blocks have
+all been fed finishes as soon as its last chips are through, scenes in the order they
+were fed, before a later scene closes any block of that batch.
 """
 
 from __future__ import annotations
@@ -10,17 +15,26 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
+from geoseg.devices import torch_threads
 from geoseg.encoding import MASK_NODATA, ProbDtype
 from geoseg.inference.runtime import ChipPredictor
 from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.inference.streams import BlockData, CoreWriter, FinishedCore
 
 ProgressFn = Callable[[int, int], None]
+
+
+class Finishing(Protocol):
+    """A scene pass as :class:`Batches` holds it: finished when its chips are through, aborted on failure."""
+
+    def finish(self) -> None: ...
+
+    def abort(self, exc: BaseException | None) -> None: ...
 
 
 @dataclass
@@ -31,16 +45,156 @@ class OpenBlock:
     buffer: torch.Tensor
     valid: torch.Tensor
     pending: int = 0
+    feeding: bool = False  # its chips are still being added: not closable yet
+
+
+@dataclass
+class _Piece:
+    """Consecutive chips of one block in the batch being filled."""
+
+    work: "BlockWork"
+    entry: OpenBlock
+    index: torch.Tensor
+    chips: torch.Tensor
+
+
+class Batches:
+    """Full model batches from the chips of consecutive blocks and scenes.
+
+    Chips join the batch being filled in the order they are added; a scene's chips may
+    share a batch with another scene's only when both run the same model the same way
+    (:meth:`ChipPredictor.batch_key`: model, precision, TTA, padding, outputs); otherwise
+    the batch is run as it is first. Used as a context manager: on a failure every scene
+    pass it holds that has not finished is aborted (its outputs discarded, its threads
+    stopped), the latest first.
+
+    Attributes:
+        batch_size: Chips per model call.
+        calls: Model calls made.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size should be a positive number of chips, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.calls = 0
+        self._pieces: list[_Piece] = []
+        self._queued = 0
+        self._key: tuple[Any, ...] | None = None
+        self._threads: int | None = None
+        self._held: list[tuple["BlockWork", Finishing]] = []  # scene passes not finished, in feeding order
+        self._ended: collections.deque[tuple["BlockWork", Finishing]] = collections.deque()
+
+    def __enter__(self) -> "Batches":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.abort(exc)
+
+    @property
+    def room(self) -> int:
+        """Chips the batch being filled still takes."""
+        return self.batch_size - self._queued
+
+    def hold(self, work: "BlockWork", scene_pass: Finishing, *, threads: int | None) -> None:
+        """Take a scene pass whose chips ``work`` will add: finished by :meth:`end`, aborted on failure.
+
+        ``threads``: torch CPU threads for the model calls the scene's chips end up in (the
+        last batch of a run may run outside any scene's own loop).
+        """
+        self._held.append((work, scene_pass))
+        self._threads = threads
+
+    def add(self, work: "BlockWork", entry: OpenBlock, index: torch.Tensor, chips: torch.Tensor) -> None:
+        """Queue chips (at most :attr:`room`) of ``entry``'s block; run the batch once it is full."""
+        key = work.predictor.batch_key()
+        if self._queued and key != self._key:  # another model or way of running it: no sharing
+            self._predict()
+        self._key = key
+        self._pieces.append(_Piece(work, entry, index, chips))
+        self._queued += chips.shape[0]
+        entry.pending += chips.shape[0]
+        if self._queued >= self.batch_size:
+            self._predict()
+
+    def end(self, work: "BlockWork") -> None:
+        """``work``'s scene has added all its chips: finish it once they are through (in feeding order)."""
+        for held in self._held:
+            if held[0] is work:
+                self._ended.append(held)
+                break
+        self._finish_ready()
+
+    def flush(self) -> None:
+        """Run the last, partial batch; every ended scene finishes."""
+        with torch_threads(self._threads), torch.inference_mode():
+            if self._queued:
+                self._predict()
+            self._finish_ready()
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Abort every held scene pass not finished, the latest first (outputs discarded, threads stopped).
+
+        The first error an abort raises (a failed write named by its output) is raised once all are aborted.
+        """
+        self._pieces, self._queued = [], 0
+        self._ended.clear()
+        held, self._held = self._held, []
+        raised: BaseException | None = None
+        for _, scene_pass in reversed(held):
+            try:
+                scene_pass.abort(exc)
+            except BaseException as err:  # noqa: BLE001 - every pass is aborted before anything is raised
+                raised = raised or err
+        if raised is not None:
+            raise raised
+
+    def _predict(self) -> None:
+        """The queued chips through the model as one batch; each scene blends its own and closes blocks."""
+        t1 = time.perf_counter()
+        pieces, n = self._pieces, self._queued
+        self._pieces, self._queued = [], 0
+        chips = pieces[0].chips if len(pieces) == 1 else torch.cat([p.chips for p in pieces])
+        t2 = time.perf_counter()
+        probs = pieces[0].work.predictor(chips)
+        t3 = time.perf_counter()
+        self.calls += 1
+        owners: dict[int, tuple[BlockWork, int]] = {}
+        start = 0
+        for piece in pieces:
+            k = piece.chips.shape[0]
+            piece.work.blend(piece.entry, piece.index, probs[start:start + k])
+            start += k
+            work, count = owners.get(id(piece.work), (piece.work, 0))
+            owners[id(piece.work)] = (work, count + k)
+        for work, count in owners.values():  # the model's time shared by chips; blending is each scene's own
+            share = count / n
+            work.stages["preprocess"] += (t2 - t1) * share
+            work.stages["model"] += (t3 - t2) * share
+            work.batches += 1
+        for work, count in owners.values():  # scenes in feeding order: an earlier one finishes first
+            work.chips_through(count)
+            self._finish_ready()
+
+    def _finish_ready(self) -> None:
+        """Finish, in feeding order, the leading ended scenes whose blocks are all closed."""
+        while self._ended and self._ended[0][0].complete:
+            work, scene_pass = self._ended.popleft()
+            self._held = [h for h in self._held if h[0] is not work]
+            try:
+                scene_pass.finish()
+            except BaseException:
+                self._held.insert(0, (work, scene_pass))  # aborted with the others
+                raise
 
 
 class BlockWork:
-    """The model's thread: blocks in, their finished cores out to the writer, in block order.
+    """One scene's part of the model's thread: its blocks in, their finished cores out to its writer, in block order.
 
-    Chips fill batches across blocks: the chips left over at the end of one block
-    (fewer than a batch) go through the model together with the first chips of the
-    next, so only the last batch of a scene is partial (or padded, when compiled). A
-    block closes when all its chips are through; blocks close in grid order, so at most
-    the blocks a batch spans (two, unless blocks hold fewer chips than a batch) are open.
+    Each block is normalised with the scene's own normalisation and its chips added to the
+    shared :class:`Batches`; a block closes when all its chips are through, and blocks close
+    in grid order, so at most the blocks a batch spans are open.
     """
 
     def __init__(
@@ -48,8 +202,8 @@ class BlockWork:
         predictor: ChipPredictor,
         stitcher: BlockStitcher,
         writer: CoreWriter,
+        batches: Batches,
         *,
-        batch_size: int,
         roof: int,
         threshold: float,
         prob_dtype: ProbDtype,
@@ -58,21 +212,25 @@ class BlockWork:
         progress: ProgressFn | None,
         extra: int = 0,
     ) -> None:
-        self.predictor, self.stitcher, self.writer = predictor, stitcher, writer
+        self.predictor, self.stitcher, self.writer, self.shared = predictor, stitcher, writer, batches
         self.extra = extra
-        self.batch_size, self.roof, self.threshold, self.prob_dtype = batch_size, roof, threshold, prob_dtype
+        self.roof, self.threshold, self.prob_dtype = roof, threshold, prob_dtype
         self.last_col, self.chips_total, self.progress = last_col, chips_total, progress
         self.stages = dict.fromkeys(("read", "preprocess", "model", "blend_write", "vectorise", "wait_read"), 0.0)
         self.done = self.skipped = 0
         self.valid_pixels = self.rooftop_pixels = 0  # of the finished cores: the rooftop share
-        self.batches = 0  # model calls, full or not
+        self.batches = 0  # model calls that carried this scene's chips
         self.read_blocks = 0  # blocks read (with an AOI, those it touches)
+        self.ended = False  # every block has been fed
         self._open: collections.deque[OpenBlock] = collections.deque()
-        self._queue: list[tuple[OpenBlock, torch.Tensor, torch.Tensor]] = []  # (block, pixel index, chips)
-        self._queued = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every block fed, through the model and closed."""
+        return self.ended and not self._open
 
     def run(self, item: BlockData) -> None:
-        """Normalise, gather the block's chips into batches (run each one that fills), close finished blocks."""
+        """Normalise the block and add its chips to the batches (full ones run); close finished blocks."""
         predictor, stitcher, stages = self.predictor, self.stitcher, self.stages
         dev, chip = stitcher.device, stitcher.chip
         t0 = time.perf_counter()
@@ -94,7 +252,7 @@ class BlockWork:
         pixels = x.view(-1, x.shape[-1])
         # The model sees every pixel with data; outside the AOI its answer is nodata.
         keep = valid if item.inside is None else valid & item.inside.to(dev, non_blocking=True)
-        entry = OpenBlock(blk, stitcher.new_buffer(blk), keep)
+        entry = OpenBlock(blk, stitcher.new_buffer(blk), keep, feeding=True)
         self._open.append(entry)
         todo = [c for c, ok in zip(blk.chips, item.chip_ok) if ok]
         self.skipped += len(blk.chips) - len(todo)
@@ -102,51 +260,39 @@ class BlockWork:
         i = 0
         while i < len(todo):
             t1 = time.perf_counter()
-            batch = todo[i:i + self.batch_size - self._queued]  # what fits in the batch being filled
+            batch = todo[i:i + self.shared.room]  # what fits in the batch being filled
             i += len(batch)
             index = stitcher.chip_index(blk, batch)
             # Gathered (copied) from an (H, W, C) block, the chips are channels_last already.
             chips = pixels.index_select(0, index).view(len(batch), chip, chip, -1).permute(0, 3, 1, 2)
-            self._queue.append((entry, index, chips))
-            self._queued += len(batch)
-            entry.pending += len(batch)
             stages["preprocess"] += time.perf_counter() - t1
-            if self._queued == self.batch_size:
-                self._predict()
+            self.shared.add(self, entry, index, chips)  # runs the batch once it is full
+        entry.feeding = False
         self._close_ready()
 
-    def flush(self) -> None:
-        """Run the last, partial batch of the scene and close every block still open."""
-        if self._queued:
-            self._predict()
+    def end(self) -> None:
+        """Every block is fed: the scene finishes once its last chips are through (maybe in a later scene's batch)."""
+        self.ended = True
         self._close_ready()
+        self.shared.end(self)
 
-    def _predict(self) -> None:
-        """The queued chips through the model as one batch, blended into their blocks."""
-        t1 = time.perf_counter()
-        pieces = self._queue
-        chips = pieces[0][2] if len(pieces) == 1 else torch.cat([c for _, _, c in pieces])
-        t2 = time.perf_counter()
-        probs = self.predictor(chips)
-        t3 = time.perf_counter()
-        start = 0
-        for entry, index, piece in pieces:
-            n = piece.shape[0]
-            self.stitcher.add(entry.buffer, index, probs[start:start + n])
-            entry.pending -= n
-            start += n
-        self.stages["preprocess"] += t2 - t1
-        self.stages["model"] += t3 - t2
-        self.stages["blend_write"] += time.perf_counter() - t3
-        self.done += self._queued
-        self.batches += 1
-        self._queue, self._queued = [], 0
+    def blend(self, entry: OpenBlock, index: torch.Tensor, probs: torch.Tensor) -> None:
+        """Blend a batch's probabilities for chips of ``entry``'s block into its accumulator."""
+        t0 = time.perf_counter()
+        self.stitcher.add(entry.buffer, index, probs)
+        entry.pending -= probs.shape[0]
+        self.stages["blend_write"] += time.perf_counter() - t0
+
+    def chips_through(self, count: int) -> None:
+        """``count`` more chips of this scene are through the model: report, close the blocks now complete."""
+        self.done += count
         if self.progress is not None:
             self.progress(self.done, self.chips_total - self.skipped)
+        self._close_ready()
 
     def _close_ready(self) -> None:
         """Close, in grid order, the leading blocks whose chips are all through the model."""
-        while self._open and self._open[0].pending == 0:
+        while self._open and self._open[0].pending == 0 and not self._open[0].feeding:
             self._close(self._open.popleft())
 
     def _close(self, entry: OpenBlock) -> None:

@@ -21,7 +21,8 @@ from geoseg.inference.distributed import (
     RankGroup, Shard, assign_scenes, rank_device, read_partials, shard_from_env, write_partials,
 )
 from geoseg.inference.aoi import area_on_scene, area_outside_error, read_area
-from geoseg.inference.pipeline import PredictionResult, predict_scene
+from geoseg.inference.batching import Batches
+from geoseg.inference.pipeline import PredictionResult, default_batch_size, predict_scene
 from geoseg.inputs import DEFAULT_MODEL, SCENE_EXTENSIONS, check_model_path, find_scenes, resolve_scenes  # noqa: F401
 from geoseg.publish import Publication, publishing
 from geoseg.raster_io import (
@@ -30,6 +31,7 @@ from geoseg.raster_io import (
 from geoseg.remote import source_stem
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from geoseg.checkpoints import CheckpointMeta
@@ -345,6 +347,8 @@ def predict(
                    assume_crs=assume_crs, rescale=rescale)
     if area is not None:  # at least one scene touches it (check_scenes): the others are skipped
         options.update(aoi=area, skip_outside_aoi=True)
+    if config.compile is None:  # one decision for all this process's scenes: they share batches and the compile
+        options["compile_model"] = _compile_run(options["device"], meta, config, [checked.sizes[i] for i in mine])
     with contextlib.ExitStack() as scratch:
         if _int8_run(config, options["device"], model, meta, checked.sizes):
             # Calibrated on all the run's scenes, so that every torchrun rank runs the same model.
@@ -373,6 +377,17 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
         return False
     chips = sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
     return wants_int8(config.precision, resolve_device(device, setting="device"), chips)
+
+
+def _compile_run(device: str, meta: Any, config: PredictConfig, sizes: Sequence[int]) -> bool:
+    """Whether this process's scenes are predicted by a compiled model (``runtime.compile_wanted``
+    for all their chips together: the compile is paid once per run)."""
+    from geoseg.devices import resolve_device
+    from geoseg.inference.runtime import compile_wanted
+    from geoseg.tiling import chips_about
+
+    chips = sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
+    return compile_wanted(None, resolve_device(device, setting="device"), chips)
 
 
 def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],
@@ -455,22 +470,34 @@ class _Run:
         # Raster outputs stay at temporary paths until the polygons are written too.
         tmp = {p: pub.file(p) for p in own_rasters}
         temp_dir = self.out.parent if self.out.parent.exists() else None
-        for i in self.mine:
-            mpath, ppath = self.plan.masks[i], self.plan.probs[i]
-            res = predict_scene(
-                self.scenes[i], self.model, self.meta,
-                mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
-                polygons=True, bands=self.bands[i], scene_name=self.names[i], temp_dir=temp_dir,
-                progress=self._scene_progress(self.names[i]), overwrite=True,
-                polygon_sink=self.spool.append if self.spool is not None else None, **self.options,
-            )
-            res.mask_path, res.prob_path = mpath, ppath
-            self.results.append(res)
+        # One set of batches for all the scenes: a scene's last chips go through with the next
+        # scene's first, and it finishes as they pass (the last one at the flush).
+        with Batches(self.options["batch_size"] or default_batch_size(self.device)) as batches:
+            for i in self.mine:
+                mpath, ppath = self.plan.masks[i], self.plan.probs[i]
+                self.results.append(predict_scene(
+                    self.scenes[i], self.model, self.meta,
+                    mask_out=tmp[mpath] if mpath else None, prob_out=tmp[ppath] if ppath else None,
+                    polygons=True, bands=self.bands[i], scene_name=self.names[i], temp_dir=temp_dir,
+                    progress=self._scene_progress(self.names[i]), overwrite=True,
+                    polygon_sink=self.spool.append if self.spool is not None else None, batches=batches,
+                    **self.options,
+                ))
+            batches.flush()
+        for i, res in zip(self.mine, self.results):
+            res.mask_path, res.prob_path = self.plan.masks[i], self.plan.probs[i]
         frames = [r.polygons for r in self.results]
         if self.shard.active:
             assert self.partials is not None  # made by rank 0 in partials_folder, shared by every rank
             write_partials(list(zip(self.mine, frames)), self.partials)
         return frames
+
+    @property
+    def device(self) -> "torch.device":
+        """The device this process predicts on."""
+        from geoseg.devices import resolve_device
+
+        return resolve_device(self.options["device"], setting="device")
 
     def _scene_progress(self, name: str) -> Callable[[int, int], None] | None:
         if self.progress is None:

@@ -40,7 +40,7 @@ from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_fl
 from geoseg.inference.stitch import BlockStitcher
 from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.aoi import AoiPixels, area_on_scene, area_outside_error, read_area
-from geoseg.inference.batching import BlockWork
+from geoseg.inference.batching import Batches, BlockWork
 from geoseg.inference.streams import BlockReader, CoreWriter
 from geoseg.publish import publishing
 from geoseg.raster_io import SceneInfo, check_output, open_scene
@@ -137,6 +137,11 @@ class PredictionResult:
         return self.chips_predicted / self.seconds if self.seconds > 0 else 0.0
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Chips per model call when none is asked for: :data:`GPU_BATCH` on a GPU, else :data:`CPU_BATCH`."""
+    return GPU_BATCH if device.type == "cuda" else CPU_BATCH
+
+
 def predict_scene(
     scene_path: str | os.PathLike[str],
     model: nn.Module,
@@ -173,6 +178,7 @@ def predict_scene(
     aoi: str | os.PathLike[str] | VectorLayer | None = None,
     skip_outside_aoi: bool = False,
     resolution: str | float = DEFAULTS.resolution,
+    batches: Batches | None = None,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -188,7 +194,7 @@ def predict_scene(
         prob_out: Write the rooftop probability here (uint8 value/254 with 255
             nodata, or float16 with NaN nodata; see ``prob_dtype``).
         polygons: Vectorise the mask into polygons (``result.polygons``).
-        batch_size: Chips per model call (None: 16 on CPU, 128 on a GPU).
+        batch_size: Chips per model call (None: ``batches``' size, else 16 on CPU, 128 on a GPU).
         overlap: Overlap between neighbouring chips in pixels (None: chip/4).
         block_size: Block core size in pixels (rounded up to whole 256-px tiles).
         tta: Average the predictions of the four flips.
@@ -237,9 +243,16 @@ def predict_scene(
             (bilinear) onto the model grid (``resample.grid_at``: same CRS and extent), predicted
             and polygonised there (polygons are exact in the scene's CRS, ``area_m2`` true), and
             the mask (nearest) and probability (bilinear) are written on the scene's own grid.
+        batches: Model batches shared with the other scenes of a run (``inference.job``), of
+            ``batch_size`` chips: this scene's last chips go through with the next scene's first,
+            and the scene finishes (outputs written and published, the result filled in) as they
+            pass, at the latest in ``batches.flush()``; the caller owns ``batches`` (on a failure
+            its context aborts every scene not finished). None: the scene's own batches, and the
+            scene is finished when the call returns.
 
     Returns:
-        Paths, polygons, chip counts and stage timings.
+        Paths, polygons, chip counts and stage timings (with ``batches``: filled in when the
+        scene finishes; the same object).
 
     Raises:
         InputFileError: Unreadable scene; an ``aoi`` file that is not a polygon file.
@@ -280,7 +293,7 @@ def predict_scene(
     dev = resolve_device(device, setting="device")
     dtype = resolve_precision(precision, dev, setting="precision").dtype
     if batch_size is None:
-        batch_size = GPU_BATCH if dev.type == "cuda" else CPU_BATCH
+        batch_size = batches.batch_size if batches is not None else default_batch_size(dev)
     if batch_size < 1:
         raise ConfigError(f"batch size should be a positive number of chips, got {batch_size}")
     block = effective_block_size(block_size, chip)
@@ -290,186 +303,278 @@ def predict_scene(
     if len(set(outputs)) != len(outputs):
         raise ConfigError(f"mask and probability outputs are the same file: {outputs[0]}")
 
+    own = batches is None
     with contextlib.ExitStack() as stack:
+        if batches is None:  # the scene's own batches: finished before this call returns
+            batches = stack.enter_context(Batches(batch_size))
+        elif batches.batch_size != batch_size:
+            raise ConfigError(f"batch size {batch_size} differs from the shared batches' {batches.batch_size}")
+        scene_pass = _ScenePass(
+            info, model, meta, use_bands, scene=scene, target=target, mask_out=mask_out, prob_out=prob_out,
+            polygons=polygons, overlap=overlap, block=block, tta=tta, threshold=threshold,
+            dev=dev, dtype=dtype, prob_dtype=prob_dtype, min_area=min_area,
+            simplify=simplify, regularize=regularize, scene_name=scene_name or source_stem(scene_path),
+            threads=threads, read_workers=read_workers, compile_model=compile_model, progress=progress,
+            split=split, seed_threshold=seed_threshold, min_seed_area=min_seed_area, polygon_sink=polygon_sink,
+            area=area, overwrite=overwrite, temp_dir=temp_dir, batches=batches, t_start=t_start,
+            source=scene_path,
+        )
+        scene_pass.feed()
+        if own:
+            batches.flush()
+    return scene_pass.result
+
+
+class _ScenePass:
+    """One scene's prediction from its setup to its finish, and what it holds in between.
+
+    Set up (outputs, sinks, threads, the model's predictor), it is held by the
+    :class:`~geoseg.inference.batching.Batches` its chips go through; :meth:`feed` reads
+    every block and adds its chips; the batches call :meth:`finish` once the last chips
+    are through (write, polygonise, publish, fill :attr:`result`) or :meth:`abort` on a
+    failure (outputs discarded, threads stopped, scratch removed).
+    """
+
+    def __init__(
+        self,
+        info: SceneInfo,
+        model: nn.Module,
+        meta: "CheckpointMeta",
+        bands: tuple[int, ...],
+        *,
+        scene: SceneInfo,
+        target: float | None,
+        mask_out: str | os.PathLike[str] | None,
+        prob_out: str | os.PathLike[str] | None,
+        polygons: bool,
+        overlap: int,
+        block: int,
+        tta: bool,
+        threshold: float,
+        dev: torch.device,
+        dtype: torch.dtype | None,
+        prob_dtype: ProbDtype,
+        min_area: float,
+        simplify: float,
+        regularize: bool,
+        scene_name: str,
+        threads: int | None,
+        read_workers: int | None,
+        compile_model: bool | None,
+        progress: ProgressFn | None,
+        split: bool,
+        seed_threshold: float,
+        min_seed_area: float,
+        polygon_sink: Callable[[Any], None] | None,
+        area: AoiPixels | None,
+        overwrite: bool,
+        temp_dir: str | os.PathLike[str] | None,
+        batches: Batches,
+        t_start: float,
+        source: str | Path,
+    ) -> None:
+        """Open the outputs and start the writer; on a failure, leave nothing behind."""
+        self.info, self.scene, self.target, self.source = info, scene, target, source
+        self.mask_out, self.prob_out, self.prob_dtype = mask_out, prob_out, prob_dtype
+        self.area, self.t_start = area, t_start
+        self.reader: BlockReader | None = None
+        self.writer: CoreWriter | None = None
+        self.sinks: list[RasterSink] = []
+        self._stack = contextlib.ExitStack()
+        try:
+            self._open(model, meta, bands, target=target, polygons=polygons, overlap=overlap, block=block,
+                       tta=tta, threshold=threshold, dev=dev, dtype=dtype, min_area=min_area, simplify=simplify,
+                       regularize=regularize, scene_name=scene_name, threads=threads, read_workers=read_workers,
+                       compile_model=compile_model, progress=progress, split=split,
+                       seed_threshold=seed_threshold, min_seed_area=min_seed_area, polygon_sink=polygon_sink,
+                       overwrite=overwrite, temp_dir=temp_dir, batches=batches)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        #: What the pass did: filled in by :meth:`finish`.
+        self.result = PredictionResult(
+            scene=info.path, name=scene_name, mask_path=None, prob_path=None, polygons=None,
+            width=info.width, height=info.height, chips_total=self.work.chips_total, chips_predicted=0,
+            chips_skipped=0, blocks=len(self.blocks), seconds=0.0, device=str(dev),
+            precision=self.predictor.precision, threads=self.n_threads, batch_size=batches.batch_size,
+            overlap=overlap, block_size=block, compiled=self.predictor.compiled, resolution=target,
+        )
+        batches.hold(self.work, self, threads=self.cpu_threads)
+
+    def _open(
+        self, model: nn.Module, meta: "CheckpointMeta", bands: tuple[int, ...], *, target: float | None,
+        polygons: bool, overlap: int, block: int, tta: bool, threshold: float, dev: torch.device,
+        dtype: torch.dtype | None, min_area: float, simplify: float, regularize: bool, scene_name: str,
+        threads: int | None, read_workers: int | None, compile_model: bool | None, progress: ProgressFn | None,
+        split: bool, seed_threshold: float, min_seed_area: float, polygon_sink: Callable[[Any], None] | None,
+        overwrite: bool, temp_dir: str | os.PathLike[str] | None, batches: Batches,
+    ) -> None:
+        from geoseg import vectorize
+        from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
+
+        info, mask_out, prob_out, area = self.info, self.mask_out, self.prob_out, self.area
         # Both rasters are published together (a caller's temporaries are left to the caller).
-        publication = stack.enter_context(publishing(overwrite=overwrite))
-        mask_pub = publication.file(mask_out) if mask_out else None
-        prob_pub = publication.file(prob_out) if prob_out else None
+        publication = self._stack.enter_context(publishing(overwrite=overwrite))
+        self.mask_pub = publication.file(mask_out) if mask_out else None
+        self.prob_pub = publication.file(prob_out) if prob_out else None
         # On a model grid the rasters predicted are scratch (the published ones are written on the
         # scene's grid from them); polygons need both, each published raster its own.
-        mask_tmp, prob_tmp = (mask_pub, prob_pub) if target is None else (None, None)
-        want_mask, want_prob = polygons or mask_pub is not None, polygons or prob_pub is not None
+        mask_tmp, prob_tmp = (self.mask_pub, self.prob_pub) if target is None else (None, None)
+        want_mask, want_prob = polygons or self.mask_pub is not None, polygons or self.prob_pub is not None
         if (want_mask and mask_tmp is None) or (want_prob and prob_tmp is None):
-            scratch = stack.enter_context(temporary_folder(temp_dir))
+            scratch = self._stack.enter_context(temporary_folder(temp_dir))
             mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask else None)
             prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob else None)
-        result = _run(
-            info, model, meta, use_bands, mask_tmp=mask_tmp, prob_tmp=prob_tmp, polygons=polygons,
-            scene=scene,
-            overviews={mask_tmp: mask_out is not None and target is None,
-                       prob_tmp: prob_out is not None and target is None},
-            batch_size=batch_size, overlap=overlap, block=block, tta=tta, threshold=threshold,
-            dev=dev, dtype=dtype, prob_dtype=prob_dtype if prob_out else "uint8", min_area=min_area,
-            simplify=simplify, regularize=regularize,
-            scene_name=scene_name or source_stem(scene_path), threads=threads, read_workers=read_workers,
-            compile_model=compile_model, progress=progress, split=split, seed_threshold=seed_threshold,
-            min_seed_area=min_seed_area, polygon_sink=polygon_sink, area=area,
-        )
-        if target is not None:
-            t0 = time.perf_counter()
-            if mask_pub is not None:
-                to_scene_grid(mask_tmp, mask_pub, scene, kind="mask")
-            if prob_pub is not None:
-                to_scene_grid(prob_tmp, prob_pub, scene, kind="prob", prob_dtype=prob_dtype)
-            result.stages["blend_write"] += time.perf_counter() - t0
-    result.resolution = target
-    result.mask_path = Path(mask_out) if mask_out else None
-    result.prob_path = Path(prob_out) if prob_out else None
-    result.seconds = time.perf_counter() - t_start
-    log.info(
-        "%s: %d chips (%d skipped, all nodata) in %.1f s = %.2f chips/s on %s (%s)",
-        scene_path, result.chips_predicted, result.chips_skipped, result.seconds,
-        result.chips_per_s, result.device, result.precision,
-    )
-    return result
+        self.mask_tmp, self.prob_tmp = mask_tmp, prob_tmp
+        self.overviews = {mask_tmp: mask_out is not None and target is None,
+                          prob_tmp: prob_out is not None and target is None}
+        prob_dtype = self.prob_dtype if prob_out else "uint8"
 
-
-def _run(
-    info: SceneInfo,
-    model: nn.Module,
-    meta: "CheckpointMeta",
-    bands: tuple[int, ...],
-    *,
-    mask_tmp: Path | None,
-    prob_tmp: Path | None,
-    polygons: bool,
-    overviews: dict[Path | None, bool],
-    batch_size: int,
-    overlap: int,
-    block: int,
-    tta: bool,
-    threshold: float,
-    dev: torch.device,
-    dtype: torch.dtype | None,
-    prob_dtype: ProbDtype,
-    min_area: float,
-    simplify: float,
-    regularize: bool,
-    scene_name: str,
-    threads: int | None,
-    read_workers: int | None,
-    compile_model: bool | None,
-    progress: ProgressFn | None,
-    split: bool,
-    seed_threshold: float,
-    min_seed_area: float,
-    polygon_sink: Callable[[Any], None] | None = None,
-    area: AoiPixels | None = None,
-    scene: SceneInfo | None = None,
-) -> PredictionResult:
-    """Predict ``info``'s grid: the scene's own, or (``scene`` given) a model grid over it."""
-    from geoseg import vectorize
-    from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
-
-    t_start = time.perf_counter()
-    W, H, chip = info.width, info.height, int(meta.chip_size)
-    blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
-    classes = int(meta.classes)
-    names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
-    chips_total = sum(len(b.chips) for b in blocks)
-    extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
-    predictor = ChipPredictor(
-        model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
-        compile=compile_wanted(compile_model, dev, chips_total), batch_size=batch_size,
-        extra_channels=len(extra), stretch=meta.stretch,
-    )
-    cuda = dev.type == "cuda"
-    sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
-                     num_threads="ALL_CPUS" if cuda else 1)
-    mask_sink = RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args) if mask_tmp else None
-    prob_sink = RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype, band_names=("rooftop", *extra),
-                           **sink_args) if prob_tmp else None
-    sinks = [s for s in (mask_sink, prob_sink) if s is not None]
-    poly = builder = splitter = None
-    if polygons:
-        min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform, width=W, height=H)
-        if split:
-            seed_pixels = vectorize.min_pixels_for(min_seed_area, crs=info.crs, transform=info.transform,
-                                                   width=W, height=H, margin=1.0)
-            splitter = InstanceSplitter(threshold=threshold, seed_threshold=seed_threshold,
-                                        min_seed_pixels=seed_pixels)
-        poly = vectorize.StripPolygonizer(
-            width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
-            keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
+        W, H, chip = info.width, info.height, int(meta.chip_size)
+        blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
+        self.blocks = blocks
+        classes = int(meta.classes)
+        names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
+        chips_total = sum(len(b.chips) for b in blocks)
+        extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
+        predictor = ChipPredictor(
+            model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
+            compile=compile_wanted(compile_model, dev, chips_total), batch_size=batches.batch_size,
+            extra_channels=len(extra), stretch=meta.stretch,
         )
-        builder = vectorize.PolygonBuilder(
-            transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
-            simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
-            clip=area.geometry() if area is not None else None,
+        self.predictor = predictor
+        cuda = dev.type == "cuda"
+        # On a GPU the CPU threads serve reading and writing: torch keeps its setting.
+        self.cpu_threads = threads if threads is not None or not cuda else torch.get_num_threads()
+        self.n_threads = torch.get_num_threads()
+        sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
+                         num_threads="ALL_CPUS" if cuda else 1)
+        if mask_tmp:
+            self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args))
+        mask_sink = self.sinks[0] if mask_tmp else None
+        if prob_tmp:
+            self.sinks.append(RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
+                                         band_names=("rooftop", *extra), **sink_args))
+        prob_sink = self.sinks[-1] if prob_tmp else None
+        self.poly = self.builder = self.splitter = None
+        if polygons:
+            min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform, width=W, height=H)
+            if split:
+                seed_pixels = vectorize.min_pixels_for(min_seed_area, crs=info.crs, transform=info.transform,
+                                                       width=W, height=H, margin=1.0)
+                self.splitter = InstanceSplitter(threshold=threshold, seed_threshold=seed_threshold,
+                                                 min_seed_pixels=seed_pixels)
+            self.poly = vectorize.StripPolygonizer(
+                width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
+                keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
+            )
+            self.builder = vectorize.PolygonBuilder(
+                transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
+                simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
+                clip=area.geometry() if area is not None else None,
+            )
+        self.writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=self.poly,
+                                 builder=self.builder, strip_rows=vectorize.strip_height(W), width=W,
+                                 splitter=self.splitter)
+        workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
+        self.reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1),
+                                  pin=cuda, aoi=area, scene=self.scene if target is not None else None, grid=info)
+        self.work = BlockWork(
+            predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
+                                     channels=predictor.channels, device=dev),
+            self.writer, batches, roof=rooftop_index(names, classes), threshold=threshold,
+            prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
+            progress=progress, extra=len(extra),
         )
-    writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=poly, builder=builder,
-                        strip_rows=vectorize.strip_height(W), width=W, splitter=splitter)
-    workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
-    reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1), pin=cuda,
-                         aoi=area, scene=scene, grid=info)
-    work = BlockWork(
-        predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
-                                 channels=predictor.channels, device=dev),
-        writer, batch_size=batch_size, roof=rooftop_index(names, classes), threshold=threshold,
-        prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
-        progress=progress, extra=len(extra),
-    )
-    n_threads = torch.get_num_threads()
-    # One process-wide GDAL cache cap for the whole pass: reader, writer and overviews.
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        self.writer.start()
+
+    def feed(self) -> None:
+        """Read every block and add its chips to the batches (full ones run), then end the scene.
+
+        One process-wide GDAL cache cap for the pass: reader, writer and overviews.
+        """
+        assert self.reader is not None
+        work = self.work
         try:
-            writer.start()
-            # On a GPU the CPU threads serve reading and writing: torch keeps its setting.
-            cpu_threads = threads if threads is not None or not cuda else torch.get_num_threads()
-            with torch_threads(cpu_threads) as n_threads, torch.inference_mode():
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), torch_threads(self.cpu_threads) as n, \
+                    torch.inference_mode():
+                self.n_threads = n
                 t_wait = time.perf_counter()
-                for item in reader.iterate(blocks):
+                for item in self.reader.iterate(self.blocks):
                     work.stages["wait_read"] += time.perf_counter() - t_wait
                     work.run(item)
                     t_wait = time.perf_counter()
-                work.flush()
-                writer.finish()
-            t0 = time.perf_counter()
-            for sink in sinks:
-                sink.finish(overviews=overviews.get(sink.path, False))
-            work.stages["blend_write"] += writer.write_s + time.perf_counter() - t0
-            work.stages["vectorise"] += writer.vector_s
-        except BaseException:
-            writer.stop()
-            raise
+                self.reader.close()
+                work.end()  # finished now, or when its last chips pass through a later batch
         finally:
-            reader.close()
-            for sink in sinks:
-                sink.close()
+            self.reader.close()
 
-    frame = None
-    if poly is not None and builder is not None:
-        t1 = time.perf_counter()
-        rest = poly.finish()
-        builder.add(splitter(rest) if splitter is not None else rest)
-        frame = builder.frame()
-        work.stages["vectorise"] += time.perf_counter() - t1
-        if splitter is not None:  # part of "vectorise", also given on its own
-            work.stages["split"] = splitter.seconds
-    if work.skipped == work.chips_total and area is None:
-        log.warning("%s: every pixel is nodata; nothing was predicted and its layer is empty", info.path)
-    elif work.skipped == work.chips_total and work.read_blocks:
-        log.warning("%s: every pixel inside the AOI is nodata; nothing was predicted and its layer is empty",
-                    info.path)
-    check_rooftop_share(info.path, work.rooftop_pixels, work.valid_pixels)
-    return PredictionResult(
-        scene=info.path, name=scene_name, mask_path=None, prob_path=None, polygons=frame,
-        polygon_count=builder.count if builder is not None else 0,
-        width=W, height=H, chips_total=work.chips_total, chips_predicted=work.done, chips_skipped=work.skipped,
-        blocks=len(blocks), seconds=time.perf_counter() - t_start, stages=work.stages, device=str(dev),
-        precision=predictor.precision, threads=n_threads, batch_size=batch_size, overlap=overlap,
-        block_size=block, compiled=predictor.compiled, batches=work.batches,
-    )
+    def finish(self) -> None:
+        """The last core is given to the writer: write, polygonise, publish, fill :attr:`result`."""
+        assert self.writer is not None
+        work, info = self.work, self.info
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+            self.writer.finish()
+            t0 = time.perf_counter()
+            for sink in self.sinks:
+                sink.finish(overviews=self.overviews.get(sink.path, False))
+            work.stages["blend_write"] += self.writer.write_s + time.perf_counter() - t0
+            work.stages["vectorise"] += self.writer.vector_s
+            for sink in self.sinks:
+                sink.close()
+            frame = None
+            if self.poly is not None and self.builder is not None:
+                t1 = time.perf_counter()
+                rest = self.poly.finish()
+                self.builder.add(self.splitter(rest) if self.splitter is not None else rest)
+                frame = self.builder.frame()
+                work.stages["vectorise"] += time.perf_counter() - t1
+                if self.splitter is not None:  # part of "vectorise", also given on its own
+                    work.stages["split"] = self.splitter.seconds
+            if work.skipped == work.chips_total and self.area is None:
+                log.warning("%s: every pixel is nodata; nothing was predicted and its layer is empty", info.path)
+            elif work.skipped == work.chips_total and work.read_blocks:
+                log.warning("%s: every pixel inside the AOI is nodata; nothing was predicted and its layer is empty",
+                            info.path)
+            check_rooftop_share(info.path, work.rooftop_pixels, work.valid_pixels)
+            if self.target is not None:
+                t0 = time.perf_counter()
+                if self.mask_pub is not None:
+                    to_scene_grid(self.mask_tmp, self.mask_pub, self.scene, kind="mask")
+                if self.prob_pub is not None:
+                    to_scene_grid(self.prob_tmp, self.prob_pub, self.scene, kind="prob", prob_dtype=self.prob_dtype)
+                work.stages["blend_write"] += time.perf_counter() - t0
+        self._stack.close()  # publishes the rasters, removes the scratch
+        result = self.result
+        result.mask_path = Path(self.mask_out) if self.mask_out else None
+        result.prob_path = Path(self.prob_out) if self.prob_out else None
+        result.polygons = frame
+        result.polygon_count = self.builder.count if self.builder is not None else 0
+        result.chips_predicted, result.chips_skipped = work.done, work.skipped
+        result.seconds = time.perf_counter() - self.t_start
+        result.stages, result.threads, result.batches = work.stages, self.n_threads, work.batches
+        result.precision, result.compiled = self.predictor.precision, self.predictor.compiled
+        log.info(
+            "%s: %d chips (%d skipped, all nodata) in %.1f s = %.2f chips/s on %s (%s)",
+            self.source, result.chips_predicted, result.chips_skipped, result.seconds,
+            result.chips_per_s, result.device, result.precision,
+        )
+
+    def abort(self, exc: BaseException | None) -> None:
+        """Stop the threads, close the files, discard the outputs and the scratch (idempotent).
+
+        Raises:
+            OutputError: ``exc`` was a failed write: named by its output.
+        """
+        if self.writer is not None:
+            self.writer.stop()
+        if self.reader is not None:
+            self.reader.close()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                sink.close()
+        error = exc if exc is not None else RuntimeError("prediction aborted")
+        self._stack.__exit__(type(error), error, error.__traceback__)
 
 
 def _wants_instances(

@@ -210,6 +210,12 @@ class ChipPredictor:
             return str(getattr(self.eager, "precision", "32"))
         return precision_name(self.autocast_dtype)
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """What two predictors share when chips normalised by each may go through one model call:
+        the same model run the same way (device, precision, compiled padding, TTA, outputs)."""
+        return (id(self.model), str(self.device), self.autocast_dtype, self.pad_to, self.tta, self.classes,
+                self.extra, self.memory_format)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

@@ -1,0 +1,171 @@
+"""Batches shared by the scenes of a run (geoseg.inference.batching.Batches).
+
+The chips left at the end of one scene go through the model with the first chips of
+the next, so a run of many small tiles makes full batches; each scene still finishes
+(writes, polygonises, publishes) as soon as its last chips are through, in scene order,
+and a failure anywhere leaves nothing behind. The oracle model reproduces the label
+carried in a scene's last band, so every mask must equal its label exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
+from geoseg import inputs
+from geoseg.config import PredictConfig
+from geoseg.inference import job, pipeline, predict_scene
+from geoseg.inference.batching import Batches
+
+CHIP = 64  # overlap 16: chips every 48 px
+
+
+class Recording(Oracle):
+    """The oracle, recording every batch: its size and the scenes its chips came from."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.fail_at = fail_at
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail_at is not None and len(self.sizes) == self.fail_at:
+            raise RuntimeError("out of memory")
+        self.sizes.append(int(x.shape[0]))
+        return super().forward(x)
+
+
+def _scenes(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Tiles of different sizes (6, 12, 2, 24 and 9 chips); one with a nodata strip."""
+    rng = np.random.default_rng(5)
+    folder.mkdir(exist_ok=True)
+    out = {}
+    for name, (h, w) in {"a": (100, 120), "b": (150, 170), "c": (60, 90), "d": (200, 260), "e": (130, 140)}.items():
+        rects = [(int(rng.integers(0, h - 20)), int(rng.integers(0, w - 20)), int(rng.integers(6, 20)),
+                  int(rng.integers(6, 20))) for _ in range(4)]
+        label = draw_rectangles(h, w, rects)
+        nodata = None
+        if name == "d":
+            nodata = np.zeros((h, w), bool)
+            nodata[:, :70] = True  # whole chips of nodata: skipped
+        out[name] = (write_scene(folder / f"{name}.tif", label, nodata_mask=nodata), label if nodata is None
+                     else np.where(nodata, 255, label).astype(np.uint8))
+    return out
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    model = Recording()
+    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=CHIP)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    return model
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "geoseg-write" and t.is_alive()]
+
+
+@pytest.mark.parametrize("batch_size", [4, 7, 16, 64])
+def test_scenes_share_batches_and_only_the_last_of_the_run_is_partial(tmp_path, recording, batch_size):
+    scenes = _scenes(tmp_path)
+    reports: list[tuple[str, int, int]] = []
+    summary = job.predict(
+        [str(p) for p, _ in scenes.values()], out=tmp_path / "out" / "roofs.gpkg", mask_out=tmp_path / "masks",
+        config=PredictConfig(batch_size=batch_size, device="cpu", precision="32", min_area=0.0, simplify=0.0),
+        progress=lambda name, done, total: reports.append((name, done, total)),
+    )
+    results = summary.results
+    n = sum(r.chips_predicted for r in results)
+    assert [r.chips_predicted for r in results] == [6, 12, 2, 20, 9]
+    assert [r.chips_skipped for r in results] == [0, 0, 0, 4, 0]  # d's first column of chips is all nodata
+    assert recording.sizes == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    # Each scene counts the model calls that carried its chips (the run's chips in scene order).
+    starts = np.cumsum([0] + [r.chips_predicted for r in results])
+    assert [r.batches for r in results] == [(e - 1) // batch_size - s // batch_size + 1
+                                            for s, e in zip(starts[:-1], starts[1:])]
+    for (name, (_, label)), res in zip(scenes.items(), results):
+        assert res.name == name and res.mask_path == tmp_path / "masks" / f"{name}_mask.tif"
+        with rasterio.open(res.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), label)
+    # Scenes finish in order: every report of a scene comes before any of the next, and each ends complete.
+    names = [name for name, _, _ in reports]
+    assert names == sorted(names)
+    for name, res in zip(scenes, results):
+        assert [(d, t) for nm, d, t in reports if nm == name][-1] == (res.chips_predicted,) * 2
+    # The layer holds each scene's polygons, scene after scene, exactly as each scene alone gives them.
+    layer = gpd.read_file(tmp_path / "out" / "roofs.gpkg", layer="rooftops")
+    alone = [predict_scene(p, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", precision="32", min_area=0.0,
+                           simplify=0.0).polygons for p, _ in scenes.values()]
+    assert list(layer["scene"]) == [name for name, frame in zip(scenes, alone) for _ in range(len(frame))]
+    expected = [g for frame in alone for g in frame.geometry]
+    assert len(layer) == len(expected) and all(a.equals_exact(b, 0) for a, b in zip(layer.geometry, expected))
+    assert list(layer["id"]) == list(range(1, len(layer) + 1))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["roofs.gpkg"]  # no scratch left
+    assert not _writer_threads()
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2, 4])
+def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkeypatch, fail_at):
+    """Batch 1 holds the last chips of a and the first of b (4 + 2 and 4 + ...): failures before, during and
+    after a's finish discard every output, scratch and writer thread."""
+    model = Recording(fail_at=fail_at)
+    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=CHIP)))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    scenes = _scenes(tmp_path / "in")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg", mask_out=tmp_path / "m",
+                    prob_out=tmp_path / "p", config=PredictConfig(batch_size=4, device="cpu", precision="32"))
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert len(model.sizes) == fail_at
+    assert not _writer_threads()
+
+
+def test_a_scene_failing_as_it_finishes_inside_the_next_scenes_batch_leaves_nothing(tmp_path, monkeypatch,
+                                                                                     recording):
+    """a's finish runs inside b's first batch (the one that carries a's last chips): its failure there stops b too."""
+    def refuse(path, rooftop, valid):
+        if Path(path).name == "a.tif":
+            raise RuntimeError("a could not be finished")
+
+    monkeypatch.setattr(pipeline, "check_rooftop_share", refuse)
+    scenes = _scenes(tmp_path / "in")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(RuntimeError, match="a could not be finished"):
+        job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg", mask_out=tmp_path / "m",
+                    config=PredictConfig(batch_size=4, device="cpu", precision="32"))
+    assert recording.sizes == [4, 4]  # a: 4, then a's last 2 with b's first 2; a failed as that batch passed
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not _writer_threads()
+
+
+def test_scenes_run_differently_do_not_share_a_batch(tmp_path):
+    """A scene predicted another way (here with flips averaged) gets batches of its own: the shared batch runs first."""
+    scenes = _scenes(tmp_path)
+    model = Recording()
+    with Batches(4) as batches:
+        a = predict_scene(scenes["a"][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                          polygons=False, batches=batches, mask_out=tmp_path / "a_mask.tif")
+        assert a.seconds == 0.0 and model.sizes == [4]  # a's last 2 chips wait for the next scene's
+        b = predict_scene(scenes["c"][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                          polygons=False, batches=batches, tta=True, mask_out=tmp_path / "c_mask.tif")
+        assert model.sizes == [4, 2]  # a's leftovers ran alone, without c's flipped chips
+        batches.flush()
+    assert model.sizes == [4, 2, 2, 2, 2, 2]  # c's 2 chips, once per flip
+    assert a.seconds > 0 and b.chips_predicted == 2 and a.batches == 2 and b.batches == 1  # one call, 4 flips
+    for name, res in (("a", a), ("c", b)):
+        with rasterio.open(res.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), scenes[name][1])
+
+
+def test_shared_batches_of_another_size_are_refused(tmp_path):
+    scene = write_scene(tmp_path / "s.tif", draw_rectangles(100, 120, [(5, 5, 30, 30)]))
+    with Batches(8) as batches, pytest.raises(Exception, match="batch size 4 differs from the shared batches' 8"):
+        predict_scene(scene, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", batch_size=4, batches=batches)
