@@ -489,6 +489,9 @@ def predict_command(
               help="Scene to predict (default: a generated scene of --size).")
 @click.option("--size", default="2048x2048", show_default=True, metavar="WxH",
               help="Size in pixels of the generated scene.")
+@click.option("--tiles", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Predict N generated scenes of --size as one run, as geoseg predict does (a scene's last "
+                   "chips share a batch with the next scene's), and each with batches of its own, to compare.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
               help="Chip overlap in pixels [default: a quarter of the chip].")
@@ -517,7 +520,7 @@ def benchmark_command(
     model_path: str | None, encoder: str, scene: str | None, size: str, batch_size: int,
     overlap: int | None, device: str, precision: str, repeats: int, threads: int | None,
     scaling: str | None, compile_model: bool, train_mode: bool, agreement: str | None, as_json: bool,
-    resolution: str,
+    resolution: str, tiles: int,
 ) -> None:
     """Measure model-only vs end-to-end prediction speed, stages, memory and FLOP use."""
     import json
@@ -530,7 +533,7 @@ def benchmark_command(
         model_path=model_path, encoder=encoder, scene=scene, size=size, batch_size=batch_size,
         overlap=overlap, device=device, precision=precision, repeats=repeats, threads=threads,
         scaling=scaling, compile=compile_model, train=train_mode, agreement=agreement, progress=say,
-        resolution=parse_resolution(resolution),
+        resolution=parse_resolution(resolution), tiles=tiles,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -545,10 +548,16 @@ def benchmark_command(
 def _echo_speed(r: Any) -> None:
     click.echo(f"model      {r.model} on {r.device} ({r.precision}, {r.threads} threads, batch {r.batch_size}"
                f"{', torch.compile' if r.compiled else ''})")
-    click.echo(f"scene      {r.scene} {r.scene_size[0]}x{r.scene_size[1]} px, {r.chips} chips of "
+    scenes = f"{r.tiles} scenes of " if r.tiles > 1 else ""
+    click.echo(f"scene      {scenes}{r.scene} {r.scene_size[0]}x{r.scene_size[1]} px, {r.chips} chips of "
                f"{r.chip_size} px, overlap {r.overlap} px")
     click.echo(f"model only {r.model_chips_per_s:8.2f} chips/s")
-    click.echo(f"end to end {r.e2e_chips_per_s:8.2f} chips/s   ratio {r.ratio:.3f} (e2e / model)")
+    click.echo(f"end to end {r.e2e_chips_per_s:8.2f} chips/s   ratio {r.ratio:.3f} (e2e / model), "
+               f"{r.model_calls} model calls")
+    if r.own_batches_chips_per_s is not None:
+        click.echo(f"own batches{r.own_batches_chips_per_s:8.2f} chips/s   each scene with batches of its own, "
+                   f"{r.own_batches_calls} model calls; shared batches are "
+                   f"{r.e2e_chips_per_s / r.own_batches_chips_per_s:.2f}x faster")
     click.echo(f"baseline   {r.baseline_chips_per_s:8.2f} chips/s   (fp32 per-chip loop); "
                f"geoseg is {r.speedup_vs_baseline:.2f}x faster")
     click.echo("stages     " + ", ".join(f"{k} {v:.2f} s" for k, v in r.stages.items())

@@ -70,3 +70,33 @@ def test_benchmark_cli_json_and_errors(tmp_path) -> None:
     )
     missing = runner.invoke(cli.cli, ["benchmark", "--model", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 1 and "nope.pt" in missing.output and "Traceback" not in missing.output
+
+
+def test_tiles_share_batches_and_compare_with_batches_of_their_own(tmp_path) -> None:
+    """3 scenes of 2 x 2 chips at batch 3: shared, 12 chips make 4 full calls; alone, each scene makes 3 + 1."""
+    res = run_benchmark(
+        encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32", threads=1,
+        baseline_chips=2, tiles=3,
+    )
+    d = res.to_dict()
+    assert (d["tiles"], d["chips"], d["scene_size"]) == (3, 12, (300, 280))
+    assert d["model_calls"] == 4 and d["own_batches_calls"] == 6
+    assert d["own_batches_chips_per_s"] > 0 and d["ratio"] == pytest.approx(
+        d["e2e_chips_per_s"] / d["model_chips_per_s"], rel=1e-2)
+    single = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32",
+                           threads=1, baseline_chips=2).to_dict()
+    assert single["model_calls"] == 2 and "own_batches_calls" not in single
+
+
+def test_tiles_cli_lines_and_errors(tmp_path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli.cli, ["benchmark", "--encoder", "resnet18", "--size", "260x260", "--tiles", "2",
+                                  "--batch-size", "3", "--repeats", "1", "--precision", "32", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert any(ln.startswith("scene      2 scenes of generated 260x260 px, 8 chips of 256 px") for ln in lines)
+    assert any(ln.startswith("end to end") and ln.endswith("3 model calls") for ln in lines)
+    assert any(ln.startswith("own batches") and "4 model calls; shared batches are " in ln for ln in lines)
+    bad = runner.invoke(cli.cli, ["benchmark", "--tiles", "2", "--scene", str(tmp_path / "s.tif")])
+    assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1] == (
+        "Error: --tiles predicts generated scenes of --size; leave out --scene")

@@ -30,6 +30,7 @@ def benchmark(
     agreement: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
     progress: ProgressFn | None = None,
     resolution: str | float = "native",
+    tiles: int = 1,
 ) -> BenchmarkResult | TrainBenchmark | AgreementResult:
     """Measure what ``geoseg benchmark`` measures, chosen as the command chooses it.
 
@@ -61,6 +62,8 @@ def benchmark(
         progress: Called with a short description before each stage.
         resolution: Ground resolution the ``scaling`` runs read their scenes at (``auto``,
             ``native`` or metres; the generated scenes are 0.3 m).
+        tiles: Predict this many generated scenes of ``size`` as one run, batches shared by the
+            scenes, and each with batches of its own, for comparison.
 
     Returns:
         The training throughput, the agreement, or the prediction speed (with its scaling points).
@@ -92,5 +95,5 @@ def benchmark(
         model_path=model_path, encoder=encoder, scene=scene,
         size=parse_size(size) if isinstance(size, str) else size, batch_size=batch_size, device=device,
         precision=precision, overlap=overlap, repeats=repeats, threads=threads, compile=compile,
-        scaling=sizes, scaling_resolution=resolution, progress=progress,
+        scaling=sizes, scaling_resolution=resolution, progress=progress, tiles=tiles,
     )

@@ -13,6 +13,7 @@ to show how time and peak memory grow with the scene.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -45,7 +46,13 @@ BASELINE_CHIPS = 12
 
 @dataclass
 class BenchmarkResult:
-    """The numbers of one benchmark run (``to_dict`` gives the JSON object)."""
+    """The numbers of one benchmark run (``to_dict`` gives the JSON object).
+
+    With ``tiles`` > 1 the end-to-end run predicts that many scenes of ``scene_size`` as
+    ``geoseg predict`` does, sharing batches (``chips`` counts them all); ``model_calls`` is
+    its number of model calls, and ``own_batches_*`` the same scenes each predicted with
+    batches of its own (as every scene was before batches were shared), in the same run.
+    """
 
     model: str
     device: str
@@ -73,12 +80,19 @@ class BenchmarkResult:
     e2e_runs: list[float] = field(default_factory=list)
     compiled: bool = False
     scaling: list[ScalingPoint] = field(default_factory=list)
+    tiles: int = 1
+    model_calls: int = 0
+    own_batches_chips_per_s: float | None = None
+    own_batches_calls: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (``scaling`` only when scaling runs were made)."""
+        """Plain JSON-ready dict (``scaling`` only when scaling runs were made; the per-scene batches
+        comparison only with ``tiles``)."""
         out = asdict(self)
         if not self.scaling:
             del out["scaling"]
+        if self.tiles == 1:
+            del out["own_batches_chips_per_s"], out["own_batches_calls"]
         return out
 
 
@@ -152,6 +166,41 @@ def baseline_loop(
     return 1.0 / statistics.median(times)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One end-to-end run over the benchmark's scenes."""
+
+    seconds: float
+    chips: int
+    stages: dict[str, float]
+    calls: int
+
+    @property
+    def chips_per_s(self) -> float:
+        return self.chips / self.seconds if self.seconds > 0 else 0.0
+
+
+def _predict_run(scenes: Sequence[Path], model: Any, meta: Any, work: Path, *, shared: bool, **options: Any) -> _Run:
+    """Predict ``scenes`` one after the other (mask and polygons), with shared batches or each its own."""
+    from geoseg.inference import predict_scene
+    from geoseg.inference.batching import Batches
+
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        batches = stack.enter_context(Batches(options["batch_size"])) if shared else None
+        results = [predict_scene(path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True, overwrite=True,
+                                 batches=batches, **options) for i, path in enumerate(scenes)]
+        if batches is not None:
+            batches.flush()
+    seconds = time.perf_counter() - t0
+    stages: dict[str, float] = {}
+    for res in results:
+        for key, value in res.stages.items():
+            stages[key] = stages.get(key, 0.0) + value
+    calls = batches.calls if batches is not None else sum(r.batches for r in results)
+    return _Run(seconds, sum(r.chips_predicted for r in results), stages, calls)
+
+
 def run_benchmark(
     *,
     model_path: str | os.PathLike[str] | None = None,
@@ -171,6 +220,7 @@ def run_benchmark(
     scaling: Sequence[int] = (),
     scaling_resolution: str | float = "native",
     progress: ProgressFn | None = None,
+    tiles: int = 1,
 ) -> BenchmarkResult:
     """Measure model-only and end-to-end throughput and everything around it, in one run.
 
@@ -197,6 +247,8 @@ def run_benchmark(
         scaling_resolution: Ground resolution the scaling runs read their scenes at
             (``predict_scene``'s ``resolution``; the generated scenes are 0.3 m).
         progress: Called with a short description before each stage.
+        tiles: Predict this many generated scenes of ``size`` as one run (batches shared by the
+            scenes, as ``geoseg predict`` does), and the same scenes each with its own batches.
 
     Returns:
         The measurements (``scaling``: one point per size).
@@ -209,13 +261,17 @@ def run_benchmark(
     import torch
 
     from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads, wants_int8
-    from geoseg.inference import model_throughput, predict_scene
+    from geoseg.inference import model_throughput
     from geoseg.raster_io import open_scene
     from geoseg.remote import check_local
     from geoseg.tiling import chip_grid
 
     if repeats < 1:
         raise ConfigError(f"repeats should be at least 1, got {repeats}")
+    if tiles < 1:
+        raise ConfigError(f"tiles should be at least 1 scene, got {tiles}")
+    if tiles > 1 and scene is not None:
+        raise ConfigError("--tiles predicts generated scenes of --size; leave out --scene")
     if scene is not None:
         check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
@@ -230,19 +286,22 @@ def run_benchmark(
     with temporary_folder(name="bench") as tmp:
         work = Path(tmp)
         if scene is None:
-            say(f"generating a {size[0]}x{size[1]} scene")
-            scene_path = make_large_scene(work / "scene.tif", *size, terraces=terraces_for(meta))
+            say(f"generating {tiles} scenes of {size[0]}x{size[1]}" if tiles > 1
+                else f"generating a {size[0]}x{size[1]} scene")
+            scenes = [make_large_scene(work / f"scene{i}.tif", *size, seed=i, terraces=terraces_for(meta))
+                      for i in range(tiles)]
         else:
-            scene_path = Path(scene)
+            scenes = [Path(scene)]
+        scene_path = scenes[0]
         info = open_scene(scene_path)
-        n_chips = len(chip_grid(info.width, info.height, size=chip, stride=chip - overlap))
+        n_chips = tiles * len(chip_grid(info.width, info.height, size=chip, stride=chip - overlap))
         torch_model = model  # the fp32 per-chip baseline stays the torch model
         if wants_int8(precision, dev, n_chips):
             say("int8: export, calibration on the scene, quantisation")
             from geoseg.quantize import int8_model
 
             (work / "int8").mkdir()
-            model, meta = int8_model((model, meta), [scene_path], work / "int8")
+            model, meta = int8_model((model, meta), scenes, work / "int8")
             precision, dtype = "32", None  # the int8 graph runs in its own precision
 
         say("matmul peak")
@@ -251,12 +310,13 @@ def run_benchmark(
 
         say("model only")
         model_runs = []
-        e2e_runs: list[float] = []
-        stage_runs: list[dict[str, float]] = []
-        seconds_runs: list[float] = []
+        runs: list[_Run] = []
+        own_runs: list[_Run] = []
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        # Interleave the two measurements so that machine noise hits both alike.
+        options = dict(batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
+                       threads=threads, temp_dir=work, compile_model=compile, min_area=0.0, simplify=0.0)
+        # Interleave the measurements so that machine noise hits them alike.
         for i in range(repeats):
             tp = model_throughput(
                 model, in_channels=len(meta.bands), chip_size=chip, classes=meta.classes,
@@ -265,20 +325,18 @@ def run_benchmark(
             )
             model_runs.append(tp.chips_per_s)
             say(f"end to end, run {i + 1}/{repeats}")
-            res = predict_scene(
-                scene_path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True,
-                batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
-                threads=threads, temp_dir=work, compile_model=compile, min_area=0.0, simplify=0.0,
-            )
-            e2e_runs.append(res.chips_per_s)
-            stage_runs.append(dict(res.stages))
-            seconds_runs.append(res.seconds)
+            runs.append(_predict_run(scenes, model, meta, work, shared=tiles > 1, **options))
+            if tiles > 1:
+                say(f"end to end, each scene with its own batches, run {i + 1}/{repeats}")
+                own_runs.append(_predict_run(scenes, model, meta, work, shared=False, **options))
         say("fp32 per-chip baseline")
         base = baseline_loop(torch_model, scene_path, meta, chips=baseline_chips, overlap=overlap)
 
     model_cps = statistics.median(model_runs)
+    e2e_runs = [r.chips_per_s for r in runs]
     e2e_cps = statistics.median(e2e_runs)
-    best = e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])
+    best = runs[e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])]
+    own = sorted(own_runs, key=lambda r: r.chips_per_s)[len(own_runs) // 2] if own_runs else None
     result = BenchmarkResult(
         model=model_name, device=str(dev), precision=getattr(model, "precision", None) or precision_name(dtype),
         threads=tp.threads,
@@ -287,12 +345,14 @@ def run_benchmark(
         model_chips_per_s=round(model_cps, 3), e2e_chips_per_s=round(e2e_cps, 3),
         ratio=round(e2e_cps / model_cps, 3), baseline_chips_per_s=round(base, 3),
         speedup_vs_baseline=round(e2e_cps / base, 2),
-        stages={k: round(v, 3) for k, v in stage_runs[best].items()},
-        e2e_seconds=round(seconds_runs[best], 3), peak_rss_mb=round(peak_rss_mb(), 1),
+        stages={k: round(v, 3) for k, v in best.stages.items()},
+        e2e_seconds=round(best.seconds, 3), peak_rss_mb=round(peak_rss_mb(), 1),
         peak_gpu_mb=(round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None),
         flops_per_chip=flops, matmul_tflops=round(mm / 1e12, 4),
         mfu=round(model_cps * flops / mm, 4), repeats=repeats, e2e_runs=[round(x, 3) for x in e2e_runs],
-        compiled=compile,
+        compiled=compile, tiles=tiles, model_calls=best.calls,
+        own_batches_chips_per_s=round(own.chips_per_s, 3) if own is not None else None,
+        own_batches_calls=own.calls if own is not None else None,
     )
     if scaling:  # after this run's scene and outputs are gone; each size in its own process
         result.scaling = scaling_points(
