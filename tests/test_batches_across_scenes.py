@@ -169,3 +169,19 @@ def test_shared_batches_of_another_size_are_refused(tmp_path):
     scene = write_scene(tmp_path / "s.tif", draw_rectangles(100, 120, [(5, 5, 30, 30)]))
     with Batches(8) as batches, pytest.raises(Exception, match="batch size 4 differs from the shared batches' 8"):
         predict_scene(scene, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", batch_size=4, batches=batches)
+
+
+def test_the_scenes_seconds_add_up_to_the_run(tmp_path, recording):
+    """Each scene's seconds are its own work, so that they add up to the run's wall time (not each scene's
+    wait for the next scene's chips)."""
+    import time
+
+    scenes = _scenes(tmp_path)
+    t0 = time.perf_counter()
+    summary = job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg",
+                          config=PredictConfig(batch_size=4, device="cpu", precision="32"))
+    wall = time.perf_counter() - t0
+    seconds = [r.seconds for r in summary.results]
+    assert all(s > 0 for s in seconds)
+    assert sum(seconds) <= wall  # each second counted once (the run also loads and checks before its scenes)
+    assert sum(seconds) > 0.5 * wall

@@ -82,6 +82,9 @@ class Batches:
         self._queued = 0
         self._key: tuple[Any, ...] | None = None
         self._threads: int | None = None
+        #: The scene whose blocks are being fed: the time other scenes take to finish inside
+        #: its feed is theirs, not its (``BlockWork.nested_s``).
+        self.feeding: "BlockWork | None" = None
         self._held: list[tuple["BlockWork", Finishing]] = []  # scene passes not finished, in feeding order
         self._ended: collections.deque[tuple["BlockWork", Finishing]] = collections.deque()
 
@@ -130,7 +133,7 @@ class Batches:
         """Run the last, partial batch; every ended scene finishes."""
         with torch_threads(self._threads), torch.inference_mode():
             if self._queued:
-                self._predict()
+                self._predict(late=True)
             self._finish_ready()
 
     def abort(self, exc: BaseException | None = None) -> None:
@@ -150,8 +153,12 @@ class Batches:
         if raised is not None:
             raise raised
 
-    def _predict(self) -> None:
-        """The queued chips through the model as one batch; each scene blends its own and closes blocks."""
+    def _predict(self, *, late: bool = False) -> None:
+        """The queued chips through the model as one batch; each scene blends its own and closes blocks.
+
+        ``late``: outside any scene's feed (the run's last batch): its time is added to each
+        scene's ``late_s`` by its share of the chips.
+        """
         t1 = time.perf_counter()
         pieces, n = self._pieces, self._queued
         self._pieces, self._queued = [], 0
@@ -168,11 +175,14 @@ class Batches:
             start += k
             work, count = owners.get(id(piece.work), (piece.work, 0))
             owners[id(piece.work)] = (work, count + k)
+        t4 = time.perf_counter()
         for work, count in owners.values():  # the model's time shared by chips; blending is each scene's own
             share = count / n
             work.stages["preprocess"] += (t2 - t1) * share
             work.stages["model"] += (t3 - t2) * share
             work.batches += 1
+            if late:
+                work.late_s += (t4 - t1) * share
         for work, count in owners.values():  # scenes in feeding order: an earlier one finishes first
             work.chips_through(count)
             self._finish_ready()
@@ -182,11 +192,14 @@ class Batches:
         while self._ended and self._ended[0][0].complete:
             work, scene_pass = self._ended.popleft()
             self._held = [h for h in self._held if h[0] is not work]
+            t0 = time.perf_counter()
             try:
                 scene_pass.finish()
             except BaseException:
                 self._held.insert(0, (work, scene_pass))  # aborted with the others
                 raise
+            if self.feeding is not None and self.feeding is not work:  # finished inside another's feed
+                self.feeding.nested_s += time.perf_counter() - t0
 
 
 class BlockWork:
@@ -222,6 +235,8 @@ class BlockWork:
         self.batches = 0  # model calls that carried this scene's chips
         self.read_blocks = 0  # blocks read (with an AOI, those it touches)
         self.ended = False  # every block has been fed
+        self.nested_s = 0.0  # seconds other scenes took to finish during this one's feed
+        self.late_s = 0.0  # this scene's share of the batches run after every scene was fed
         self._open: collections.deque[OpenBlock] = collections.deque()
 
     @property

@@ -206,7 +206,7 @@ class ValueMap:
         return dataclasses.replace(meta, mean=mean, std=std)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)  # every scene of a run: checked before any work, then as it is predicted
 def _sampled_range(
     path: str, bands: tuple[int, ...], stamp: tuple[int, int]
 ) -> tuple[tuple[float, float], ...] | None:

@@ -87,7 +87,11 @@ class PredictionResult:
         chips_skipped: Chips skipped because all their pixels are nodata (or, with an AOI,
             because none of their pixels with data is inside it).
         blocks: Blocks processed.
-        seconds: Wall-clock seconds of the whole call.
+        seconds: Wall-clock seconds of the scene's own work: the whole call, for a scene
+            with batches of its own; with batches shared by a run's scenes, its setup and
+            feed (less the time earlier scenes took to finish inside it), its share of the
+            run's last batch and its finish, so that the scenes' seconds add up to the run's
+            (the chips it left in a batch are timed with the scene whose chips filled it).
         stages: Seconds per stage: ``read`` (reader threads), ``preprocess``
             (upload, normalise, cut chips), ``model``, ``blend_write`` (blending,
             finishing cores, writing, overviews), ``vectorise`` (polygons, including
@@ -380,6 +384,7 @@ class _ScenePass:
         self.reader: BlockReader | None = None
         self.writer: CoreWriter | None = None
         self.sinks: list[RasterSink] = []
+        self._fed_s = 0.0
         self._stack = contextlib.ExitStack()
         try:
             self._open(model, meta, bands, target=target, polygons=polygons, overlap=overlap, block=block,
@@ -494,7 +499,8 @@ class _ScenePass:
         One process-wide GDAL cache cap for the pass: reader, writer and overviews.
         """
         assert self.reader is not None
-        work = self.work
+        work, batches = self.work, self.work.shared
+        batches.feeding = work
         try:
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), torch_threads(self.cpu_threads) as n, \
                     torch.inference_mode():
@@ -505,14 +511,17 @@ class _ScenePass:
                     work.run(item)
                     t_wait = time.perf_counter()
                 self.reader.close()
+                self._fed_s = time.perf_counter() - self.t_start
                 work.end()  # finished now, or when its last chips pass through a later batch
         finally:
+            batches.feeding = None
             self.reader.close()
 
     def finish(self) -> None:
         """The last core is given to the writer: write, polygonise, publish, fill :attr:`result`."""
         assert self.writer is not None
         work, info = self.work, self.info
+        t_finish = time.perf_counter()
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
             self.writer.finish()
             t0 = time.perf_counter()
@@ -551,7 +560,9 @@ class _ScenePass:
         result.polygons = frame
         result.polygon_count = self.builder.count if self.builder is not None else 0
         result.chips_predicted, result.chips_skipped = work.done, work.skipped
-        result.seconds = time.perf_counter() - self.t_start
+        # The scene's own time: its feed (less other scenes finishing in it), its share of the
+        # run's last batch, its finish. Its chips left for a later scene's batch are timed there.
+        result.seconds = self._fed_s - work.nested_s + work.late_s + time.perf_counter() - t_finish
         result.stages, result.threads, result.batches = work.stages, self.n_threads, work.batches
         result.precision, result.compiled = self.predictor.precision, self.predictor.compiled
         log.info(

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
+
+if TYPE_CHECKING:
+    import pyproj
 
 #: Distance (metres) under which buildingregulariser merges nearly parallel edges.
 REGULARIZE_PARALLEL_THRESHOLD = 1.0
@@ -43,20 +46,15 @@ class MetricFrame:
 
         from geoseg.errors import GeoreferenceError
 
-        src = pyproj.CRS.from_user_input(crs.to_wkt())
+        wkt = crs.to_wkt()
         cx, cy = transform @ (width / 2.0, height / 2.0)
         self.crs: pyproj.CRS | None
         try:
-            lon, lat = pyproj.Transformer.from_crs(src, "EPSG:4326", always_xy=True).transform(
-                cx, cy, errcheck=True
-            )
-            self.crs = pyproj.CRS.from_proj4(
-                f"+proj=laea +lat_0={lat:.10f} +lon_0={lon:.10f} +x_0=0 +y_0=0 +datum=WGS84 +units=m +no_defs"
-            )
-            self._fwd = pyproj.Transformer.from_crs(src, self.crs, always_xy=True)
-            self._inv = pyproj.Transformer.from_crs(self.crs, src, always_xy=True)
+            lon, lat = _to_lonlat(wkt).transform(cx, cy, errcheck=True)
+            self.crs, self._fwd, self._inv = _laea(wkt, _centre(lon), _centre(lat))
             self._scale = 1.0
         except (pyproj.exceptions.ProjError, pyproj.exceptions.CRSError) as exc:
+            src = pyproj.CRS.from_user_input(wkt)
             factor = src.axis_info[0].unit_conversion_factor if src.is_projected and src.axis_info else None
             if not factor:
                 raise GeoreferenceError(
@@ -82,6 +80,37 @@ class MetricFrame:
         if self.crs is None:
             return shapely.transform(geoms, lambda xy: xy / self._scale)
         return shapely.transform(geoms, lambda xy: np.column_stack(self._inv.transform(xy[:, 0], xy[:, 1])))
+
+
+#: A frame is centred on the scene's centre rounded to this many degrees (about 1 km): scenes
+#: near each other (the tiles of one area) share its transformers, which take tens of ms to
+#: build. The projection is equal-area anywhere, and a centre 1 km away changes distances
+#: over a scene by parts per billion.
+CENTRE_STEP_DEGREES = 0.01
+
+
+def _centre(degrees: float) -> float:
+    return round(round(degrees / CENTRE_STEP_DEGREES) * CENTRE_STEP_DEGREES, 6)
+
+
+@functools.lru_cache(maxsize=64)
+def _to_lonlat(wkt: str) -> "pyproj.Transformer":
+    import pyproj
+
+    return pyproj.Transformer.from_crs(pyproj.CRS.from_user_input(wkt), "EPSG:4326", always_xy=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _laea(wkt: str, lon: float, lat: float) -> tuple["pyproj.CRS", "pyproj.Transformer", "pyproj.Transformer"]:
+    """The Lambert azimuthal equal-area CRS centred at (lon, lat), and the transformers to and from it."""
+    import pyproj
+
+    src = pyproj.CRS.from_user_input(wkt)
+    laea = pyproj.CRS.from_proj4(
+        f"+proj=laea +lat_0={lat:.10f} +lon_0={lon:.10f} +x_0=0 +y_0=0 +datum=WGS84 +units=m +no_defs"
+    )
+    return (laea, pyproj.Transformer.from_crs(src, laea, always_xy=True),
+            pyproj.Transformer.from_crs(laea, src, always_xy=True))
 
 
 @functools.lru_cache(maxsize=16)
