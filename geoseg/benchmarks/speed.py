@@ -336,7 +336,7 @@ def run_benchmark(
     e2e_runs = [r.chips_per_s for r in runs]
     e2e_cps = statistics.median(e2e_runs)
     best = runs[e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])]
-    own = sorted(own_runs, key=lambda r: r.chips_per_s)[len(own_runs) // 2] if own_runs else None
+    own_cps = statistics.median([r.chips_per_s for r in own_runs]) if own_runs else None
     result = BenchmarkResult(
         model=model_name, device=str(dev), precision=getattr(model, "precision", None) or precision_name(dtype),
         threads=tp.threads,
@@ -351,8 +351,8 @@ def run_benchmark(
         flops_per_chip=flops, matmul_tflops=round(mm / 1e12, 4),
         mfu=round(model_cps * flops / mm, 4), repeats=repeats, e2e_runs=[round(x, 3) for x in e2e_runs],
         compiled=compile, tiles=tiles, model_calls=best.calls,
-        own_batches_chips_per_s=round(own.chips_per_s, 3) if own is not None else None,
-        own_batches_calls=own.calls if own is not None else None,
+        own_batches_chips_per_s=round(own_cps, 3) if own_cps is not None else None,
+        own_batches_calls=own_runs[0].calls if own_runs else None,
     )
     if scaling:  # after this run's scene and outputs are gone; each size in its own process
         result.scaling = scaling_points(
