@@ -106,7 +106,8 @@ class PredictionResult:
         block_size: Block core size in pixels.
         compiled: Whether a ``torch.compile``d model predicted (see ``compile_model``).
         polygon_count: Polygons written (also when they were streamed, not kept).
-        batches: Model calls: ``ceil(chips_predicted / batch_size)`` (batches fill across blocks).
+        batches: Model calls that carried this scene's chips (batches fill across blocks, and
+            across scenes when they share ``batches``: alone, ``ceil(chips_predicted / batch_size)``).
         resolution: Ground metres per pixel the model read the scene at, or None: its own grid
             (``width``, ``height`` and the chip counts are those of the grid predicted).
     """
