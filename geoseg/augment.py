@@ -265,13 +265,55 @@ def value_range(
     samples = []
     for i in idx:
         data, valid = read_decimated(scenes[int(i)], bands=bands, max_pixels=per_scene)
-        pixels = data[:, valid].astype(np.float64)
-        samples.append(pixels[:, np.isfinite(pixels).all(axis=0)])  # undeclared NaN is no value
+        pixels = data[:, valid]
+        if not np.issubdtype(pixels.dtype, np.integer):
+            pixels = pixels.astype(np.float64)
+            pixels = pixels[:, np.isfinite(pixels).all(axis=0)]  # undeclared NaN is no value
+        samples.append(pixels)
     values = np.concatenate(samples, axis=1)
     if values.shape[1] == 0:
         return None
-    low, high = np.percentile(values, VALUE_PERCENTILES, axis=1)
+    low, high = band_percentiles(values, VALUE_PERCENTILES)
     return tuple((float(lo), float(hi)) for lo, hi in zip(low, high))
+
+
+#: Widest span of integer values whose percentiles :func:`band_percentiles` counts in a histogram.
+HISTOGRAM_SPAN = 1 << 17
+
+
+def band_percentiles(values: np.ndarray, q: Sequence[float]) -> np.ndarray:
+    """``np.percentile(values, q, axis=1)`` (linear), from a histogram per band for integer values.
+
+    Integer imagery (8 and 16 bit) is counted rather than converted to float and
+    partitioned: several times faster, and the same numbers (the order statistics
+    are read off the cumulative counts and interpolated as numpy does).
+
+    Args:
+        values: (bands, n) pixel values, n > 0.
+        q: Percentiles in [0, 100].
+
+    Returns:
+        (len(q), bands) float64.
+    """
+    if not np.issubdtype(values.dtype, np.integer) or values.size == 0:
+        return np.percentile(values.astype(np.float64), q, axis=1)
+    lows, highs = values.min(axis=1).astype(np.int64), values.max(axis=1).astype(np.int64)
+    if int((highs - lows).max()) >= HISTOGRAM_SPAN:
+        return np.percentile(values.astype(np.float64), q, axis=1)
+    n = values.shape[1]
+    positions = np.asarray(q, dtype=np.float64) / 100.0 * (n - 1)
+    below = np.floor(positions).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    t = positions - below
+    out = np.empty((len(positions), values.shape[0]), dtype=np.float64)
+    for b in range(values.shape[0]):
+        cum = np.cumsum(np.bincount((values[b].astype(np.int64) - lows[b])))
+        a = (lows[b] + np.searchsorted(cum, below, side="right")).astype(np.float64)
+        c = (lows[b] + np.searchsorted(cum, above, side="right")).astype(np.float64)
+        diff = c - a
+        # numpy's lerp: from the lower value below t = 0.5, from the upper one from there on.
+        out[:, b] = np.where(t >= 0.5, c - diff * (1.0 - t), a + diff * t)
+    return out
 
 
 def _pipeline(augment: AugmentConfig, num_bands: int) -> Any:

@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from geoseg.augment import (
     IMAGENET_MEAN,
@@ -123,3 +125,41 @@ def test_dataset_stats_use_valid_pixels_only():
     assert normalization_stats("dataset", num_bands=2, dataset=samples) == (mean, std)
     with pytest.raises(ValueError, match="empty dataset"):
         dataset_stats([])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint16, np.int16, np.int32]),
+    n=st.integers(1, 2000),
+    bands=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    q=st.lists(st.floats(0.0, 100.0), min_size=1, max_size=4),
+    narrow=st.booleans(),
+)
+def test_band_percentiles_are_numpys_exactly(dtype, n, bands, seed, q, narrow):
+    """Counted from a histogram (integers) or not (a span too wide), the percentiles are numpy's, bit for bit."""
+    from geoseg.augment import band_percentiles
+
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    low, high = (int(info.min), int(info.max)) if not narrow else (max(int(info.min), -50), min(int(info.max), 300))
+    values = rng.integers(low, high, size=(bands, n), dtype=dtype, endpoint=True)
+    np.testing.assert_array_equal(band_percentiles(values, q), np.percentile(values.astype(np.float64), q, axis=1))
+
+
+def test_value_range_of_integer_and_float_scenes_is_numpys(tmp_path):
+    """value_range counts integer imagery in a histogram: the same (1, 99) percentiles as numpy on float64."""
+    import rasterio
+    from affine import Affine
+
+    from geoseg.augment import value_range
+
+    rng = np.random.default_rng(3)
+    for dtype in ("uint8", "uint16", "float32"):
+        data = (rng.gamma(2.0, 40.0, size=(3, 90, 110)) * (30 if dtype == "uint16" else 1)).astype(dtype)
+        path = tmp_path / f"{dtype}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=110, height=90, count=3, dtype=dtype, crs="EPSG:32633",
+                           transform=Affine(0.5, 0, 500000, 0, -0.5, 4650000)) as dst:
+            dst.write(data)
+        want = np.percentile(data.reshape(3, -1).astype(np.float64), (1.0, 99.0), axis=1)
+        assert value_range([path], (1, 2, 3)) == tuple((float(lo), float(hi)) for lo, hi in zip(*want))
