@@ -28,8 +28,8 @@ def _positive(value) -> bool:
 def test_tiny_run_prints_one_json_object_with_every_figure():
     code, out = _run("--tiny")
     assert out["errors"] == {} and code == 0
-    assert list(out) == ["mode", "device", "model_only", "end_to_end", "training", "ddp", "targets", "seconds",
-                         "errors"]
+    assert list(out) == ["mode", "device", "model_only", "end_to_end", "tiles", "training", "ddp", "targets",
+                         "seconds", "errors"]
     assert out["mode"] == "tiny"
     assert {"gpus", "torch", "cuda", "cudnn", "python", "cpu_count", "cpu_flags"} <= set(out["device"])
 
@@ -50,6 +50,11 @@ def test_tiny_run_prints_one_json_object_with_every_figure():
     assert set(e2e["stages"]) >= {"read", "preprocess", "model", "blend_write", "vectorise", "wait_read"}
     assert all(v >= 0 for v in e2e["stages"].values()) and _positive(e2e["stages"]["model"])
 
+    tiles = out["tiles"]  # 4 tiles of 64 px, 9 chips of 32 px each, batch 8: 36 chips in 5 calls, alone 4 x 2
+    assert (tiles["tiles"], tiles["chips"], tiles["model_calls"], tiles["own_batches_calls"]) == (4, 36, 5, 8)
+    for key in ("model_chips_per_s", "e2e_chips_per_s", "own_batches_chips_per_s", "ratio"):
+        assert _positive(tiles[key]), key
+
     training = out["training"]
     assert set(training) == {"fp32", "bf16", "settings"}  # on the GPU: fp16 (GradScaler) and bf16 at batch 32
     for precision in ("fp32", "bf16"):
@@ -63,7 +68,7 @@ def test_tiny_run_prints_one_json_object_with_every_figure():
     assert set(out["targets"]) == {"model_only_bf16_chips_per_s", "e2e_over_model_only", "train_chips_per_s"}
     for target in out["targets"].values():
         assert _positive(target["target"]) and _positive(target["measured"]) and target["met"] is None
-    assert set(out["seconds"]) == {"model_only", "end_to_end", "training", "ddp", "total"}
+    assert set(out["seconds"]) == {"model_only", "end_to_end", "tiles", "training", "ddp", "total"}
     assert all(_positive(v) for v in out["seconds"].values())
 
 

@@ -248,7 +248,8 @@ def run_benchmark(
             (``predict_scene``'s ``resolution``; the generated scenes are 0.3 m).
         progress: Called with a short description before each stage.
         tiles: Predict this many generated scenes of ``size`` as one run (batches shared by the
-            scenes, as ``geoseg predict`` does), and the same scenes each with its own batches.
+            scenes, as ``geoseg predict`` does), and the same scenes each with its own batches
+            (after one untimed tile: the first prediction's one-off costs).
 
     Returns:
         The measurements (``scaling``: one point per size).
@@ -316,6 +317,9 @@ def run_benchmark(
             torch.cuda.reset_peak_memory_stats(dev)
         options = dict(batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
                        threads=threads, temp_dir=work, compile_model=compile, min_area=0.0, simplify=0.0)
+        if tiles > 1:  # one tile untimed first: the first prediction's one-off costs would fall on one side only
+            say("end to end, warm-up on one tile")
+            _predict_run(scenes[:1], model, meta, work, shared=False, **options)
         # Interleave the measurements so that machine noise hits them alike.
         for i in range(repeats):
             tp = model_throughput(
