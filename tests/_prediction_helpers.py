@@ -116,3 +116,13 @@ class Constant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         return self.logits[None, :, None, None].expand(n, -1, h, w).clone()
+
+
+def stand_in_model(monkeypatch, model: nn.Module, meta: CheckpointMeta) -> nn.Module:
+    """``geoseg predict`` (``inference.job``) runs ``model``, described by ``meta``, instead of loading a checkpoint."""
+    from geoseg import inputs
+    from geoseg.inference import job
+
+    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, meta))
+    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    return model

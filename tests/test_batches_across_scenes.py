@@ -18,8 +18,7 @@ import pytest
 import rasterio
 import torch
 
-from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
-from geoseg import inputs
+from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg.config import PredictConfig
 from geoseg.inference import job, pipeline, predict_scene
 from geoseg.inference.batching import Batches
@@ -63,8 +62,7 @@ def _scenes(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
 @pytest.fixture
 def recording(monkeypatch):
     model = Recording()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=CHIP)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=CHIP))
     return model
 
 
@@ -116,8 +114,7 @@ def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkey
     """Batch 1 holds the last chips of a and the first of b (4 + 2 and 4 + ...): failures before, during and
     after a's finish discard every output, scratch and writer thread."""
     model = Recording(fail_at=fail_at)
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=CHIP)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=CHIP))
     scenes = _scenes(tmp_path / "in")
     before = sorted(p for p in tmp_path.rglob("*"))
     with pytest.raises(RuntimeError, match="out of memory"):

@@ -22,10 +22,9 @@ from click.testing import CliRunner
 from shapely.geometry import Point, Polygon, box
 
 import cli
-from _prediction_helpers import UTM, UTM_TRANSFORM, Oracle, draw_rectangles, oracle_meta, write_scene
-from geoseg import inputs
+from _prediction_helpers import Oracle, UTM, UTM_TRANSFORM, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg.errors import GeoreferenceError, InputFileError
-from geoseg.inference import job, predict_scene, streams
+from geoseg.inference import predict_scene, streams
 from geoseg.tiling import block_grid, chip_grid
 from geoseg.vectorize import ground_area_perimeter, metric_frame
 
@@ -81,8 +80,7 @@ def run(*args: str):
 def oracle(monkeypatch):
     """``geoseg predict`` with the oracle model instead of a checkpoint."""
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=CHIP)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=CHIP))
     return model
 
 

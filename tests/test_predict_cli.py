@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from shapely.geometry import box
 
 import cli
-from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
+from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg import inputs, raster_io
 from geoseg.checkpoints import CheckpointMeta, save_checkpoint
 from geoseg.config import PredictConfig
@@ -54,8 +54,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def oracle(monkeypatch):
     """``geoseg predict`` with the oracle model instead of a checkpoint."""
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     return model
 
 
@@ -204,8 +203,7 @@ def test_failure_in_second_scene_removes_the_first_scenes_rasters(tmp_path, monk
             return super().forward(x)
 
     model = FailsLater()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     for name in ("a", "b"):
         write_scene(tmp_path / f"{name}.tif", draw_rectangles(100, 120, [(5, 5, 30, 30)]))
     before = files(tmp_path)

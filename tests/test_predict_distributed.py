@@ -22,8 +22,7 @@ import rasterio
 import torch.multiprocessing as mp
 from affine import Affine
 
-from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
-from geoseg import inputs
+from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg.config import PredictConfig
 from geoseg.inference.distributed import assign_scenes
 from geoseg.temporaries import TEMP_PREFIX
@@ -111,8 +110,7 @@ def test_two_ranks_write_what_one_process_writes(scenes, tmp_path, monkeypatch):
     from geoseg.inference import job
 
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     single = job.predict(**_kwargs(scenes, tmp_path / "one"))
     assert single.features == 5 and single.shard.world == 1
 
@@ -182,8 +180,7 @@ def test_polygons_streamed_to_disk_make_the_layer_kept_polygons_make(scenes, tmp
     from geoseg.inference import job
 
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     monkeypatch.setattr(export, "SPOOL_BATCH", 1)
     monkeypatch.setattr(export, "SPOOL_CHUNK", 2)
     kept = job.predict(**{**_kwargs(scenes, tmp_path / "kept"), "out": str(tmp_path / "kept" / f"r{suffix}")},
@@ -211,8 +208,7 @@ def test_a_streamed_run_without_buildings_writes_an_empty_layer(tmp_path, monkey
 
     empty = write_scene(tmp_path / "e.tif", draw_rectangles(100, 120, []))
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     summary = job.predict([str(empty)], out=str(tmp_path / "o.gpkg"), config=PredictConfig(device="cpu", precision="32"))
     assert summary.features == 0 and summary.results[0].polygon_count == 0
     gdf = gpd.read_file(tmp_path / "o.gpkg", layer="rooftops")

@@ -15,11 +15,9 @@ from matplotlib.image import imread
 from shapely.geometry import box
 
 import cli
-from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, write_scene
-from geoseg import inputs
+from _prediction_helpers import Oracle, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg import preview
 from geoseg.errors import ConfigError, OutputError
-from geoseg.inference import job
 from geoseg.plots import ROOF_COLOUR
 from geoseg.preview import preview_layout, preview_paths, write_preview
 from geoseg.raster_io import write_geotiff
@@ -171,8 +169,7 @@ RECTS = [(20, 30, 40, 60), (120, 200, 50, 70)]  # (row, col, height, width) in s
 @pytest.fixture
 def oracle(monkeypatch):
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     return model
 
 

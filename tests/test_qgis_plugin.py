@@ -39,7 +39,7 @@ from shapely.geometry import box
 
 import cli
 import geoseg
-from _prediction_helpers import draw_rectangles, write_scene
+from _prediction_helpers import draw_rectangles, stand_in_model, write_scene
 from geoseg import qgis_install
 from geoseg.export import default_style
 from geoseg.progress import JsonProgress
@@ -836,11 +836,8 @@ def _events(stderr: str) -> list[dict]:
 
 def test_predict_progress_json(tmp_path, monkeypatch):
     from _prediction_helpers import Oracle, oracle_meta
-    from geoseg import inputs
-    from geoseg.inference import job
 
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (Oracle(), oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)
+    stand_in_model(monkeypatch, Oracle(), oracle_meta(chip_size=64))
     scene = write_scene(tmp_path / "a.tif", draw_rectangles(150, 170, [(10, 10, 30, 40)]))
     result = CliRunner().invoke(cli.cli, ["predict", str(scene), "--out", str(tmp_path / "r.gpkg"), "--device", "cpu",
                                           "--precision", "32", "--batch-size", "4", "--progress", "json"])

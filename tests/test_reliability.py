@@ -31,7 +31,7 @@ import rasterio
 from click.testing import CliRunner
 
 import cli
-from _prediction_helpers import UTM, UTM_TRANSFORM, Oracle, draw_rectangles, oracle_meta, write_scene
+from _prediction_helpers import Oracle, UTM, UTM_TRANSFORM, draw_rectangles, oracle_meta, stand_in_model, write_scene
 from geoseg import inputs
 from geoseg import publish, raster_io
 from geoseg.remote import is_url
@@ -81,8 +81,7 @@ def here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def oracle(monkeypatch: pytest.MonkeyPatch) -> Oracle:
     """``predict`` with the oracle model, whatever the checkpoint path."""
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     return model
 
 
@@ -663,8 +662,7 @@ def test_rescaled_values_land_in_the_learned_range_and_the_oracle_finds_the_roof
 
 def test_several_scenes_one_outside_the_learned_values_is_refused_before_any_is_predicted(here, monkeypatch):
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, learned_uint8()))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, learned_uint8())
     scene("a.tif")  # uint8, in range
     uint16_scene("b.tif")
     refused(run("predict", "a.tif", "b.tif", "--out", "o.gpkg"), ORACLE_REFUSAL.replace("s.tif", "b.tif"))
@@ -739,8 +737,7 @@ def test_an_old_checkpoint_without_a_value_range_predicts_without_a_word(here, m
     assert meta.input_dtype is None and meta.value_range is None and meta.bands == (1, 2, 3)
     # Such a model predicts the scene a recorded range refuses, as before: no check, no message.
     model = Oracle()
-    monkeypatch.setattr(job, "load_model", lambda path, **kw: (model, oracle_meta(chip_size=64)))
-    monkeypatch.setattr(inputs, "check_model_path", lambda path: path)  # no file: a stand-in model
+    stand_in_model(monkeypatch, model, oracle_meta(chip_size=64))
     uint16_scene("s.tif")
     with caplog.at_level("WARNING"):
         result = run("predict", "s.tif", "--out", "o.gpkg")
