@@ -369,14 +369,12 @@ def _int8_run(config: PredictConfig, device: str, model: object, meta: Any, size
     for by name (``auto`` runs an exported model as it was exported).
     """
     from geoseg.devices import resolve_device, wants_int8
-    from geoseg.tiling import chips_about
 
     if getattr(model, "precision", None) == "int8" or config.precision not in ("int8", "auto"):
         return False
     if getattr(model, "runs_own_precision", False) and config.precision == "auto":
         return False
-    chips = sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
-    return wants_int8(config.precision, resolve_device(device, setting="device"), chips)
+    return wants_int8(config.precision, resolve_device(device, setting="device"), _chips(meta, config, sizes))
 
 
 def _compile_run(device: str, meta: Any, config: PredictConfig, sizes: Sequence[int]) -> bool:
@@ -384,10 +382,15 @@ def _compile_run(device: str, meta: Any, config: PredictConfig, sizes: Sequence[
     for all their chips together: the compile is paid once per run)."""
     from geoseg.devices import resolve_device
     from geoseg.inference.runtime import compile_wanted
+
+    return compile_wanted(None, resolve_device(device, setting="device"), _chips(meta, config, sizes))
+
+
+def _chips(meta: Any, config: PredictConfig, sizes: Sequence[int]) -> int:
+    """About how many chips scenes of these pixel counts make (before their grids exist)."""
     from geoseg.tiling import chips_about
 
-    chips = sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
-    return compile_wanted(None, resolve_device(device, setting="device"), chips)
+    return sum(chips_about(n, int(meta.chip_size), config.overlap) for n in sizes)
 
 
 def _int8_model(model: nn.Module, meta: CheckpointMeta, scenes: Sequence[Path],

@@ -387,13 +387,85 @@ class _ScenePass:
         self.sinks: list[RasterSink] = []
         self._fed_s = 0.0
         self._stack = contextlib.ExitStack()
+        from geoseg import vectorize
+        from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
+
         try:
-            self._open(model, meta, bands, target=target, polygons=polygons, overlap=overlap, block=block,
-                       tta=tta, threshold=threshold, dev=dev, dtype=dtype, min_area=min_area, simplify=simplify,
-                       regularize=regularize, scene_name=scene_name, threads=threads, read_workers=read_workers,
-                       compile_model=compile_model, progress=progress, split=split,
-                       seed_threshold=seed_threshold, min_seed_area=min_seed_area, polygon_sink=polygon_sink,
-                       overwrite=overwrite, temp_dir=temp_dir, batches=batches)
+            # Both rasters are published together (a caller's temporaries are left to the caller).
+            publication = self._stack.enter_context(publishing(overwrite=overwrite))
+            self.mask_pub = publication.file(mask_out) if mask_out else None
+            self.prob_pub = publication.file(prob_out) if prob_out else None
+            # On a model grid the rasters predicted are scratch (the published ones are written on the
+            # scene's grid from them); polygons need both, each published raster its own.
+            mask_tmp, prob_tmp = (self.mask_pub, self.prob_pub) if target is None else (None, None)
+            want_mask, want_prob = polygons or self.mask_pub is not None, polygons or self.prob_pub is not None
+            if (want_mask and mask_tmp is None) or (want_prob and prob_tmp is None):
+                scratch = self._stack.enter_context(temporary_folder(temp_dir))
+                mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask else None)
+                prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob else None)
+            self.mask_tmp, self.prob_tmp = mask_tmp, prob_tmp
+            self.overviews = {mask_tmp: mask_out is not None and target is None,
+                              prob_tmp: prob_out is not None and target is None}
+            prob_dtype = self.prob_dtype if prob_out else "uint8"
+
+            W, H, chip = info.width, info.height, int(meta.chip_size)
+            blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
+            self.blocks = blocks
+            classes = int(meta.classes)
+            names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
+            chips_total = sum(len(b.chips) for b in blocks)
+            extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
+            predictor = ChipPredictor(
+                model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
+                compile=compile_wanted(compile_model, dev, chips_total), batch_size=batches.batch_size,
+                extra_channels=len(extra), stretch=meta.stretch,
+            )
+            self.predictor = predictor
+            cuda = dev.type == "cuda"
+            # On a GPU the CPU threads serve reading and writing: torch keeps its setting.
+            self.cpu_threads = threads if threads is not None or not cuda else torch.get_num_threads()
+            self.n_threads = torch.get_num_threads()
+            sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
+                             num_threads="ALL_CPUS" if cuda else 1)
+            if mask_tmp:
+                self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args))
+            mask_sink = self.sinks[0] if mask_tmp else None
+            if prob_tmp:
+                self.sinks.append(RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
+                                             band_names=("rooftop", *extra), **sink_args))
+            prob_sink = self.sinks[-1] if prob_tmp else None
+            self.poly = self.builder = self.splitter = None
+            if polygons:
+                min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform,
+                                                      width=W, height=H)
+                if split:
+                    seed_pixels = vectorize.min_pixels_for(min_seed_area, crs=info.crs, transform=info.transform,
+                                                           width=W, height=H, margin=1.0)
+                    self.splitter = InstanceSplitter(threshold=threshold, seed_threshold=seed_threshold,
+                                                     min_seed_pixels=seed_pixels)
+                self.poly = vectorize.StripPolygonizer(
+                    width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
+                    keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
+                )
+                self.builder = vectorize.PolygonBuilder(
+                    transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
+                    simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
+                    clip=area.geometry() if area is not None else None,
+                )
+            self.writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=self.poly,
+                                     builder=self.builder, strip_rows=vectorize.strip_height(W), width=W,
+                                     splitter=self.splitter)
+            workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
+            self.reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1),
+                                      pin=cuda, aoi=area, scene=scene, grid=info)
+            self.work = BlockWork(
+                predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
+                                         channels=predictor.channels, device=dev),
+                self.writer, batches, roof=rooftop_index(names, classes), threshold=threshold,
+                prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
+                progress=progress, extra=len(extra),
+            )
+            self.writer.start()
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -406,93 +478,6 @@ class _ScenePass:
             overlap=overlap, block_size=block, compiled=self.predictor.compiled, resolution=target,
         )
         batches.hold(self.work, self, threads=self.cpu_threads)
-
-    def _open(
-        self, model: nn.Module, meta: "CheckpointMeta", bands: tuple[int, ...], *, target: float | None,
-        polygons: bool, overlap: int, block: int, tta: bool, threshold: float, dev: torch.device,
-        dtype: torch.dtype | None, min_area: float, simplify: float, regularize: bool, scene_name: str,
-        threads: int | None, read_workers: int | None, compile_model: bool | None, progress: ProgressFn | None,
-        split: bool, seed_threshold: float, min_seed_area: float, polygon_sink: Callable[[Any], None] | None,
-        overwrite: bool, temp_dir: str | os.PathLike[str] | None, batches: Batches,
-    ) -> None:
-        from geoseg import vectorize
-        from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
-
-        info, mask_out, prob_out, area = self.info, self.mask_out, self.prob_out, self.area
-        # Both rasters are published together (a caller's temporaries are left to the caller).
-        publication = self._stack.enter_context(publishing(overwrite=overwrite))
-        self.mask_pub = publication.file(mask_out) if mask_out else None
-        self.prob_pub = publication.file(prob_out) if prob_out else None
-        # On a model grid the rasters predicted are scratch (the published ones are written on the
-        # scene's grid from them); polygons need both, each published raster its own.
-        mask_tmp, prob_tmp = (self.mask_pub, self.prob_pub) if target is None else (None, None)
-        want_mask, want_prob = polygons or self.mask_pub is not None, polygons or self.prob_pub is not None
-        if (want_mask and mask_tmp is None) or (want_prob and prob_tmp is None):
-            scratch = self._stack.enter_context(temporary_folder(temp_dir))
-            mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask else None)
-            prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob else None)
-        self.mask_tmp, self.prob_tmp = mask_tmp, prob_tmp
-        self.overviews = {mask_tmp: mask_out is not None and target is None,
-                          prob_tmp: prob_out is not None and target is None}
-        prob_dtype = self.prob_dtype if prob_out else "uint8"
-
-        W, H, chip = info.width, info.height, int(meta.chip_size)
-        blocks = block_grid(W, H, block_size=block, chip_size=chip, stride=chip - overlap)
-        self.blocks = blocks
-        classes = int(meta.classes)
-        names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
-        chips_total = sum(len(b.chips) for b in blocks)
-        extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
-        predictor = ChipPredictor(
-            model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
-            compile=compile_wanted(compile_model, dev, chips_total), batch_size=batches.batch_size,
-            extra_channels=len(extra), stretch=meta.stretch,
-        )
-        self.predictor = predictor
-        cuda = dev.type == "cuda"
-        # On a GPU the CPU threads serve reading and writing: torch keeps its setting.
-        self.cpu_threads = threads if threads is not None or not cuda else torch.get_num_threads()
-        self.n_threads = torch.get_num_threads()
-        sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
-                         num_threads="ALL_CPUS" if cuda else 1)
-        if mask_tmp:
-            self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args))
-        mask_sink = self.sinks[0] if mask_tmp else None
-        if prob_tmp:
-            self.sinks.append(RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
-                                         band_names=("rooftop", *extra), **sink_args))
-        prob_sink = self.sinks[-1] if prob_tmp else None
-        self.poly = self.builder = self.splitter = None
-        if polygons:
-            min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform, width=W, height=H)
-            if split:
-                seed_pixels = vectorize.min_pixels_for(min_seed_area, crs=info.crs, transform=info.transform,
-                                                       width=W, height=H, margin=1.0)
-                self.splitter = InstanceSplitter(threshold=threshold, seed_threshold=seed_threshold,
-                                                 min_seed_pixels=seed_pixels)
-            self.poly = vectorize.StripPolygonizer(
-                width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
-                keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
-            )
-            self.builder = vectorize.PolygonBuilder(
-                transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
-                simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
-                clip=area.geometry() if area is not None else None,
-            )
-        self.writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=self.poly,
-                                 builder=self.builder, strip_rows=vectorize.strip_height(W), width=W,
-                                 splitter=self.splitter)
-        workers = read_workers or (min(MAX_GPU_READERS, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
-        self.reader = BlockReader(info.path, bands, workers=workers, prefetch=max(PREFETCH_BLOCKS, workers + 1),
-                                  pin=cuda, aoi=area, scene=self.scene if target is not None else None, grid=info)
-        self.work = BlockWork(
-            predictor, BlockStitcher(blocks, width=W, height=H, chip_size=chip, overlap=overlap,
-                                     channels=predictor.channels, device=dev),
-            self.writer, batches, roof=rooftop_index(names, classes), threshold=threshold,
-            prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
-            progress=progress, extra=len(extra),
-        )
-        self.writer.start()
 
     def feed(self) -> None:
         """Read every block and add its chips to the batches (full ones run), then end the scene.
