@@ -439,8 +439,8 @@ def test_gpu_path_stitches_exactly(tmp_path):
     assert res.device.startswith("cuda") and res.precision == "bf16" and len(res.polygons) > 0
 
 
-def test_compiled_model_pads_batches_and_stitches_exactly(tmp_path):
-    """torch.compile path: every batch padded to one shape, the mask still equals the label."""
+def test_compiled_model_runs_full_batches_and_stitches_exactly(tmp_path):
+    """torch.compile path (a real compile): the mask still equals the label."""
     label = draw_rectangles(300, 517, _rects_for(300, 517, seed=7))
     scene = write_scene(tmp_path / "scene.tif", label)
     model = Oracle()
@@ -449,7 +449,33 @@ def test_compiled_model_pads_batches_and_stitches_exactly(tmp_path):
     assert res.compiled
     np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
     n_chips = len(chip_grid(517, 300, size=128, stride=96))
-    assert res.chips_predicted == n_chips and n_chips % 8 != 0  # a partial batch was padded
+    assert res.chips_predicted == n_chips and n_chips % 8 != 0  # the last batch is partial
+
+
+def test_compiled_graph_sees_only_full_batches_the_last_runs_eager(tmp_path, monkeypatch):
+    """The compiled graph gets every full batch and only those (one shape, never padded); the
+    run's last, partial batch goes through the eager model, chip for chip."""
+    from geoseg.inference import runtime
+
+    compiled_shapes: list[int] = []
+
+    def recording(model, _device):
+        def call(x):
+            compiled_shapes.append(x.shape[0])
+            return model(x)
+        return call
+
+    monkeypatch.setattr(runtime, "compiled_model", recording)
+    label = draw_rectangles(300, 517, _rects_for(300, 517, seed=7))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    model = Oracle()
+    res = predict_scene(scene, model, oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif", polygons=False,
+                        overlap=32, block_size=256, batch_size=8, compile_model=True, **CPU)
+    n_chips = len(chip_grid(517, 300, size=128, stride=96))
+    assert (n_chips, res.compiled, res.batches) == (18, True, 3)
+    assert compiled_shapes == [8, 8]  # the 2 chips left ran eager, not padded to 8
+    assert (model.calls, model.chips) == (3, 18)  # every chip once, no padding chip
+    np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
 
 
 def test_compile_failure_falls_back_to_the_eager_model(tmp_path, monkeypatch, caplog):

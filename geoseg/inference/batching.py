@@ -4,7 +4,7 @@ A :class:`Batches` is shared by every scene of a run (``inference.job``) or owne
 :func:`~geoseg.inference.pipeline.predict_scene` call. Each scene's :class:`BlockWork`
 normalises its blocks and adds their chips; a batch goes through the model as soon as it
 is full, whatever blocks or scenes its chips come from, so only the run's last batch is
-partial (or padded, when compiled). After each batch every scene with chips in it blends
+partial (run by the eager model, when compiled). After each batch every scene with chips in it blends
 them and closes its blocks that are complete (in grid order); a scene whose blocks have
 all been fed finishes as soon as its last chips are through, scenes in the order they
 were fed, before a later scene closes any block of that batch.
@@ -63,7 +63,7 @@ class Batches:
 
     Chips join the batch being filled in the order they are added; a scene's chips may
     share a batch with another scene's only when both run the same model the same way
-    (:meth:`ChipPredictor.batch_key`: model, precision, TTA, padding, outputs); otherwise
+    (:meth:`ChipPredictor.batch_key`: model, precision, TTA, compiled batch size, outputs); otherwise
     the batch is run as it is first. Used as a context manager: on a failure every scene
     pass it holds that has not finished is aborted (its outputs discarded, its threads
     stopped), the latest first.
