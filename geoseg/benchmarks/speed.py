@@ -263,6 +263,7 @@ def run_benchmark(
 
     from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads, wants_int8
     from geoseg.inference import model_throughput
+    from geoseg.inference.runtime import prefer_heap
     from geoseg.raster_io import open_scene
     from geoseg.remote import check_local
     from geoseg.tiling import chip_grid
@@ -276,6 +277,7 @@ def run_benchmark(
     if scene is not None:
         check_local(scene)  # before Path(), which collapses the // of a URL; and before any work
     say = progress or (lambda _msg: None)
+    prefer_heap()  # the heap as prediction sets it: model-only and end to end on the same allocator
     asked_precision = precision  # the scaling runs decide on int8 for their own sizes
     dev = resolve_device(device, setting="device")
     dtype = resolve_precision("32" if precision == "int8" else precision, dev, setting="precision").dtype

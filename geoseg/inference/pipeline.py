@@ -36,7 +36,7 @@ from geoseg.inference.checks import (
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, ProbDtype
 from geoseg.inference.outputs import RasterSink, output_tile, to_scene_grid
 from geoseg.devices import resolve_device, resolve_precision, torch_threads
-from geoseg.inference.runtime import ChipPredictor, compile_wanted, keep_heap_flat, rooftop_index
+from geoseg.inference.runtime import ChipPredictor, compile_wanted, prefer_heap, rooftop_index
 from geoseg.inference.stitch import BlockStitcher
 from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.aoi import AoiPixels, area_on_scene, area_outside_error, read_area
@@ -269,7 +269,7 @@ def predict_scene(
         ConfigError: Bad overlap, batch size, device or precision.
     """
     t_start = time.perf_counter()
-    keep_heap_flat()
+    prefer_heap()
     scene_path = as_source(scene_path)  # a URL stays text
     scene = open_scene(scene_path, assume_crs=assume_crs)
     target = model_resolution(scene, meta, resolution)
