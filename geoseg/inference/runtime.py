@@ -50,8 +50,8 @@ def prefer_heap() -> bool:
     ``geoseg predict`` process spent 6.5-7.7 s of system time in page faults on one
     2048² scene (ResNet50 bf16, 2-core AVX-512: model stage 11.7-13.5 s); from the
     heap, freed activations are reused by the next batch (0.4-1.5 s, model stage
-    8.0-8.8 s). Resident memory stays flat because the writer hands the heap's free
-    pages back after each row of blocks (:func:`release_free_heap`).
+    8.0-8.8 s). The writer hands the heap's free pages back after each block
+    (:func:`release_free_heap`), which bounds what fragmentation keeps.
     Process-wide and harmless; a no-op where the C library is not glibc.
 
     Returns:
@@ -79,7 +79,8 @@ def release_free_heap() -> None:
     medium-sized allocations made by several threads; glibc keeps the memory they
     free in its arenas, so without this a long scene's resident memory creeps up with
     its length (about 250 MB retained after an 8000² instances run, measured) although
-    the live data stays bounded. Called once per row of blocks: a few milliseconds.
+    the live data stays bounded; and with :func:`prefer_heap` every block's arrays come
+    from the heap too. Called after each block is written: a few milliseconds.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -342,10 +343,12 @@ def model_throughput(
         compile=compile, batch_size=batch_size,
     )
     gen = torch.Generator().manual_seed(seed)
-    chips = torch.randn((batch_size, in_channels, chip_size, chip_size), generator=gen)
-    chips = chips.to(dev).contiguous(memory_format=predictor.memory_format)
     times = []
     with torch_threads(threads if dev.type == "cpu" else torch.get_num_threads()) as n, torch.inference_mode():
+        # Made in inference mode as prediction's chips are: a compiled graph's guards check it,
+        # and chips made outside would leave prediction a second compile (8 s on 2 cores).
+        chips = torch.randn((batch_size, in_channels, chip_size, chip_size), generator=gen)
+        chips = chips.to(dev).contiguous(memory_format=predictor.memory_format)
         for i in range(warmup + repeats):
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)

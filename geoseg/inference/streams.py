@@ -243,8 +243,7 @@ class CoreWriter(threading.Thread):
             if item.row_done and self.polygonizer is not None:
                 self._polygonise(int(core.row_off + core.height))
                 self.vector_s += time.perf_counter() - t1
-            if item.row_done:
-                release_free_heap()
+            release_free_heap()  # the block's arrays are free now; the heap is not mapped per array
 
     def _polygonise(self, stop: int) -> None:
         if self.mask_sink is None:  # polygons always come with a mask sink
