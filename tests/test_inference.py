@@ -529,8 +529,11 @@ import resource, sys, torch
 from geoseg.inference.runtime import prefer_heap
 if not prefer_heap():
     print("no glibc"); sys.exit(0)
-def batch():  # a model call's activations: allocated, written, freed
-    a = torch.ones(40 << 20, dtype=torch.uint8); b = torch.ones(8 << 20, dtype=torch.uint8); del a, b
+pins = []
+def batch():  # a model call's activations: allocated, written, freed (something else allocated meanwhile)
+    a = torch.ones(40 << 20, dtype=torch.uint8); b = torch.ones(8 << 20, dtype=torch.uint8)
+    pins.append(bytearray(200_000))
+    del a, b
 batch()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
