@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
+from rasterio.windows import Window
 
 from geoseg.devices import torch_threads
 from geoseg.encoding import MASK_NODATA, ProbDtype
@@ -46,6 +47,11 @@ class OpenBlock:
     valid: torch.Tensor
     pending: int = 0
     feeding: bool = False  # its chips are still being added: not closable yet
+    #: Per chip to predict, in feeding order: the lowest first core row (core pixels) of it and every
+    #: chip after it. The core's rows above that of the first chip not through are final.
+    reach: list[int] = field(default_factory=list)
+    through: int = 0  # chips blended, in feeding order
+    released: int = 0  # core rows already handed to the writer
 
 
 @dataclass
@@ -224,8 +230,13 @@ class BlockWork:
         chips_total: int,
         progress: ProgressFn | None,
         extra: int = 0,
+        release_rows: int = 0,
     ) -> None:
+        """Args beyond the parts: ``release_rows``: hand a block's core to the writer in whole
+        multiples of this many rows (the outputs' tile height) as they become final, before
+        the block closes (0: whole cores only)."""
         self.predictor, self.stitcher, self.writer, self.shared = predictor, stitcher, writer, batches
+        self.release_rows = int(release_rows)
         self.extra = extra
         self.roof, self.threshold, self.prob_dtype = roof, threshold, prob_dtype
         self.last_col, self.chips_total, self.progress = last_col, chips_total, progress
@@ -267,9 +278,13 @@ class BlockWork:
         pixels = x.view(-1, x.shape[-1])
         # The model sees every pixel with data; outside the AOI its answer is nodata.
         keep = valid if item.inside is None else valid & item.inside.to(dev, non_blocking=True)
-        entry = OpenBlock(blk, stitcher.new_buffer(blk), keep, feeding=True)
-        self._open.append(entry)
         todo = [c for c, ok in zip(blk.chips, item.chip_ok) if ok]
+        reach, low = [], int(blk.core.height)
+        for c in reversed(todo):
+            low = min(low, int(c.window.row_off - blk.core.row_off))
+            reach.append(low)
+        entry = OpenBlock(blk, stitcher.new_buffer(blk), keep, feeding=True, reach=reach[::-1])
+        self._open.append(entry)
         self.skipped += len(blk.chips) - len(todo)
         stages["preprocess"] += time.perf_counter() - t0
         i = 0
@@ -296,6 +311,7 @@ class BlockWork:
         t0 = time.perf_counter()
         self.stitcher.add(entry.buffer, index, probs)
         entry.pending -= probs.shape[0]
+        entry.through += probs.shape[0]
         self.stages["blend_write"] += time.perf_counter() - t0
 
     def chips_through(self, count: int) -> None:
@@ -306,20 +322,51 @@ class BlockWork:
         self._close_ready()
 
     def _close_ready(self) -> None:
-        """Close, in grid order, the leading blocks whose chips are all through the model."""
+        """Close, in grid order, the leading blocks whose chips are all through the model; hand
+        the writer the final rows of the first block still open."""
         while self._open and self._open[0].pending == 0 and not self._open[0].feeding:
             self._close(self._open.popleft())
+        if self._open and self.release_rows:
+            self._release(self._open[0])
+
+    def _release(self, entry: OpenBlock) -> None:
+        """Give the writer the core rows no chip still to come reaches, in whole tile rows.
+
+        Only the first open block: every earlier block is closed, so the halos they leave
+        in its core are all there. The writer writes them (and, in the last column,
+        polygonises them) while the model runs on: a scene one block wide is no longer
+        written and polygonised all at once after its last batch.
+        """
+        blk, height = entry.block, int(entry.block.core.height)
+        final = entry.reach[entry.through] if entry.through < len(entry.reach) else height
+        stop = min(final, height - 1) // self.release_rows * self.release_rows  # the last rows: at close
+        if stop <= entry.released:
+            return
+        t0 = time.perf_counter()
+        self.stitcher.take_halos(blk, entry.buffer)
+        rows = self.stitcher.core_rows(blk, entry.buffer, entry.released, stop)
+        self._hand_over(entry, rows, stop, block_done=False)
+        self.stages["blend_write"] += time.perf_counter() - t0
 
     def _close(self, entry: OpenBlock) -> None:
-        """Finish a block's core (halos handed on) and give it to the writer."""
+        """Finish a block's core (halos handed on) and give the writer its rows not yet released."""
         t4 = time.perf_counter()
         blk = entry.block
-        core = self.stitcher.close_block(blk, entry.buffer)
-        ch, cw = int(blk.core.height), int(blk.core.width)
-        mask, prob = finish_core(core, entry.valid[:ch, :cw], roof=self.roof, threshold=self.threshold,
+        rows = self.stitcher.close_block(blk, entry.buffer, start=entry.released)
+        self._hand_over(entry, rows, int(blk.core.height), block_done=True)
+        self.stages["blend_write"] += time.perf_counter() - t4
+
+    def _hand_over(self, entry: OpenBlock, probs: torch.Tensor, stop: int, *, block_done: bool) -> None:
+        """Core rows ``entry.released:stop`` (their probabilities) to mask and stored probability, to the writer."""
+        blk, start = entry.block, entry.released
+        core, cw = blk.core, int(blk.core.width)
+        mask, prob = finish_core(probs, entry.valid[start:stop, :cw], roof=self.roof, threshold=self.threshold,
                                  prob_dtype=self.prob_dtype, extra=self.extra)
         valid_here = int(np.count_nonzero(mask != MASK_NODATA))
         self.valid_pixels += valid_here
         self.rooftop_pixels += valid_here - int(np.count_nonzero(mask == 0))  # any class but background
-        self.stages["blend_write"] += time.perf_counter() - t4
-        self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col))
+        window = None if start == 0 and stop == int(core.height) else \
+            Window(core.col_off, core.row_off + start, cw, stop - start)
+        entry.released = stop
+        self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col, window=window,
+                                     block_done=block_done))

@@ -6,9 +6,10 @@ threads read each block's extent (core + halo) ahead of the model
 runs the model and blends the chip probabilities into a block accumulator with
 a smooth weight window (``stitch.BlockStitcher``). Halos are carried to the
 blocks they reach into, so every chip of the global grid is computed once and
-a block's core is final as soon as its own chips are done. A writer thread
-writes each finished core into the (temporary) mask/probability GeoTIFFs and,
-when a row of blocks is complete, polygonises those rows
+a block's core is final as soon as its own chips are done (its rows in whole
+tile rows even before: as soon as no chip still to come reaches them). A writer
+thread writes each finished core (or its final rows) into the (temporary)
+mask/probability GeoTIFFs and, when rows of the scene are complete, polygonises those rows
 (``vectorize.StripPolygonizer``) while the model works on. Nothing
 scene-sized is ever held in memory.
 """
@@ -463,7 +464,7 @@ class _ScenePass:
                                          channels=predictor.channels, device=dev),
                 self.writer, batches, roof=rooftop_index(names, classes), threshold=threshold,
                 prob_dtype=prob_dtype, last_col=max(b.col for b in blocks), chips_total=chips_total,
-                progress=progress, extra=len(extra),
+                progress=progress, extra=len(extra), release_rows=output_tile(block),
             )
             self.writer.start()
         except BaseException as exc:

@@ -100,17 +100,39 @@ class BlockStitcher:
         weighted = (probs * self.w2d).permute(0, 2, 3, 1).reshape(-1, self.channels)
         buffer.index_add_(0, index, weighted)
 
-    def close_block(self, block: Block, buffer: torch.Tensor) -> torch.Tensor:
-        """Take in the halos left for this core, pass this block's halos on; return the core's probabilities.
+    def take_halos(self, block: Block, buffer: torch.Tensor) -> None:
+        """Add the halo pieces earlier blocks left for this core (once; later calls add nothing).
 
-        Returns:
-            (core height, core width, channels) float32 probabilities.
+        Every earlier block must be closed: blocks close in grid order, so a block's first
+        rows are released (:meth:`core_rows`) only when it is the first block still open.
         """
-        ext, core = block.extent, block.core
+        ext = block.extent
         buf3 = buffer.view(int(ext.height), int(ext.width), self.channels)
         for win, piece in self._pending.pop((block.row, block.col), []):
             r, c = int(win.row_off - ext.row_off), int(win.col_off - ext.col_off)
             buf3[r:r + int(win.height), c:c + int(win.width)] += piece
+
+    def core_rows(self, block: Block, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Probabilities of the core's rows ``start:stop`` (core pixels), final once no chip still to
+        come reaches them and :meth:`take_halos` has run: (rows, core width, channels) float32."""
+        ext, core = block.extent, block.core
+        buf3 = buffer.view(int(ext.height), int(ext.width), self.channels)
+        r0, c0, cw = int(core.row_off), int(core.col_off), int(core.width)
+        wsum = self.wsum_y[r0 + start:r0 + stop, None] * self.wsum_x[None, c0:c0 + cw]
+        return buf3[start:stop, :cw] / wsum[..., None]
+
+    def close_block(self, block: Block, buffer: torch.Tensor, *, start: int = 0) -> torch.Tensor:
+        """Take in the halos left for this core, pass this block's halos on; return the core's probabilities.
+
+        Args:
+            start: Core rows already released (:meth:`core_rows`): only the rows from here are returned.
+
+        Returns:
+            (core height - start, core width, channels) float32 probabilities.
+        """
+        ext = block.extent
+        self.take_halos(block, buffer)
+        buf3 = buffer.view(int(ext.height), int(ext.width), self.channels)
         for nb in ((block.row, block.col + 1), (block.row + 1, block.col), (block.row + 1, block.col + 1)):
             if nb not in self._cores:
                 continue
@@ -119,9 +141,7 @@ class BlockStitcher:
                 r, c = int(inter.row_off - ext.row_off), int(inter.col_off - ext.col_off)
                 piece = buf3[r:r + int(inter.height), c:c + int(inter.width)].clone()
                 self._pending.setdefault(nb, []).append((inter, piece))
-        r0, c0, ch, cw = int(core.row_off), int(core.col_off), int(core.height), int(core.width)
-        wsum = self.wsum_y[r0:r0 + ch, None] * self.wsum_x[None, c0:c0 + cw]
-        return buf3[:ch, :cw] / wsum[..., None]
+        return self.core_rows(block, buffer, start, int(block.core.height))
 
     @property
     def pending_pixels(self) -> int:

@@ -170,12 +170,19 @@ class BlockReader:
 
 @dataclass
 class FinishedCore:
-    """A block's final class mask and stored probability, for the writer."""
+    """Final class mask and stored probability of a block's core, or of its first rows, for the writer."""
 
     block: Block
     mask: np.ndarray
     prob: np.ndarray
-    row_done: bool  # last block of its row: rows up to the core's bottom are complete
+    row_done: bool  # last block of its row: the scene's rows up to the bottom of ``window`` are complete
+    window: Window | None = None  # the core's rows these are (whole tile rows); None: the whole core
+    block_done: bool = True  # the block's last rows: its arrays are all free once written
+
+    @property
+    def where(self) -> Window:
+        """The scene pixels these are."""
+        return self.window if self.window is not None else self.block.core
 
 
 class CoreWriter(threading.Thread):
@@ -233,7 +240,7 @@ class CoreWriter(threading.Thread):
             if item is None or self.abort.is_set():
                 return
             t0 = time.perf_counter()
-            core = item.block.core
+            core = item.where
             if self.mask_sink is not None:
                 self.mask_sink.write(core, item.mask)
             if self.prob_sink is not None:
@@ -243,14 +250,18 @@ class CoreWriter(threading.Thread):
             if item.row_done and self.polygonizer is not None:
                 self._polygonise(int(core.row_off + core.height))
                 self.vector_s += time.perf_counter() - t1
-            release_free_heap()  # the block's arrays are free now; the heap is not mapped per array
+            if item.block_done:
+                release_free_heap()  # the block's arrays are free now; the heap is not mapped per array
 
     def _polygonise(self, stop: int) -> None:
         if self.mask_sink is None:  # polygons always come with a mask sink
             return
+        height = self.polygonizer.height if self.polygonizer is not None else stop
         while self._next_row < stop:
             r0 = self._next_row
-            h = min(self.strip_rows, stop - r0)
+            h = min(self.strip_rows, height - r0)
+            if r0 + h > stop:  # strips are polygonised whole: where they meet never depends on when rows came
+                return
             win = Window(0, r0, self.width, h)
             mask = self.mask_sink.read(win)
             prob = values = None
