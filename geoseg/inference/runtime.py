@@ -47,8 +47,8 @@ def prefer_heap() -> bool:
     A mapped chunk goes back to the OS when it is freed, so each model call
     page-faults its activations in again: with glibc's large allocations mapped (a
     1 MB threshold, as geoseg had to keep the heap from fragmenting), a fresh
-    ``geoseg predict`` process spent 6.5-7.7 s of system time in page faults on one
-    2048² scene (ResNet50 bf16, 2-core AVX-512: model stage 11.7-13.5 s); from the
+    ``geoseg predict`` process spent 6.0-7.8 s of system time in page faults on one
+    2048² scene (ResNet50 bf16, 2-core AVX-512: model stage 11.4-13.7 s); from the
     heap, freed activations are reused by the next batch (0.4-1.5 s, model stage
     8.0-8.8 s). The writer hands the heap's free pages back after each block
     (:func:`release_free_heap`), which keeps peak memory flat (ResNet18, random weights:
