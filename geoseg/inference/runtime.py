@@ -33,9 +33,13 @@ TTA_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True
 ROOFTOP_CLASS = "rooftop"
 
 #: With ``compile`` left to "auto", CPU scenes of at least this many chips are predicted by a
-#: ``torch.compile``d model (inductor, frozen weights): about 25% more chips/s on a 2-core
-#: AVX-512 CPU for a one-off compile of about 30 s, which this many chips repay.
-COMPILE_MIN_CHIPS = 2000
+#: ``torch.compile``d model (inductor, frozen weights). Measured on a 2-core AVX-512 bf16 CPU with
+#: the heap as prediction sets it (:func:`prefer_heap`), three interleaved runs each, batch 16:
+#: ResNet50 15.4-15.9 chips/s compiled against 13.8-15.9 eager, ResNet18 31.4-33.9 against
+#: 29.8-32.0 (2-5% faster), for a compile of 13-17 s with a warm cache and about 30-40 s cold: it
+#: pays from about 20,000 chips (a 27000² scene). Before the heap fix compiling gained 20-25%
+#: (its memory planning spared the page faults) and the threshold was 2000.
+COMPILE_MIN_CHIPS = 20000
 
 _M_MMAP_MAX = -4  # mallopt parameter number in glibc's malloc.h
 
