@@ -566,7 +566,7 @@ def test_a_block_is_written_in_tile_rows_as_they_become_final(tmp_path, monkeypa
 
     def recording(self, item):
         if item is not None:
-            win = item.where
+            win = item.window
             handed.append((int(win.row_off), int(win.row_off + win.height), model.calls, item.block_done))
         return put(self, item)
 

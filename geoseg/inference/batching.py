@@ -232,9 +232,9 @@ class BlockWork:
         extra: int = 0,
         release_rows: int = 0,
     ) -> None:
-        """Args beyond the parts: ``release_rows``: hand a block's core to the writer in whole
-        multiples of this many rows (the outputs' tile height) as they become final, before
-        the block closes (0: whole cores only)."""
+        """``release_rows``: the first open block's core goes to the writer in whole multiples of
+        this many rows (the outputs' tile height) as they become final, before the block closes
+        (0: whole cores only, as it closes)."""
         self.predictor, self.stitcher, self.writer, self.shared = predictor, stitcher, writer, batches
         self.release_rows = int(release_rows)
         self.extra = extra
@@ -365,8 +365,6 @@ class BlockWork:
         valid_here = int(np.count_nonzero(mask != MASK_NODATA))
         self.valid_pixels += valid_here
         self.rooftop_pixels += valid_here - int(np.count_nonzero(mask == 0))  # any class but background
-        window = None if start == 0 and stop == int(core.height) else \
-            Window(core.col_off, core.row_off + start, cw, stop - start)
         entry.released = stop
-        self.writer.put(FinishedCore(blk, mask, prob, row_done=blk.col == self.last_col, window=window,
-                                     block_done=block_done))
+        self.writer.put(FinishedCore(Window(core.col_off, core.row_off + start, cw, stop - start), mask, prob,
+                                     row_done=blk.col == self.last_col, block_done=block_done))

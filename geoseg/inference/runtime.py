@@ -222,7 +222,7 @@ class ChipPredictor:
 
     def batch_key(self) -> tuple[Any, ...]:
         """What two predictors share when chips normalised by each may go through one model call:
-        the same model run the same way (device, precision, compiled padding, TTA, outputs)."""
+        the same model run the same way (device, precision, compiled batch size, TTA, outputs)."""
         return (id(self.model), str(self.device), self.autocast_dtype, self.compiled_batch, self.tta, self.classes,
                 self.extra, self.memory_format)
 
@@ -233,7 +233,8 @@ class ChipPredictor:
 
     def _logits(self, chips: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            if self.model is self.eager or chips.shape[0] != (self.compiled_batch or chips.shape[0]):
+            full = self.compiled_batch is None or chips.shape[0] == self.compiled_batch
+            if self.model is self.eager or not full:
                 # A smaller batch (a run's last, or a scene smaller than a batch) runs eager:
                 # padded to the compiled shape it would cost a whole batch, eager only its
                 # chips (ResNet50 bf16, 2-core AVX-512: 9 of 16 chips 0.61-0.72 s eager,

@@ -172,17 +172,11 @@ class BlockReader:
 class FinishedCore:
     """Final class mask and stored probability of a block's core, or of its first rows, for the writer."""
 
-    block: Block
+    window: Window  # the scene pixels these are: a core, or whole tile rows of it
     mask: np.ndarray
     prob: np.ndarray
     row_done: bool  # last block of its row: the scene's rows up to the bottom of ``window`` are complete
-    window: Window | None = None  # the core's rows these are (whole tile rows); None: the whole core
     block_done: bool = True  # the block's last rows: its arrays are all free once written
-
-    @property
-    def where(self) -> Window:
-        """The scene pixels these are."""
-        return self.window if self.window is not None else self.block.core
 
 
 class CoreWriter(threading.Thread):
@@ -240,7 +234,7 @@ class CoreWriter(threading.Thread):
             if item is None or self.abort.is_set():
                 return
             t0 = time.perf_counter()
-            core = item.where
+            core = item.window
             if self.mask_sink is not None:
                 self.mask_sink.write(core, item.mask)
             if self.prob_sink is not None:
@@ -254,9 +248,9 @@ class CoreWriter(threading.Thread):
                 release_free_heap()  # the block's arrays are free now; the heap is not mapped per array
 
     def _polygonise(self, stop: int) -> None:
-        if self.mask_sink is None:  # polygons always come with a mask sink
+        if self.mask_sink is None or self.polygonizer is None:  # polygons always come with a mask sink
             return
-        height = self.polygonizer.height if self.polygonizer is not None else stop
+        height = self.polygonizer.height
         while self._next_row < stop:
             r0 = self._next_row
             h = min(self.strip_rows, height - r0)
