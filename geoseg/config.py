@@ -165,7 +165,7 @@ class PredictConfig:
     regularize: bool = False
     precision: PredictPrecision = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool | None = None  # torch.compile; null: on a CPU for scenes of 20000 chips or more
+    compile: bool | None = None  # torch.compile; null: on a CPU for scenes of 20000 chips or more (4000 with AMX)
     instances: bool | None = None  # split touching buildings; null: when the checkpoint learned instances
     seed_threshold: float = 0.5
     min_seed_area: float = 0.5

@@ -73,6 +73,14 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids): bf16 and int8 matrix units."""
+    fn = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    with contextlib.suppress(Exception):
+        return bool(fn()) if fn is not None else False
+    return False
+
+
 class Amp(NamedTuple):
     """A resolved precision: the autocast dtype and whether training needs a GradScaler.
 

@@ -515,13 +515,85 @@ def test_compile_failure_falls_back_to_the_eager_model(tmp_path, monkeypatch, ca
             "predicting with the eager model") in caplog.text
 
 
-def test_compile_is_automatic_only_for_big_cpu_scenes():
-    from geoseg.inference.runtime import COMPILE_MIN_CHIPS, compile_wanted
+@pytest.mark.parametrize("amx, least", [(False, 20000), (True, 4000)])
+def test_compile_is_automatic_only_for_big_cpu_scenes(monkeypatch, amx, least):
+    from geoseg import devices
+    from geoseg.inference.runtime import compile_wanted
 
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: amx)  # AMX: compiling pays from fewer chips
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert compile_wanted(None, cpu, COMPILE_MIN_CHIPS) and not compile_wanted(None, cpu, COMPILE_MIN_CHIPS - 1)
+    assert compile_wanted(None, cpu, least) and not compile_wanted(None, cpu, least - 1)
     assert not compile_wanted(None, cuda, 10**6)  # opt in on GPUs: --compile
     assert compile_wanted(True, cpu, 1) and not compile_wanted(False, cpu, 10**6)
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch norms with statistics and affine weights far from the identity, as a trained model has."""
+    gen = torch.Generator().manual_seed(3)
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            n = bn.num_features
+            bn.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+            bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            bn.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            bn.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model.eval()
+
+
+def test_batch_norms_fold_into_the_convolutions_and_the_callers_model_is_untouched():
+    import segmentation_models_pytorch as smp
+
+    from geoseg.inference.runtime import ChipPredictor
+
+    model = _randomise_batch_norms(smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(x)
+    predictor = ChipPredictor(model, mean=[0.0] * 3, std=[1.0] * 3, classes=2, device=torch.device("cpu"),
+                              autocast_dtype=None)
+    bn = torch.nn.BatchNorm2d
+    assert sum(type(m) is bn for m in predictor.eager.modules()) == 0  # all 29 folded
+    assert sum(type(m) is bn for m in model.modules()) == 29  # the caller's model keeps them ...
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # ... and its weights
+    with torch.inference_mode():
+        got = predictor.eager(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # One fold per model, shared by every scene's predictor (the compiled model is cached on it) ...
+    again = ChipPredictor(model, mean=[0.0] * 3, std=[1.0] * 3, classes=2, device=torch.device("cpu"),
+                          autocast_dtype=None)
+    assert again.eager is predictor.eager
+    # ... until its weights change (a training step between two predictions)
+    with torch.no_grad():
+        model.encoder.conv1.weight.mul_(2.0)
+    changed = ChipPredictor(model, mean=[0.0] * 3, std=[1.0] * 3, classes=2, device=torch.device("cpu"),
+                            autocast_dtype=None)
+    assert changed.eager is not predictor.eager
+    with torch.inference_mode():
+        torch.testing.assert_close(changed.eager(x), model(x), rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+class _ConvFeedsTwo(torch.nn.Module):
+    """A convolution whose output goes to its batch norm and around it: folding would change the second use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(self.bn(y) + y)
+
+
+def test_a_fold_that_would_change_the_output_is_not_made(caplog):
+    from geoseg.inference.runtime import fold_batchnorm
+
+    model = _randomise_batch_norms(_ConvFeedsTwo())
+    with caplog.at_level(logging.INFO, logger="geoseg.inference.runtime"):
+        assert fold_batchnorm(model, in_channels=3) is model
+    assert "batch norms left unfolded: the folded model's output differs" in caplog.text
 
 
 _HEAP_PROBE = """

@@ -219,7 +219,7 @@ def predict_scene(
         read_workers: Reader threads (None: 1 on CPU, up to 8 with a GPU).
         temp_dir: Folder for temporary rasters needed for polygons only.
         compile_model: ``torch.compile`` the model (static shapes, frozen weights); None:
-            on a CPU for scenes of ``COMPILE_MIN_CHIPS`` chips or more.
+            on a CPU for scenes of ``runtime.compile_min_chips`` chips or more (20,000; 4000 with AMX).
         progress: Called with (chips done, chips to predict).
         overwrite: Replace existing outputs.
         instances: Split touching buildings with a seeded watershed (needs an ``instances``

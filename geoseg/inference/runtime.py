@@ -10,6 +10,7 @@ with native bf16, and GPUs) or fp16 (GPUs, when asked), fp32 otherwise.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import logging
@@ -40,6 +41,23 @@ ROOFTOP_CLASS = "rooftop"
 #: pays from about 20,000 chips (a 27000² scene). Before the heap fix compiling gained 20-25%
 #: (its memory planning spared the page faults) and the threshold was 2000.
 COMPILE_MIN_CHIPS = 20000
+#: The same on a CPU with AMX, where compiling gains far more: 2-core Xeon with AMX, one process,
+#: four interleaved pairs of batches of 16 after the batch norms were folded (:func:`fold_batchnorm`):
+#: ResNet50 38.4-39.7 chips/s compiled against 25.4-29.4 eager, ResNet18 98.6-113.5 against
+#: 69.7-77.0, for a compile of 20.7 / 13.2 s with a warm cache and 32.5 / 27.0 s cold: ResNet50
+#: pays from 1500-4000 chips, ResNet18 from about 3000 (warm) to 6000 (cold). 4000 chips is a
+#: 12000² scene at 256-px chips and 64 px of overlap.
+COMPILE_MIN_CHIPS_AMX = 4000
+
+
+def compile_min_chips(device: torch.device) -> int | None:
+    """Chips from which ``compile`` "auto" compiles on ``device``: None on a GPU (opt in there)."""
+    from geoseg.devices import cpu_has_amx
+
+    if device.type != "cpu":
+        return None
+    return COMPILE_MIN_CHIPS_AMX if cpu_has_amx() else COMPILE_MIN_CHIPS
+
 
 _M_MMAP_MAX = -4  # mallopt parameter number in glibc's malloc.h
 
@@ -103,10 +121,12 @@ def rooftop_index(class_names: Sequence[str], classes: int) -> int:
 
 
 def compile_wanted(setting: bool | None, device: torch.device, chips: int) -> bool:
-    """Whether to ``torch.compile`` the model: as asked, or ("auto", None) for big CPU scenes."""
+    """Whether to ``torch.compile`` the model: as asked, or ("auto", None) for big CPU scenes
+    (:func:`compile_min_chips`)."""
     if setting is not None:
         return bool(setting)
-    return device.type == "cpu" and chips >= COMPILE_MIN_CHIPS
+    least = compile_min_chips(device)
+    return least is not None and chips >= least
 
 
 #: Compiled models, reused by every scene of a run (compiling again would cost the compile again).
@@ -122,13 +142,120 @@ def compiled_model(model: nn.Module, device: torch.device) -> Any:
     return per_model[key]
 
 
+#: Batch-norm folds, one per model: the model, its weights' version stamps, the folded copy.
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], nn.Module]]" = weakref.WeakKeyDictionary()
+#: Side of the random input that finds the convolution -> batch-norm pairs and checks the fold.
+FOLD_PROBE_SIZE = 128
+
+
+def _weights_stamp(model: nn.Module) -> tuple[int, ...]:
+    """Version counters of every parameter and buffer: any in-place change (an optimiser step) moves one."""
+    return tuple(t._version for t in (*model.parameters(), *model.buffers()))
+
+
+def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """Convolutions whose output goes straight into a batch norm, each of the two called once.
+
+    Found by one forward pass with hooks (the graph, not the module tree, says what feeds what):
+    a batch norm whose input is the very tensor a convolution returned.
+    """
+    outputs: dict[int, tuple[torch.Tensor, nn.Module]] = {}
+    calls: dict[nn.Module, int] = {}
+    pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]] = []
+
+    def conv_hook(module: nn.Module, _inputs: Any, output: Any) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = (output, module)
+
+    def bn_hook(module: nn.Module, inputs: Any) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        hit = outputs.get(id(inputs[0])) if inputs else None
+        if hit is not None and hit[0] is inputs[0]:
+            pairs.append((hit[1], module))  # type: ignore[arg-type]
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # Exactly BatchNorm2d: subclasses (timm's BatchNormAct2d, ...) do more than normalise.
+    handles += [m.register_forward_pre_hook(bn_hook) for m in model.modules() if type(m) is nn.BatchNorm2d]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(c, b) for c, b in pairs
+            if calls[c] == 1 and calls[b] == 1 and b.running_mean is not None and b.running_var is not None]
+
+
+def fold_batchnorm(model: nn.Module, *, in_channels: int) -> nn.Module:
+    """The model with each batch norm that follows a convolution folded into that convolution.
+
+    In eval mode a batch norm is a per-channel scale and shift, which the convolution before it
+    can apply itself (``w * s``, ``(b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)``): the
+    same function in one pass over memory instead of two. Eager bf16 on a 2-core Xeon with AMX:
+    ResNet50 DeepLabV3+ 22.4-22.7 -> 25.3-26.2 chips/s, ResNet18 55 -> 68 (its 62 and 29 batch
+    norms all folded). ``torch.compile`` with frozen weights folds them too.
+
+    A copy is folded (the caller's model keeps its batch norms and can go on training); the copy
+    is cached per model until its weights change. The fold is checked on a random input in fp32
+    (the outputs of both must agree to 1e-4 of their scale); a model where a convolution's output
+    also feeds something else, or that the probe cannot run, is returned unchanged.
+
+    Args:
+        model: A torch model in eval mode.
+        in_channels: Bands the model reads (for the probe input).
+
+    Returns:
+        The folded copy, or ``model`` itself when nothing folds or the fold does not check out.
+    """
+    stamp = _weights_stamp(model)
+    cached = _FOLDED.get(model)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    folded = model
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        probe = torch.randn((1, in_channels, FOLD_PROBE_SIZE, FOLD_PROBE_SIZE),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+        copy_ = copy.deepcopy(model).eval()
+        pairs = _conv_bn_pairs(copy_, probe)
+        if pairs:
+            parents = {child: (parent, name) for parent in copy_.modules() for name, child in parent.named_children()}
+            with torch.no_grad():
+                for conv, bn in pairs:
+                    scale = torch.rsqrt(bn.running_var + bn.eps)
+                    shift = -bn.running_mean * scale
+                    if bn.affine:
+                        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+                    bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+                    conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+                    conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+                    parent, name = parents[bn]
+                    setattr(parent, name, nn.Identity())
+                with torch.autocast(device_type=device.type, enabled=False):
+                    want, got = model(probe), copy_(probe)
+            if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape:
+                tolerance = 1e-4 * (1.0 + float(want.abs().max()))
+                if float((want - got).abs().max()) <= tolerance:
+                    folded = copy_
+                else:
+                    log.info("batch norms left unfolded: the folded model's output differs")
+    except Exception as exc:  # noqa: BLE001 - an optimisation: any model it cannot handle runs as it is
+        log.debug("batch norms left unfolded: %s", exc)
+        folded = model
+    _FOLDED[model] = (stamp, folded)
+    return folded
+
+
 class ChipPredictor:
     """Normalise raw pixels and turn batches of chips into class probabilities.
 
     The model is put in eval mode, moved to ``device`` and converted to
-    channels_last (in place: the caller's module is changed). A model with a true
-    ``runs_own_precision`` attribute (:class:`geoseg.onnx_model.OnnxModel`: ONNX
-    Runtime runs fp32) is neither autocast nor compiled, whatever was asked.
+    channels_last (in place: the caller's module is changed); what runs is a copy with its
+    batch norms folded into the convolutions before them (:func:`fold_batchnorm`). A model with
+    a true ``runs_own_precision`` attribute (:class:`geoseg.onnx_model.OnnxModel`: ONNX
+    Runtime runs fp32) is neither folded, autocast nor compiled, whatever was asked.
 
     Attributes:
         device: Where the model runs.
@@ -199,6 +326,8 @@ class ChipPredictor:
         self.tta = bool(tta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(device=device, memory_format=self.memory_format)
+        if not getattr(model, "runs_own_precision", False):
+            self.model = fold_batchnorm(self.model, in_channels=len(mean))
         self.eager = self.model
         self.compiled = bool(compile)
         self.compiled_batch = int(batch_size) if compile and batch_size else None
