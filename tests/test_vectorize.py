@@ -258,3 +258,45 @@ def test_open_components_keep_their_own_pixels_not_views_of_whole_strips():
     column = [r for r in done if r.count == 3 * h]
     assert len(column) == 1 and len(column[0].pixels["row"]) == 3 * h
     assert sorted(column[0].pixels["row"].tolist()) == sorted(list(range(h)) * 3)
+
+
+@pytest.mark.parametrize("epsg, centre", [
+    (3857, (13826000.0, 1460000.0)),  # web tiles (the OpenAerialMap data), Catanduanes
+    (32651, (560000.0, 1510000.0)),  # UTM 51N
+    (4326, (124.2, 13.6)),  # degrees
+    (27700, (530000.0, 180000.0)),  # British National Grid: another datum, several candidate operations
+])
+def test_metric_frame_transformers_are_cheap_in_new_threads_and_exact(epsg, centre):
+    """Every scene polygonises in a writer thread of its own, where pyproj builds a transformer
+    again: the frame's are made from their PROJ pipeline (parsed, not searched for), and give
+    exactly what transformers made from the two CRSs give. Where PROJ has several candidate
+    operations (no one pipeline until a point is transformed), the transformer stays as made."""
+    import threading
+
+    import pyproj
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from geoseg.vectorize.metric import metric_frame
+
+    step = 1e-6 if epsg == 4326 else 0.15
+    transform = Affine(step, 0, centre[0], 0, -step, centre[1])
+    frame = metric_frame(CRS.from_epsg(epsg), transform, 512, 512)
+    src = pyproj.CRS.from_epsg(epsg)
+    fwd = pyproj.Transformer.from_crs(src, frame.crs, always_xy=True)
+    inv = pyproj.Transformer.from_crs(frame.crs, src, always_xy=True)
+    xs = centre[0] + np.array([0.0, 40 * step, 512 * step])
+    ys = centre[1] - np.array([0.0, 300 * step, 512 * step])
+    got: dict[str, tuple] = {}
+
+    def in_a_new_thread() -> None:
+        got["fwd"] = frame._fwd.transform(xs, ys)
+        got["inv"] = frame._inv.transform(*got["fwd"])
+
+    worker = threading.Thread(target=in_a_new_thread)
+    worker.start()
+    worker.join()
+    np.testing.assert_allclose(got["fwd"], fwd.transform(xs, ys), rtol=0, atol=1e-6)  # metres
+    np.testing.assert_allclose(got["inv"], inv.transform(*got["fwd"]), rtol=0, atol=1e-9 if epsg == 4326 else 1e-6)
+    makers = {type(getattr(t, "_transformer_maker", None)).__name__ for t in (frame._fwd, frame._inv)}
+    assert makers == {"TransformerFromCRS" if epsg == 27700 else "TransformerFromPipeline"}, makers
