@@ -656,3 +656,35 @@ def test_a_block_is_written_in_tile_rows_as_they_become_final(tmp_path, monkeypa
                           batch_size=64, min_area=0.0, simplify=0.0, **CPU)
     assert len(res.polygons) == len(whole.polygons)
     assert all(a.equals_exact(b, 0) for a, b in zip(res.polygons.geometry, whole.polygons.geometry))
+
+
+def test_reader_threads_serve_every_scene_of_the_process(tmp_path, monkeypatch):
+    """Scenes share the reader threads: a thread's first GDAL open pays GDAL's set-up for it,
+    which a new thread per scene paid again for every tile. A forked child starts its own."""
+    import threading
+
+    from geoseg.inference import streams
+
+    readers: list[tuple[str, int, str]] = []
+    read = streams.BlockReader._read
+
+    def recording(self, block):
+        readers.append((Path(self.path).stem, threading.get_native_id(), threading.current_thread().name))
+        return read(self, block)
+
+    monkeypatch.setattr(streams.BlockReader, "_read", recording)
+    for name in ("a", "b"):
+        label = draw_rectangles(300, 300, _rects_for(300, 300, seed=len(name)))
+        scene = write_scene(tmp_path / f"{name}.tif", label)
+        predict_scene(scene, Oracle(), oracle_meta(chip_size=128), mask_out=tmp_path / f"{name}_mask.tif",
+                      polygons=False, overlap=32, block_size=256, **CPU)
+        np.testing.assert_array_equal(_read(tmp_path / f"{name}_mask.tif"), label)
+    threads = {scene: {(tid, thread) for s, tid, thread in readers if s == scene} for scene in ("a", "b")}
+    assert threads["a"] == threads["b"] and len(threads["a"]) == 1, threads  # one reader on a CPU, kept
+    assert next(iter(threads["a"]))[1].startswith("geoseg-read")
+    assert streams._READ_POOLS
+    pid = os.fork()
+    if pid == 0:  # the child: its parent's threads are not here, nor may their pool be
+        os._exit(0 if not streams._READ_POOLS else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
