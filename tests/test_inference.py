@@ -688,3 +688,36 @@ def test_reader_threads_serve_every_scene_of_the_process(tmp_path, monkeypatch):
         os._exit(0 if not streams._READ_POOLS else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_scratch_rasters_are_fast_to_write_and_outputs_keep_deflate(tmp_path, monkeypatch):
+    """The rasters behind the polygons that nobody asked for are read back and deleted: ZSTD level 1
+    (about 5x faster to write than deflate); a raster the user asked for stays deflate."""
+    from geoseg.inference import outputs
+
+    if not outputs.zstd_available():
+        pytest.skip("this GDAL has no ZSTD")
+    made: list[tuple[str, str]] = []
+    close = outputs.RasterSink.close
+
+    def recording(self):
+        if not self._dst.closed:  # what the blocks written were compressed with
+            with rasterio.open(self.path) as written:
+                made.append((self.kind, written.compression.name.lower()))
+        close(self)
+
+    monkeypatch.setattr(outputs.RasterSink, "close", recording)
+    label = draw_rectangles(300, 517, _rects_for(300, 517, seed=7))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    res = predict_scene(scene, Oracle(), oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif", polygons=True,
+                        overlap=32, block_size=256, **CPU)
+    assert made == [("mask", "deflate"), ("prob", "zstd")]  # the mask was asked for, the probabilities not
+    with rasterio.open(tmp_path / "mask.tif") as src:
+        assert src.compression == Compression.deflate
+    np.testing.assert_array_equal(_read(tmp_path / "mask.tif"), label)
+    made.clear()
+    monkeypatch.setattr(outputs, "zstd_available", lambda: False)  # a GDAL without ZSTD: deflate throughout
+    again = predict_scene(scene, Oracle(), oracle_meta(chip_size=128), polygons=True, overlap=32, block_size=256,
+                          **CPU)
+    assert made == [("mask", "deflate"), ("prob", "deflate")]
+    assert list(again.polygons.geometry.to_wkb()) == list(res.polygons.geometry.to_wkb())

@@ -8,6 +8,8 @@ still running, and get overviews once the full-resolution pass is done.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,6 +65,29 @@ def overview_factors(width: int, height: int) -> list[int]:
     return factors
 
 
+#: Compression of rasters that are only read back and deleted (the mask and probabilities behind
+#: the polygons when no raster output was asked for, or on a model grid). Measured on a 2048²
+#: block (one process, 2-core Xeon): a mask written in 7 ms against deflate's 44 ms, probabilities
+#: 21 against 76 ms; files 1.3x deflate's.
+SCRATCH_COMPRESSION: dict[str, Any] = {"compress": "zstd", "zstd_level": 1}
+
+
+@functools.lru_cache(maxsize=1)
+def zstd_available() -> bool:
+    """Whether this GDAL writes ZSTD-compressed GeoTIFFs (rasterio's wheels do; some GDAL builds not)."""
+    from rasterio.io import MemoryFile
+
+    try:
+        with MemoryFile() as mem:
+            with mem.open(driver="GTiff", width=1, height=1, count=1, dtype="uint8", crs="EPSG:4326",
+                          transform=Affine(1.0, 0.0, 0.0, 0.0, -1.0, 1.0), **SCRATCH_COMPRESSION) as dst:
+                dst.write(np.ones((1, 1, 1), dtype=np.uint8))
+            with mem.open() as src:
+                return src.compression is not None and src.compression.name.lower() == "zstd"
+    except Exception:  # noqa: BLE001 - a missing codec is an answer, not a failure
+        return False
+
+
 class RasterSink:
     """One output GeoTIFF open for windowed writing and reading back.
 
@@ -87,6 +112,7 @@ class RasterSink:
         num_threads: int | str = 1,
         class_names: tuple[str, ...] = (),
         band_names: tuple[str, ...] = ("rooftop",),
+        scratch: bool = False,
     ) -> None:
         """Create the file.
 
@@ -103,6 +129,8 @@ class RasterSink:
             class_names: Class names, recorded in the mask's metadata.
             band_names: ``"prob"``: what each band is the probability of (``rooftop``; an
                 ``instances`` model adds ``border`` and ``contact``).
+            scratch: The file is read back (polygons) and deleted, never handed to the user:
+                written with ZSTD level 1 where GDAL has it (:data:`SCRATCH_COMPRESSION`).
         """
         self.path = Path(path)
         self.kind = kind
@@ -121,6 +149,8 @@ class RasterSink:
         else:
             raise ValueError(f"probability dtype should be 'uint8' or 'float16', got {prob_dtype!r}")
         self.bands = len(band_names) if kind == "prob" else 1
+        if scratch and zstd_available():
+            options.update(SCRATCH_COMPRESSION)
         profile = {
             **GTIFF_PROFILE, "blockxsize": tile, "blockysize": tile, "count": self.bands,
             "width": width, "height": height, "dtype": self.dtype.name, "crs": crs,

@@ -429,11 +429,13 @@ class _ScenePass:
             sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
                              num_threads="ALL_CPUS" if cuda else 1)
             if mask_tmp:
-                self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args))
+                self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args,
+                                             scratch=mask_tmp != self.mask_pub))
             mask_sink = self.sinks[0] if mask_tmp else None
             if prob_tmp:
                 self.sinks.append(RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
-                                             band_names=("rooftop", *extra), **sink_args))
+                                             band_names=("rooftop", *extra), **sink_args,
+                                             scratch=prob_tmp != self.prob_pub))
             prob_sink = self.sinks[-1] if prob_tmp else None
             self.poly = self.builder = self.splitter = None
             if polygons:

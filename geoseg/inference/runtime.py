@@ -213,6 +213,9 @@ def fold_batchnorm(model: nn.Module, *, in_channels: int) -> nn.Module:
     if cached is not None and cached[0] == stamp:
         return cached[1]
     folded = model
+    if not any(type(m) is nn.BatchNorm2d for m in model.modules()):  # nothing to fold: no copy
+        _FOLDED[model] = (stamp, folded)
+        return folded
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
