@@ -268,7 +268,7 @@ def load_onnx_model(path: str | os.PathLike[str]) -> tuple[OnnxModel, Checkpoint
     if p.is_dir():
         raise file_error(CheckpointError, p, "is a folder, not an ONNX model",
                          "pass a model written by geoseg export-model")
-    from geoseg.quantize import quantization_of
+    from geoseg.quantize import WEIGHTS_FULL, quantization_of, u8s8_saturates
 
     session = _session(p, cuda_device=None, threads=torch.get_num_threads())
     props = session.get_modelmeta().custom_metadata_map
@@ -276,6 +276,10 @@ def load_onnx_model(path: str | os.PathLike[str]) -> tuple[OnnxModel, Checkpoint
     _check_graph(session, meta, p)
     quantized = quantization_of(props)
     precision = "int8" if quantized and quantized.get("precision") == "int8" else "32"
+    if precision == "int8" and quantized.get("weights") == WEIGHTS_FULL and u8s8_saturates():
+        log.warning("%s: quantised with full-range int8 weights, which this CPU (no VNNI) multiplies with "
+                    "saturating products, so its masks may differ more from fp32; quantise it on this "
+                    "machine (geoseg export-model --int8) or predict the .pt with --precision int8", p)
     return OnnxModel(p, meta=meta, session=session, precision=precision), meta
 
 

@@ -24,8 +24,10 @@ pytest.importorskip("onnxscript")
 
 from geoseg.model_export import export_model  # noqa: E402
 from geoseg.onnx_model import load_onnx_model, meta_from_props  # noqa: E402
+import geoseg.quantize as quantize  # noqa: E402
 from geoseg.quantize import (  # noqa: E402
-    QUANT_KEY, Calibration, _grid, calibration_chips, int8_model, quantize_onnx,
+    QUANT_KEY, WEIGHTS_7BIT, WEIGHTS_FULL, Calibration, _grid, calibration_chips, int8_model, quantize_onnx,
+    u8s8_saturates,
 )
 from test_model_export import CHIP, decisive_checkpoint  # noqa: E402
 
@@ -129,11 +131,68 @@ def test_int8_graph_is_quantised_and_keeps_its_description(fp32, int8):
     props = {p.key: p.value for p in graph.metadata_props}
     assert meta_from_props(props, path) == meta
     record = json.loads(props[QUANT_KEY])
+    weights = WEIGHTS_7BIT if u8s8_saturates() else WEIGHTS_FULL  # this CPU's kernel decides
     assert record == {"precision": "int8", "chips": 8, "scenes": [scene.name], "method": "minmax",
-                      "format": "QDQ", "weights": "int8 per channel", "activations": "uint8"}
+                      "format": "QDQ", "weights": weights, "activations": "uint8"}
+    assert _largest_weight(graph) == (64 if u8s8_saturates() else 127)
     # Only the model was written: no pre-processed or calibration graphs left beside it.
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.int8.onnx"]
     assert path.stat().st_size < onnx_path.stat().st_size / 2.5  # int8 weights: about a quarter
+
+
+def _largest_weight(graph) -> int:
+    """The largest |value| of the graph's int8 convolution weights (per channel: each reaches its range's end)."""
+    from onnx import numpy_helper
+
+    return max(int(np.abs(numpy_helper.to_array(i).astype(np.int16)).max())
+               for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8)
+
+
+def test_u8s8_probe_sees_the_kernel_onnx_runtime_runs(monkeypatch):
+    """The probe's answer is ONNX Runtime's: 64 x 255 x 127 exactly, or clipped pair sums."""
+    u8s8_saturates.cache_clear()
+    try:
+        answer = u8s8_saturates()
+        assert u8s8_saturates.cache_info().hits == 0 and u8s8_saturates() is answer  # asked once a process
+    finally:
+        u8s8_saturates.cache_clear()
+    # Each output sums 64 pairs of 255 x 127 = 32,385; a pair's sum (64,770) held in int16 clips
+    # to 32,767, so a saturating kernel gives 32 x 32,767 = 1,048,544 where the exact sum is 2,072,640.
+    assert quantize._PROBE_K * 255 * 127 == 2_072_640
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if "avx512_vnni" in flags or "avx_vnni" in flags:  # VNNI instructions add in int32: exact
+        assert answer is False
+
+
+def test_seven_bit_weights_where_products_saturate_and_a_warning_for_a_full_range_model(
+        fp32, int8, tmp_path, monkeypatch, caplog):
+    """Both sides of the rule on any CPU: the probe's answer decides the weights' range and the record."""
+    import logging
+
+    _, onnx_path, model, _, scene = fp32
+    calibration = calibration_chips([scene], fp32[3], count=8)
+    seven_path, full = tmp_path / "seven.onnx", tmp_path / "full.onnx"
+    for saturates, out, weights, largest in ((True, seven_path, WEIGHTS_7BIT, 64), (False, full, WEIGHTS_FULL, 127)):
+        monkeypatch.setattr(quantize, "u8s8_saturates", lambda s=saturates: s)
+        quantize_onnx(onnx_path, out, calibration)
+        graph = onnx.load(str(out))
+        assert json.loads({p.key: p.value for p in graph.metadata_props}[QUANT_KEY])["weights"] == weights
+        assert _largest_weight(graph) == largest
+    seven = load_onnx_model(seven_path)[0]
+    x = torch.from_numpy(calibration.chips)
+    with torch.inference_mode():
+        want, got = model(x), seven(x)
+    assert float((got - want).abs().mean() / want.std()) < 0.1  # 7-bit weights: still close to fp32
+    # A full-range model loaded where products saturate (quantised on another machine): a warning.
+    monkeypatch.setattr(quantize, "u8s8_saturates", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="geoseg.onnx_model"):
+        load_onnx_model(seven_path)
+        assert caplog.messages == []  # a 7-bit model: nothing to say
+        load_onnx_model(full)
+    assert caplog.messages == [
+        f"{full}: quantised with full-range int8 weights, which this CPU (no VNNI) multiplies with saturating "
+        "products, so its masks may differ more from fp32; quantise it on this machine (geoseg export-model "
+        "--int8) or predict the .pt with --precision int8"]
 
 
 def test_int8_model_gives_nearly_the_fp32_logits(fp32, int8):
