@@ -386,3 +386,19 @@ def test_int8_with_rescale_calibrates_on_the_mapped_values(fp32, tmp_path):
     # As on the 8-bit scene (test_predict_int8_agrees_with_fp32...): calibrated on raw 16-bit values
     # normalised with the 8-bit statistics, the activation ranges would be 40x too wide.
     assert (masks["int8"] == masks["32"]).mean() >= 0.92, (masks["int8"] == masks["32"]).mean()
+
+
+def test_onnx_runtime_leaves_no_telemetry_file_in_the_temporary_folder(tmp_path):
+    """ONNX Runtime writes a ".ses" telemetry session id into TMPDIR when imported; under geoseg it does not."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    plain, with_geoseg = tmp_path / "plain", tmp_path / "geoseg"
+    plain.mkdir(), with_geoseg.mkdir()
+    subprocess.run([sys.executable, "-c", "import onnxruntime"], env={**env, "TMPDIR": str(plain)}, check=True)
+    if not list(plain.iterdir()):
+        pytest.skip("this ONNX Runtime writes no telemetry file")
+    subprocess.run([sys.executable, "-c", "import geoseg.quantize, onnxruntime; "
+                    "geoseg.quantize.u8s8_saturates()"], env={**env, "TMPDIR": str(with_geoseg)}, check=True)
+    assert list(with_geoseg.iterdir()) == []
