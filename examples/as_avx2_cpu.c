@@ -9,7 +9,9 @@
  * kernels from CPUID, so they all run their AVX2 code, on the same cores, in the same run as
  * an unmasked process: what geoseg's int8 measurements on "an AVX2-only CPU" use.
  *
- * AS_AVX2_KEEP_AVX_VNNI=1 keeps AVX-VNNI (an AVX2 CPU with VNNI, as Intel's since Alder Lake).
+ * AS_AVX2_KEEP_AVX_VNNI=1 keeps AVX-VNNI (an AVX2 CPU with VNNI, as Intel's since Alder Lake);
+ * AS_AVX2_KEEP_AVX512=1 keeps Skylake-SP's AVX-512 (F, CD, BW, DQ, VL) and its register state,
+ * still without VNNI, BF16, FP16 or AMX (an AVX-512 server CPU before Cascade Lake).
  * The setting is inherited by threads and child processes (LD_PRELOAD is). A program that
  * installs its own SIGSEGV handler later (Python's faulthandler, a JVM) breaks the trap.
  * /proc/cpuinfo is not masked.
@@ -29,6 +31,7 @@
 #define BIT(n) (1u << (n))
 
 static int keep_avx_vnni;
+static int keep_avx512;
 
 static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1);  /* this thread may run CPUID for a moment */
@@ -39,8 +42,9 @@ static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
 static void masked_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     real_cpuid(leaf, sub, r);
     if (leaf == 7 && sub == 0) {
-        /* EBX: AVX512F, DQ, IFMA, PF, ER, CD, BW, VL */
-        r[1] &= ~(BIT(16) | BIT(17) | BIT(21) | BIT(26) | BIT(27) | BIT(28) | BIT(30) | BIT(31));
+        /* EBX: AVX512F, DQ, IFMA, PF, ER, CD, BW, VL (Skylake-SP's F, DQ, CD, BW, VL kept on request) */
+        r[1] &= ~(BIT(21) | BIT(26) | BIT(27));
+        if (!keep_avx512) r[1] &= ~(BIT(16) | BIT(17) | BIT(28) | BIT(30) | BIT(31));
         /* ECX: AVX512_VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ */
         r[2] &= ~(BIT(1) | BIT(6) | BIT(11) | BIT(12) | BIT(14));
         /* EDX: AVX512_4VNNIW, 4FMAPS, VP2INTERSECT, AMX-BF16, AVX512_FP16, AMX-TILE, AMX-INT8 */
@@ -52,8 +56,9 @@ static void masked_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
         /* EDX: AVX-VNNI-INT8, AVX-NE-CONVERT, AVX-VNNI-INT16, AVX10 */
         r[3] &= ~(BIT(4) | BIT(5) | BIT(10) | BIT(19));
     } else if (leaf == 0xd && sub == 0) {
-        /* XSAVE state the CPU supports: no opmask/ZMM (5-7) or AMX tile (17-18) state */
-        r[0] &= ~(BIT(5) | BIT(6) | BIT(7) | BIT(17) | BIT(18));
+        /* XSAVE state the CPU supports: no AMX tile (17-18) state, nor opmask/ZMM (5-7) without AVX-512 */
+        r[0] &= ~(BIT(17) | BIT(18));
+        if (!keep_avx512) r[0] &= ~(BIT(5) | BIT(6) | BIT(7));
     }
 }
 
@@ -77,6 +82,8 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
 __attribute__((constructor)) static void start(void) {
     const char *keep = getenv("AS_AVX2_KEEP_AVX_VNNI");
     keep_avx_vnni = keep != NULL && strcmp(keep, "1") == 0;
+    keep = getenv("AS_AVX2_KEEP_AVX512");
+    keep_avx512 = keep != NULL && strcmp(keep, "1") == 0;
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;

@@ -4,6 +4,7 @@
 #
 #   bash examples/as_avx2_cpu.sh geoseg benchmark --precision int8 --json
 #   AS_AVX2_KEEP_AVX_VNNI=1 bash examples/as_avx2_cpu.sh ...   # AVX2 with AVX-VNNI
+#   AS_AVX2_KEEP_AVX512=1 bash examples/as_avx2_cpu.sh ...     # Skylake-SP: AVX-512 F/CD/BW/DQ/VL, no VNNI
 #
 # The shared library is built in a temporary folder, removed when the command ends.
 set -euo pipefail

@@ -57,6 +57,14 @@ def test_keeping_avx_vnni_keeps_exact_products():
     assert r.stdout.split() == ["AVX2", "True", "False", "False", "False", "False"]
 
 
+@pytest.mark.skipif("avx512bw" not in FLAGS, reason="this CPU has no AVX-512 to keep")
+def test_keeping_avx512_is_a_skylake_server_whose_products_still_saturate():
+    pytest.importorskip("onnxruntime")
+    r = _run(sys.executable, "-c", PROBE, env={"AS_AVX2_KEEP_AVX512": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["AVX512", "True", "True", "False", "False", "True"]
+
+
 def test_exit_status_and_usage():
     assert _run(sys.executable, "-c", "raise SystemExit(7)").returncode == 7
     r = _run()
