@@ -83,19 +83,14 @@ WEIGHTS_7BIT = "int8 per channel, 7-bit range"
 _PROBE_K = 64
 
 
-@functools.lru_cache(maxsize=1)
-def u8s8_saturates() -> bool:
-    """Whether ONNX Runtime's uint8 × int8 products saturate on this CPU (x86 without VNNI).
-
-    Asked of ONNX Runtime itself: one ``MatMulInteger`` of 255s by 127s, whose exact sums
-    (64 × 255 × 127) an int16 pair sum cannot hold; a kernel that clips them answers less.
-    False where ONNX Runtime is missing or the probe cannot run (nothing would be quantised).
-    """
+def _u8s8_probe() -> np.ndarray | None:
+    """ONNX Runtime's answer to one ``MatMulInteger`` of 255s (uint8) by 127s (int8) over
+    :data:`_PROBE_K`, as int32 (16, 16); None where ONNX Runtime is missing or fails."""
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper
     except ImportError:
-        return False
+        return None
     rows = cols = 16
     weights = helper.make_tensor("b", TensorProto.INT8, (_PROBE_K, cols), [127] * (_PROBE_K * cols))
     graph = helper.make_graph(
@@ -110,11 +105,22 @@ def u8s8_saturates() -> bool:
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         (out,) = session.run(None, {"a": np.full((rows, _PROBE_K), 255, np.uint8)})
-    except Exception as exc:  # any ORT failure: say so, quantise as on a VNNI CPU
+    except Exception as exc:  # any ORT failure: no answer (quantised as on a VNNI CPU)
         log.debug("u8s8 probe failed: %s", exc)
-        return False
-    exact = _PROBE_K * 255 * 127
-    saturates = bool((np.asarray(out) != exact).any())
+        return None
+    return np.asarray(out)
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's uint8 × int8 products saturate on this CPU (x86 without VNNI).
+
+    Asked of ONNX Runtime itself (:func:`_u8s8_probe`): the exact sums are 64 × 255 × 127
+    = 2,072,640; a kernel that adds product pairs in int16 clips each pair (64,770) to
+    32,767 and answers 32 × 32,767 = 1,048,544. False where the probe cannot run.
+    """
+    out = _u8s8_probe()
+    saturates = out is not None and bool((out != _PROBE_K * 255 * 127).any())
     log.debug("ONNX Runtime's uint8 x int8 products %s on this CPU", "saturate" if saturates else "are exact")
     return saturates
 

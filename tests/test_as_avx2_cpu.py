@@ -28,9 +28,9 @@ try:
 except ImportError:
     from numpy.core._multiarray_umath import __cpu_features__ as f
 from geoseg.devices import cpu_has_amx, cpu_supports_bf16
-from geoseg.quantize import u8s8_saturates
+from geoseg.quantize import _u8s8_probe, u8s8_saturates
 print(torch.backends.cpu.get_cpu_capability(), f["AVX2"], f["AVX512F"], cpu_supports_bf16(), cpu_has_amx(),
-      u8s8_saturates())
+      u8s8_saturates(), *sorted(set(_u8s8_probe().ravel().tolist())))
 """
 
 
@@ -45,15 +45,15 @@ def test_libraries_see_avx2_only_and_int8_takes_seven_bit_weights(tmp_path):
     assert r.returncode == 0, r.stderr
     # torch's kernels and numpy's dispatch see AVX2 and no AVX-512; geoseg sees no bf16 or AMX (so
     # --precision auto runs fp32), and ONNX Runtime's u8 x s8 products saturate (int8: 7-bit weights).
-    assert r.stdout.split() == ["AVX2", "True", "False", "False", "False", "True"]
+    assert r.stdout.split() == ["AVX2", "True", "False", "False", "False", "True", "1048544"]  # 32 x 32,767
     assert list(tmp_path.iterdir()) == []  # the shared library's folder is gone
 
 
 @pytest.mark.parametrize("keep, flag, seen", [
     # AVX2 with AVX-VNNI (Alder Lake): VNNI adds in int32, so the products are exact.
-    ("AS_AVX2_KEEP_AVX_VNNI", "avx_vnni", ["AVX2", "True", "False", "False", "False", "False"]),
+    ("AS_AVX2_KEEP_AVX_VNNI", "avx_vnni", ["AVX2", "True", "False", "False", "False", "False", "2072640"]),
     # A Skylake-SP server: AVX-512 without VNNI still clips its product pairs.
-    ("AS_AVX2_KEEP_AVX512", "avx512bw", ["AVX512", "True", "True", "False", "False", "True"]),
+    ("AS_AVX2_KEEP_AVX512", "avx512bw", ["AVX512", "True", "True", "False", "False", "True", "1048544"]),
 ])
 def test_what_a_kept_extension_changes(keep, flag, seen):
     if flag not in FLAGS:
