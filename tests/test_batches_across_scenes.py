@@ -59,6 +59,18 @@ def _scenes(folder: Path) -> dict[str, tuple[Path, np.ndarray]]:
     return out
 
 
+def _layer_in_scene_order(path: Path, scenes: dict[str, tuple[Path, np.ndarray]]) -> gpd.GeoDataFrame:
+    """The layer at ``path``, checked to hold each scene's polygons, scene after scene, exactly as each
+    scene predicted alone gives them."""
+    layer = gpd.read_file(path, layer="rooftops")
+    alone = [predict_scene(p, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", precision="32", min_area=0.0,
+                           simplify=0.0).polygons for p, _ in scenes.values()]
+    assert list(layer["scene"]) == [name for name, frame in zip(scenes, alone) for _ in range(len(frame))]
+    expected = [g for frame in alone for g in frame.geometry]
+    assert len(layer) == len(expected) and all(a.equals_exact(b, 0) for a, b in zip(layer.geometry, expected))
+    return layer
+
+
 @pytest.fixture
 def recording(monkeypatch):
     model = Recording()
@@ -68,6 +80,10 @@ def recording(monkeypatch):
 
 def _writer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "geoseg-write" and t.is_alive()]
+
+
+def _finish_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("geoseg-finish") and t.is_alive()]
 
 
 @pytest.mark.parametrize("batch_size", [4, 7, 16, 64])
@@ -98,15 +114,10 @@ def test_scenes_share_batches_and_only_the_last_of_the_run_is_partial(tmp_path, 
     for name, res in zip(scenes, results):
         assert [(d, t) for nm, d, t in reports if nm == name][-1] == (res.chips_predicted,) * 2
     # The layer holds each scene's polygons, scene after scene, exactly as each scene alone gives them.
-    layer = gpd.read_file(tmp_path / "out" / "roofs.gpkg", layer="rooftops")
-    alone = [predict_scene(p, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", precision="32", min_area=0.0,
-                           simplify=0.0).polygons for p, _ in scenes.values()]
-    assert list(layer["scene"]) == [name for name, frame in zip(scenes, alone) for _ in range(len(frame))]
-    expected = [g for frame in alone for g in frame.geometry]
-    assert len(layer) == len(expected) and all(a.equals_exact(b, 0) for a, b in zip(layer.geometry, expected))
+    layer = _layer_in_scene_order(tmp_path / "out" / "roofs.gpkg", scenes)
     assert list(layer["id"]) == list(range(1, len(layer) + 1))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["roofs.gpkg"]  # no scratch left
-    assert not _writer_threads()
+    assert not _writer_threads() and not _finish_threads()
 
 
 @pytest.mark.parametrize("fail_at", [0, 1, 2, 4])
@@ -122,12 +133,13 @@ def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkey
                     prob_out=tmp_path / "p", config=PredictConfig(batch_size=4, device="cpu", precision="32"))
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert len(model.sizes) == fail_at
-    assert not _writer_threads()
+    assert not _writer_threads() and not _finish_threads()
 
 
 def test_a_scene_failing_as_it_finishes_inside_the_next_scenes_batch_leaves_nothing(tmp_path, monkeypatch,
                                                                                      recording):
-    """a's finish runs inside b's first batch (the one that carries a's last chips): its failure there stops b too."""
+    """a's finish starts as b's first batch (the one that carries a's last chips) passes and runs beside b's
+    batches: its failure stops b (at b's next batch, or at the run's end), and nothing is left."""
     def refuse(path, rooftop, valid):
         if Path(path).name == "a.tif":
             raise RuntimeError("a could not be finished")
@@ -138,9 +150,64 @@ def test_a_scene_failing_as_it_finishes_inside_the_next_scenes_batch_leaves_noth
     with pytest.raises(RuntimeError, match="a could not be finished"):
         job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg", mask_out=tmp_path / "m",
                     config=PredictConfig(batch_size=4, device="cpu", precision="32"))
-    assert recording.sizes == [4, 4]  # a: 4, then a's last 2 with b's first 2; a failed as that batch passed
+    assert recording.sizes[:2] == [4, 4]  # a: 4, then a's last 2 with b's first 2; a's finish starts there
     assert sorted(p for p in tmp_path.rglob("*")) == before
-    assert not _writer_threads()
+    assert not _writer_threads() and not _finish_threads()
+
+
+def _slow_finish_of_a(monkeypatch, recording, *, until: int, then_s: float = 0.0) -> dict[str, int]:
+    """a's finish waits (at most 20 s) until the model has run ``until`` batches, then ``then_s`` more
+    seconds; returns the batches run when it started waiting and when it went on."""
+    import time
+
+    seen: dict[str, int] = {}
+    real = pipeline._ScenePass.finish
+
+    def finish(self):
+        if Path(self.source).name == "a.tif":
+            seen["start"] = len(recording.sizes)
+            t0 = time.monotonic()
+            while len(recording.sizes) < until and time.monotonic() - t0 < 20:
+                time.sleep(0.005)
+            time.sleep(then_s)
+            seen["end"] = len(recording.sizes)
+        return real(self)
+
+    monkeypatch.setattr(pipeline._ScenePass, "finish", finish)
+    return seen
+
+
+def test_the_model_goes_on_while_a_scene_finishes_and_the_layer_stays_in_scene_order(tmp_path, monkeypatch,
+                                                                                     recording):
+    """a's finish (writer, polygons, publishing) runs in its own thread: b's batches pass while it is held
+    up, and b's polygons, traced meanwhile, still come after a's in the layer."""
+    seen = _slow_finish_of_a(monkeypatch, recording, until=4)
+    scenes = _scenes(tmp_path)
+    summary = job.predict(
+        [str(p) for p, _ in scenes.values()], out=tmp_path / "out" / "roofs.gpkg", mask_out=tmp_path / "masks",
+        config=PredictConfig(batch_size=4, device="cpu", precision="32", min_area=0.0, simplify=0.0),
+    )
+    # a ends in batch 2 (6 chips); the model ran batches 3 and 4 (b's) while a's finish was held up.
+    assert seen == {"start": 2, "end": 4}
+    _layer_in_scene_order(tmp_path / "out" / "roofs.gpkg", scenes)
+    for (name, (_, label)), res in zip(scenes.items(), summary.results):
+        with rasterio.open(res.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), label)
+    assert not _writer_threads() and not _finish_threads()
+
+
+def test_the_model_waits_once_two_finishes_are_pending(tmp_path, monkeypatch, recording):
+    """At most two scenes wait to be finished: with a's finish held up, b's is queued after batch 5, and c's
+    (also ending in batch 5) makes the model wait for a's before it runs batch 6."""
+    from geoseg.inference import batching
+
+    assert batching.MAX_PENDING_FINISHES == 2
+    seen = _slow_finish_of_a(monkeypatch, recording, until=5, then_s=0.3)
+    scenes = _scenes(tmp_path)
+    job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg",
+                config=PredictConfig(batch_size=4, device="cpu", precision="32"))
+    assert seen == {"start": 2, "end": 5}  # no batch ran in the 0.3 s after the fifth
+    assert len(recording.sizes) == 13
 
 
 def test_scenes_run_differently_do_not_share_a_batch(tmp_path):

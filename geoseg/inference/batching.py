@@ -7,13 +7,17 @@ is full, whatever blocks or scenes its chips come from, so only the run's last b
 partial (run by the eager model, when compiled). After each batch every scene with chips in it blends
 them and closes its blocks that are complete (in grid order); a scene whose blocks have
 all been fed finishes as soon as its last chips are through, scenes in the order they
-were fed, before a later scene closes any block of that batch.
+were fed. The finish (waiting for the scene's writer, its last polygons, publishing) runs
+in a thread of its own while the model goes on with the next scene's chips; polygons
+handed to a run's shared sink still arrive scene after scene.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -36,6 +40,14 @@ class Finishing(Protocol):
     def finish(self) -> None: ...
 
     def abort(self, exc: BaseException | None) -> None: ...
+
+    def waited(self, seconds: float) -> None: ...
+
+
+#: Scenes whose finish may wait in the finishing thread's queue (one running, one queued): the
+#: model does not wait for a finish unless the finishes fall this far behind it, and the
+#: scenes held open (writer threads, buffers) stay bounded.
+MAX_PENDING_FINISHES = 2
 
 
 @dataclass
@@ -93,6 +105,12 @@ class Batches:
         self.feeding: "BlockWork | None" = None
         self._held: list[tuple["BlockWork", Finishing]] = []  # scene passes not finished, in feeding order
         self._ended: collections.deque[tuple["BlockWork", Finishing]] = collections.deque()
+        #: Finishes handed to the finishing thread and not yet taken back, in feeding order.
+        self._finishing: collections.deque[tuple["BlockWork", Finishing, Future[None]]] = collections.deque()
+        self._finisher: ThreadPoolExecutor | None = None
+        #: Per held scene, set once its finish has ended (or the run is aborted); the latest held scene's.
+        self._finished: dict["BlockWork", threading.Event] = {}
+        self._last_finished: threading.Event | None = None
 
     def __enter__(self) -> "Batches":
         return self
@@ -100,6 +118,13 @@ class Batches:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is not None:
             self.abort(exc)
+            return
+        try:
+            self._reap(wait=True)  # finishes handed over since the last flush
+        except BaseException as err:
+            self.abort(err)
+            raise
+        self._close_finisher()
 
     @property
     def room(self) -> int:
@@ -113,7 +138,22 @@ class Batches:
         last batch of a run may run outside any scene's own loop).
         """
         self._held.append((work, scene_pass))
+        self._finished[work] = self._last_finished = threading.Event()
         self._threads = threads
+
+    def in_turn(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``sink`` for the scene to be held next: it takes that scene's polygons only once every
+        scene held before it has finished, so a run's shared sink gets them scene after scene
+        (a scene's writer polygonises while an earlier scene may still be finishing)."""
+        after = self._last_finished
+        if after is None:
+            return sink
+
+        def put(frame: Any) -> None:
+            after.wait()
+            sink(frame)
+
+        return put
 
     def add(self, work: "BlockWork", entry: OpenBlock, index: torch.Tensor, chips: torch.Tensor) -> None:
         """Queue chips (at most :attr:`room`) of ``entry``'s block; run the batch once it is full."""
@@ -136,11 +176,13 @@ class Batches:
         self._finish_ready()
 
     def flush(self) -> None:
-        """Run the last, partial batch; every ended scene finishes."""
+        """Run the last, partial batch; every ended scene finishes (waited for; the first failure raised)."""
         with torch_threads(self._threads), torch.inference_mode():
             if self._queued:
                 self._predict(late=True)
             self._finish_ready()
+        self._reap(wait=True)
+        self._close_finisher()
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Abort every held scene pass not finished, the latest first (outputs discarded, threads stopped).
@@ -149,7 +191,18 @@ class Batches:
         """
         self._pieces, self._queued = [], 0
         self._ended.clear()
-        held, self._held = self._held, []
+        for event in list(self._finished.values()):  # writers waiting for their turn go on (to be stopped)
+            event.set()
+        finishing, self._finishing = list(self._finishing), collections.deque()
+        for *_, future in finishing:
+            future.cancel()  # not started yet: never starts
+        finished = set()
+        for work, _, future in finishing:  # the one running is waited for: a pass is finished or aborted, not both
+            if not future.cancelled() and future.exception() is None:
+                finished.add(work)
+        self._close_finisher()
+        self._finished.clear()
+        held, self._held = [h for h in self._held if h[0] not in finished], []
         raised: BaseException | None = None
         for _, scene_pass in reversed(held):
             try:
@@ -194,18 +247,51 @@ class Batches:
             self._finish_ready()
 
     def _finish_ready(self) -> None:
-        """Finish, in feeding order, the leading ended scenes whose blocks are all closed."""
+        """Hand the finishing thread, in feeding order, the leading ended scenes whose blocks are all
+        closed; take back the finishes that have ended (the first failure is raised)."""
         while self._ended and self._ended[0][0].complete:
             work, scene_pass = self._ended.popleft()
-            self._held = [h for h in self._held if h[0] is not work]
             t0 = time.perf_counter()
-            try:
-                scene_pass.finish()
-            except BaseException:
-                self._held.insert(0, (work, scene_pass))  # aborted with the others
-                raise
-            if self.feeding is not None and self.feeding is not work:  # finished inside another's feed
+            while len(self._finishing) >= MAX_PENDING_FINISHES:  # the finishes fall behind: wait for one
+                self._reap_first()
+            if self._finisher is None:
+                self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
+            self._finishing.append((work, scene_pass, self._finisher.submit(self._finish, work, scene_pass)))
+            if self.feeding is not None and self.feeding is not work:  # inside another's feed
                 self.feeding.nested_s += time.perf_counter() - t0
+        self._reap(wait=False)
+
+    def _finish(self, work: "BlockWork", scene_pass: Finishing) -> None:
+        """In the finishing thread: finish a scene; the next scene's polygons may then go to the sink."""
+        try:
+            scene_pass.finish()
+        finally:
+            event = self._finished.get(work)
+            if event is not None:
+                event.set()
+
+    def _reap(self, *, wait: bool) -> None:
+        """Take back the leading finishes that have ended (with ``wait``: all, waiting for them)."""
+        while self._finishing and (wait or self._finishing[0][2].done()):
+            self._reap_first()
+
+    def _reap_first(self) -> None:
+        """Take back the first finish, waiting for it; its failure is raised (the pass stays held: aborted)."""
+        work, scene_pass, future = self._finishing[0]
+        t0 = time.perf_counter()
+        error = future.exception()
+        waited = time.perf_counter() - t0
+        if error is not None:
+            raise error
+        self._finishing.popleft()
+        self._held = [h for h in self._held if h[0] is not work]
+        self._finished.pop(work, None)
+        scene_pass.waited(waited)  # the time the model's thread stood still for it is the scene's
+
+    def _close_finisher(self) -> None:
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=True)
+            self._finisher = None
 
 
 class BlockWork:

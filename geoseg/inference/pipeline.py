@@ -452,7 +452,8 @@ class _ScenePass:
                 )
                 self.builder = vectorize.PolygonBuilder(
                     transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
-                    simplify=simplify, regularize=regularize, class_names=names, sink=polygon_sink,
+                    simplify=simplify, regularize=regularize, class_names=names,
+                    sink=batches.in_turn(polygon_sink) if polygon_sink is not None else None,
                     clip=area.geometry() if area is not None else None,
                 )
             self.writer = CoreWriter(mask_sink=mask_sink, prob_sink=prob_sink, polygonizer=self.poly,
@@ -550,15 +551,21 @@ class _ScenePass:
         result.polygon_count = self.builder.count if self.builder is not None else 0
         result.chips_predicted, result.chips_skipped = work.done, work.skipped
         # The scene's own time: its feed (less other scenes finishing in it), its share of the
-        # run's last batch, its finish. Its chips left for a later scene's batch are timed there.
-        result.seconds = self._fed_s - work.nested_s + work.late_s + time.perf_counter() - t_finish
+        # run's last batch and (:meth:`waited`) the time the model's thread waited for its finish,
+        # which otherwise runs beside the next scenes. Its chips left for a later scene's batch
+        # are timed there.
+        result.seconds = self._fed_s - work.nested_s + work.late_s
         result.stages, result.threads, result.batches = work.stages, self.n_threads, work.batches
         result.precision, result.compiled = self.predictor.precision, self.predictor.compiled
         log.info(
-            "%s: %d chips (%d skipped, all nodata) in %.1f s = %.2f chips/s on %s (%s)",
-            self.source, result.chips_predicted, result.chips_skipped, result.seconds,
-            result.chips_per_s, result.device, result.precision,
+            "%s: %d chips (%d skipped, all nodata), finished in %.2f s, on %s (%s)",
+            self.source, result.chips_predicted, result.chips_skipped, time.perf_counter() - t_finish,
+            result.device, result.precision,
         )
+
+    def waited(self, seconds: float) -> None:
+        """The model's thread waited ``seconds`` for this scene's finish: part of the scene's time."""
+        self.result.seconds += seconds
 
     def abort(self, exc: BaseException | None) -> None:
         """Stop the threads, close the files, discard the outputs and the scratch (idempotent).
