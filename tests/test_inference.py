@@ -624,6 +624,47 @@ def test_prediction_serves_large_allocations_from_the_heap():
     assert name == "[heap]", out
 
 
+def test_free_heap_is_handed_back_once_a_default_block_of_output_is_written(monkeypatch):
+    """The writer reports every block it writes; the pages go back once 2048² core pixels have been written
+    since the last time (what they hold includes the model's freed activations, which its next call would
+    fault in again): after each default block of a big scene, after every 16 tiles of 512 px."""
+    from geoseg.inference import runtime
+
+    trims: list[int] = []
+    monkeypatch.setattr(runtime, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(runtime, "_heap_pixels", 0)
+    assert runtime.HEAP_RELEASE_PIXELS == 2048 * 2048
+    assert [runtime.release_free_heap(2048 * 2048) for _ in range(3)] == [True] * 3
+    tiles = [runtime.release_free_heap(512 * 512) for _ in range(40)]
+    assert [i for i, done in enumerate(tiles) if done] == [15, 31]
+    assert runtime.release_free_heap(2048 * 2048 - 8 * 512 * 512) is True  # 8 tiles' worth were left
+    # A scene's end: a tile's hands nothing back; a big scene's does, whatever is counted since the last time.
+    assert runtime.release_free_heap(512 * 512, scene_end=512 * 512) is False
+    assert runtime.release_free_heap(1568 * 1568, scene_end=20000 * 20000) is True
+    assert runtime.release_free_heap(2048 * 2048 - 1, scene_end=2048 * 2048 - 1) is False
+    assert trims == [0] * 7
+    monkeypatch.setattr(runtime, "_malloc_trim", lambda: None)  # no malloc_trim (not glibc): nothing to do
+    assert runtime.release_free_heap(10**9) is False
+
+
+def test_the_writer_reports_each_block_it_wrote_with_its_pixels(tmp_path, monkeypatch):
+    """A 700 x 620 scene in 256-px blocks (3 x 3, edge blocks smaller): one report per block, its core pixels,
+    then the scene's end with all of them."""
+    from geoseg.inference import streams
+
+    reports: list[tuple[int, int | None]] = []
+    monkeypatch.setattr(streams, "release_free_heap",
+                        lambda pixels, scene_end=None: reports.append((pixels, scene_end)) or False)
+    label = draw_rectangles(700, 620, _rects_for(700, 620, seed=3))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    predict_scene(scene, Oracle(), oracle_meta(chip_size=128), device="cpu", precision="32", block_size=256,
+                  overlap=32, mask_out=tmp_path / "mask.tif", polygons=False)
+    blocks = sorted(h * w for h in (256, 256, 188) for w in (256, 256, 108))
+    assert sorted(pixels for pixels, _ in reports if _ is None) == blocks  # one report per block
+    assert [end for _, end in reports if end is not None] == [700 * 620]  # and the scene's end, last
+    assert reports[-1] == (0, 700 * 620)
+
+
 def test_a_block_is_written_in_tile_rows_as_they_become_final(tmp_path, monkeypatch):
     """One 1024-px block (tiles of 256 rows), chips of 128 every 96 px, batches of 4: the writer gets the
     core's tile rows while the model is still running on the rows below, in order and without a gap,

@@ -14,6 +14,7 @@ import copy
 import ctypes
 import functools
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -97,19 +98,50 @@ def _malloc_trim() -> Any:
     return None
 
 
-def release_free_heap() -> None:
-    """Hand the C heap's free pages back to the system.
+#: Core pixels written (by any scene of the process) between two hand-backs of the heap's free
+#: pages (:func:`release_free_heap`): the core of one default 2048-px block.
+HEAP_RELEASE_PIXELS = 2048 * 2048
+_heap_lock = threading.Lock()
+_heap_pixels = 0  # written since the last hand-back
+
+
+def release_free_heap(pixels: int, *, scene_end: int | None = None) -> bool:
+    """Count ``pixels`` more core pixels written; hand the C heap's free pages back to the system
+    once :data:`HEAP_RELEASE_PIXELS` have been written since the last time, and at the end of a
+    scene of at least that many (``scene_end``: the scene's core pixels, given at its end).
 
     The writer's strips, the split's per-building arrays and the polygons are many
     medium-sized allocations made by several threads; glibc keeps the memory they
     free in its arenas, so without this a long scene's resident memory creeps up with
     its length (about 250 MB retained after an 8000² instances run, measured) although
     the live data stays bounded; and with :func:`prefer_heap` every block's arrays come
-    from the heap too. Called after each block is written: a few milliseconds.
+    from the heap too. The writer calls it after each block it writes.
+
+    Not after every block whatever its size: what it hands back includes the model's freed
+    activations, which the next model call faults in again, and a scene of one small block
+    (every 512-px tile) paid that at almost every batch. Handed back about once per
+    2048² of output, a big scene's memory stays where it was with a hand-back per block;
+    every ten seconds instead, a 20000² scene peaked 320 MB higher, and so it did whenever the
+    scene's last block did not hand back: the scene's finish then ran beside the model's freed
+    activations (its own thread allocates from an arena of its own). So the writer also hands
+    back when a scene of at least that size ends.
+
+    Returns:
+        Whether the pages were handed back now (False: not enough written yet, or no
+        ``malloc_trim``: not glibc).
     """
+    global _heap_pixels
     trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if trim is None:
+        return False
+    with _heap_lock:
+        _heap_pixels += int(pixels)
+        big_end = scene_end is not None and scene_end >= HEAP_RELEASE_PIXELS
+        if _heap_pixels < HEAP_RELEASE_PIXELS and not big_end:
+            return False
+        _heap_pixels = 0
+    trim(0)
+    return True
 
 
 def rooftop_index(class_names: Sequence[str], classes: int) -> int:

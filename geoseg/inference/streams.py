@@ -246,6 +246,8 @@ class CoreWriter(threading.Thread):
         self.abort = threading.Event()  # set by the main thread on failure: stop without writing
         self.write_s = 0.0
         self.vector_s = 0.0
+        self._written_px = 0  # core pixels written since the last block was done
+        self._scene_px = 0  # core pixels written in all
         self._next_row = 0
 
     def run(self) -> None:
@@ -262,7 +264,10 @@ class CoreWriter(threading.Thread):
     def _serve(self) -> None:
         while True:
             item = self.queue.get()
-            if item is None or self.abort.is_set():
+            if self.abort.is_set():
+                return
+            if item is None:  # the scene's end
+                release_free_heap(self._written_px, scene_end=self._scene_px)
                 return
             t0 = time.perf_counter()
             core = item.window
@@ -275,8 +280,11 @@ class CoreWriter(threading.Thread):
             if item.row_done and self.polygonizer is not None:
                 self._polygonise(int(core.row_off + core.height))
                 self.vector_s += time.perf_counter() - t1
-            if item.block_done:
-                release_free_heap()  # the block's arrays are free now; the heap is not mapped per array
+            self._written_px += int(core.width) * int(core.height)
+            self._scene_px += int(core.width) * int(core.height)
+            if item.block_done:  # the block's arrays are free now (the heap is not mapped per array)
+                release_free_heap(self._written_px)
+                self._written_px = 0
 
     def _polygonise(self, stop: int) -> None:
         if self.mask_sink is None or self.polygonizer is None:  # polygons always come with a mask sink
