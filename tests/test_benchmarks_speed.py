@@ -100,3 +100,26 @@ def test_tiles_cli_lines_and_errors(tmp_path) -> None:
     bad = runner.invoke(cli.cli, ["benchmark", "--tiles", "2", "--scene", str(tmp_path / "s.tif")])
     assert bad.exit_code == 1 and bad.output.strip().splitlines()[-1] == (
         "Error: --tiles predicts generated scenes of --size; leave out --scene")
+
+
+def test_the_random_benchmark_model_is_the_same_in_every_process():
+    """Without a checkpoint the benchmark's weights are seeded: what they predict (and so the polygons' work)
+    is the same from run to run; the caller's random stream is left as it was."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from geoseg.benchmarks.workload import benchmark_model
+
+    code = ("from geoseg.benchmarks.workload import benchmark_model; import torch; "
+            "m, _, _ = benchmark_model(None, arch='unet', encoder='resnet18', chip_size=64); "
+            "print(float(sum(p.double().sum() for p in m.parameters())))")
+    sums = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+            for _ in range(2)}
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    model, _, _ = benchmark_model(None, arch="unet", encoder="resnet18", chip_size=64)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream untouched
+    assert sums == {str(float(sum(p.double().sum() for p in model.parameters())))}

@@ -78,6 +78,10 @@ def parse_sizes(text: str) -> list[int]:
         raise ConfigError(f"--scaling should be sizes in pixels like 1000,5000, got {text!r}") from None
 
 
+#: Seed of the random weights of a benchmark run without a checkpoint.
+BENCHMARK_SEED = 0
+
+
 def benchmark_model(
     model_path: str | os.PathLike[str] | None, *, arch: str, encoder: str, chip_size: int
 ) -> tuple[Any, Any, str]:
@@ -89,7 +93,13 @@ def benchmark_model(
     if model_path is not None:  # a checkpoint, or an exported .onnx model (ONNX Runtime)
         model, meta = load_model(model_path)
         return model, meta, str(model_path)
-    model = create_model(arch=arch, encoder=encoder, encoder_weights=None, in_channels=3, classes=2)
+    import torch
+
+    # The same random weights in every process: what they predict (no roofs, or all rooftop) sets
+    # the polygons' work, so unseeded runs of the same command measured different workloads.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BENCHMARK_SEED)
+        model = create_model(arch=arch, encoder=encoder, encoder_weights=None, in_channels=3, classes=2)
     meta = CheckpointMeta(
         arch=arch, encoder=encoder, in_channels=3, classes=2, class_names=("background", "rooftop"),
         bands=(1, 2, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, chip_size=chip_size,
