@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ class Finishing(Protocol):
     def abort(self, exc: BaseException | None) -> None: ...
 
     def waited(self, seconds: float) -> None: ...
+
+
+class _Held(NamedTuple):
+    """A scene pass the batches hold until it has finished."""
+
+    work: "BlockWork"
+    scene_pass: Finishing
+    finished: threading.Event  # set once its finish has ended (or the run is aborted)
 
 
 #: Scenes whose finish may wait in the finishing thread's queue (one running, one queued): the
@@ -103,14 +111,11 @@ class Batches:
         #: The scene whose blocks are being fed: the time other scenes take to finish inside
         #: its feed is theirs, not its (``BlockWork.nested_s``).
         self.feeding: "BlockWork | None" = None
-        self._held: list[tuple["BlockWork", Finishing]] = []  # scene passes not finished, in feeding order
-        self._ended: collections.deque[tuple["BlockWork", Finishing]] = collections.deque()
+        self._held: list[_Held] = []  # scene passes not finished, in feeding order
+        self._ended: collections.deque[_Held] = collections.deque()
         #: Finishes handed to the finishing thread and not yet taken back, in feeding order.
-        self._finishing: collections.deque[tuple["BlockWork", Finishing, Future[None]]] = collections.deque()
+        self._finishing: collections.deque[tuple[_Held, Future[None]]] = collections.deque()
         self._finisher: ThreadPoolExecutor | None = None
-        #: Per held scene, set once its finish has ended (or the run is aborted); the latest held scene's.
-        self._finished: dict["BlockWork", threading.Event] = {}
-        self._last_finished: threading.Event | None = None
 
     def __enter__(self) -> "Batches":
         return self
@@ -137,17 +142,16 @@ class Batches:
         ``threads``: torch CPU threads for the model calls the scene's chips end up in (the
         last batch of a run may run outside any scene's own loop).
         """
-        self._held.append((work, scene_pass))
-        self._finished[work] = self._last_finished = threading.Event()
+        self._held.append(_Held(work, scene_pass, threading.Event()))
         self._threads = threads
 
     def in_turn(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
         """``sink`` for the scene to be held next: it takes that scene's polygons only once every
         scene held before it has finished, so a run's shared sink gets them scene after scene
         (a scene's writer polygonises while an earlier scene may still be finishing)."""
-        after = self._last_finished
-        if after is None:
+        if not self._held:  # every earlier scene has finished
             return sink
+        after = self._held[-1].finished
 
         def put(frame: Any) -> None:
             after.wait()
@@ -170,7 +174,7 @@ class Batches:
     def end(self, work: "BlockWork") -> None:
         """``work``'s scene has added all its chips: finish it once they are through (in feeding order)."""
         for held in self._held:
-            if held[0] is work:
+            if held.work is work:
                 self._ended.append(held)
                 break
         self._finish_ready()
@@ -191,22 +195,21 @@ class Batches:
         """
         self._pieces, self._queued = [], 0
         self._ended.clear()
-        for event in list(self._finished.values()):  # writers waiting for their turn go on (to be stopped)
-            event.set()
+        for h in self._held:  # writers waiting for their turn go on (to be stopped)
+            h.finished.set()
         finishing, self._finishing = list(self._finishing), collections.deque()
-        for *_, future in finishing:
+        for _, future in finishing:
             future.cancel()  # not started yet: never starts
         finished = set()
-        for work, _, future in finishing:  # the one running is waited for: a pass is finished or aborted, not both
+        for h, future in finishing:  # the one running is waited for: a pass is finished or aborted, not both
             if not future.cancelled() and future.exception() is None:
-                finished.add(work)
+                finished.add(h.work)
         self._close_finisher()
-        self._finished.clear()
-        held, self._held = [h for h in self._held if h[0] not in finished], []
+        held, self._held = [h for h in self._held if h.work not in finished], []
         raised: BaseException | None = None
-        for _, scene_pass in reversed(held):
+        for h in reversed(held):
             try:
-                scene_pass.abort(exc)
+                h.scene_pass.abort(exc)
             except BaseException as err:  # noqa: BLE001 - every pass is aborted before anything is raised
                 raised = raised or err
         if raised is not None:
@@ -249,44 +252,42 @@ class Batches:
     def _finish_ready(self) -> None:
         """Hand the finishing thread, in feeding order, the leading ended scenes whose blocks are all
         closed; take back the finishes that have ended (the first failure is raised)."""
-        while self._ended and self._ended[0][0].complete:
-            work, scene_pass = self._ended.popleft()
+        while self._ended and self._ended[0].work.complete:
+            held = self._ended.popleft()
             t0 = time.perf_counter()
             while len(self._finishing) >= MAX_PENDING_FINISHES:  # the finishes fall behind: wait for one
                 self._reap_first()
             if self._finisher is None:
                 self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
-            self._finishing.append((work, scene_pass, self._finisher.submit(self._finish, work, scene_pass)))
-            if self.feeding is not None and self.feeding is not work:  # inside another's feed
+            self._finishing.append((held, self._finisher.submit(self._finish, held)))
+            if self.feeding is not None and self.feeding is not held.work:  # inside another's feed
                 self.feeding.nested_s += time.perf_counter() - t0
         self._reap(wait=False)
 
-    def _finish(self, work: "BlockWork", scene_pass: Finishing) -> None:
+    @staticmethod
+    def _finish(held: _Held) -> None:
         """In the finishing thread: finish a scene; the next scene's polygons may then go to the sink."""
         try:
-            scene_pass.finish()
+            held.scene_pass.finish()
         finally:
-            event = self._finished.get(work)
-            if event is not None:
-                event.set()
+            held.finished.set()
 
     def _reap(self, *, wait: bool) -> None:
         """Take back the leading finishes that have ended (with ``wait``: all, waiting for them)."""
-        while self._finishing and (wait or self._finishing[0][2].done()):
+        while self._finishing and (wait or self._finishing[0][1].done()):
             self._reap_first()
 
     def _reap_first(self) -> None:
         """Take back the first finish, waiting for it; its failure is raised (the pass stays held: aborted)."""
-        work, scene_pass, future = self._finishing[0]
+        held, future = self._finishing[0]
         t0 = time.perf_counter()
         error = future.exception()
         waited = time.perf_counter() - t0
         if error is not None:
             raise error
         self._finishing.popleft()
-        self._held = [h for h in self._held if h[0] is not work]
-        self._finished.pop(work, None)
-        scene_pass.waited(waited)  # the time the model's thread stood still for it is the scene's
+        self._held = [h for h in self._held if h is not held]
+        held.scene_pass.waited(waited)  # the time the model's thread stood still for it is the scene's
 
     def _close_finisher(self) -> None:
         if self._finisher is not None:
