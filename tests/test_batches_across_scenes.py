@@ -257,3 +257,41 @@ def test_the_scenes_seconds_add_up_to_the_run(tmp_path, monkeypatch, recording):
     seconds = [r.seconds for r in summary.results]
     assert all(s > 0 for s in seconds)
     assert 0.9 * loop[0] < sum(seconds) <= loop[0]
+
+
+def test_a_run_opens_each_scene_once_and_checks_them_side_by_side_in_order(tmp_path, monkeypatch, recording):
+    """The check before any work opens every scene (in threads) and hands its header on: prediction does not
+    open it again. Results keep the scenes' order, and of two bad scenes the first is the one named."""
+    from geoseg.inference import job as job_module
+
+    opened: list[tuple[str, str]] = []
+    real = job_module.open_scene
+
+    def counting(path, **kwargs):
+        import threading as th
+
+        opened.append((Path(path).name, th.current_thread().name))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(job_module, "open_scene", counting)
+    monkeypatch.setattr(pipeline, "open_scene", counting)
+    scenes = _scenes(tmp_path)
+    summary = job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg", mask_out=tmp_path / "m",
+                          config=PredictConfig(batch_size=4, device="cpu", precision="32"))
+    assert sorted(name for name, _ in opened) == sorted(f"{n}.tif" for n in scenes)  # once each
+    assert {thread.rsplit("_", 1)[0] for _, thread in opened} == {"geoseg-check"}
+    assert [(r.width, r.height) for r in summary.results] == [(120, 100), (170, 150), (90, 60), (260, 200),
+                                                              (140, 130)]
+    for name, res in zip(scenes, summary.results):
+        with rasterio.open(res.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), scenes[name][1])
+    # Two bad scenes: whichever thread fails first, the error names the first of them in the run's order.
+    nocrs = write_scene(tmp_path / "x_nocrs.tif", draw_rectangles(60, 70, []), crs=None)
+    cut = tmp_path / "y_cut.tif"
+    cut.write_bytes(scenes["d"][0].read_bytes()[:2000])
+    paths = [str(scenes["a"][0]), str(nocrs), str(cut), str(scenes["b"][0])]
+    for order in (paths, [paths[0], paths[2], paths[1], paths[3]]):
+        with pytest.raises(Exception) as exc:
+            job.predict(order, out=tmp_path / "again.gpkg", config=PredictConfig(device="cpu", precision="32"))
+        assert str(exc.value).startswith(order[1])
+    assert not (tmp_path / "again.gpkg").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -30,11 +31,16 @@ from geoseg.raster_io import (
 )
 from geoseg.remote import source_stem
 
+#: Scenes checked at once before a run (threads: file opening and decoding mostly release the GIL;
+#: remote scenes wait on the network).
+CHECK_WORKERS = 4
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from geoseg.checkpoints import CheckpointMeta
+    from geoseg.raster_io import SceneInfo
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,7 @@ class CheckedScenes:
     bands: tuple[Sequence[int], ...]
     sizes: tuple[int, ...]
     crs: Any
+    infos: tuple[SceneInfo, ...] = ()  # each scene's header, as opened for the check: not opened again
 
 
 def scene_names(scenes: Sequence[Path | str], given: Sequence[str | None] | None = None) -> list[str]:
@@ -239,19 +246,30 @@ def check_scenes(
             that do not fit the model, values far outside the range it learned; an AOI that
             touches none of the scenes.
     """
-    chosen, sizes, infos, crs = [], [], [], None
-    for path in scenes:
+    def check(path: Path) -> tuple[SceneInfo, tuple[int, ...], int]:
         info = open_scene(path, assume_crs=assume_crs)
-        infos.append(info)
-        crs = info.crs if crs is None else crs
-        chosen.append(scene_bands(info, meta, bands))
+        chosen = scene_bands(info, meta, bands)
         if not rescale:  # refuse before any work; with rescale, predict_scene maps (and logs) each scene
-            check_value_range(info, meta, chosen[-1])
+            check_value_range(info, meta, chosen)
         touched = aoi is None or area_on_scene(aoi, info) is not None
-        sizes.append(info.width * info.height if touched else 0)
+        return info, chosen, info.width * info.height if touched else 0
+
+    # Scenes are checked side by side (opening, a decimated read and its percentiles mostly
+    # run outside the GIL: a folder of small tiles was otherwise checked one tile at a time,
+    # before any prediction). Results, and the first failure, come in the scenes' order.
+    workers = min(CHECK_WORKERS, len(scenes))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="geoseg-check") as pool:
+            checked = list(pool.map(check, scenes))
+    else:
+        checked = [check(path) for path in scenes]
+    infos = [info for info, _, _ in checked]
+    chosen = [bands_of for _, bands_of, _ in checked]
+    sizes = [size for _, _, size in checked]
+    crs = next((info.crs for info in infos if info.crs is not None), None)
     if aoi is not None and not any(sizes):
         raise area_outside_error(aoi, infos)
-    return CheckedScenes(bands=tuple(chosen), sizes=tuple(sizes), crs=crs)
+    return CheckedScenes(bands=tuple(chosen), sizes=tuple(sizes), crs=crs, infos=tuple(infos))
 
 
 def scene_options(config: PredictConfig) -> dict[str, Any]:
@@ -358,6 +376,7 @@ def predict(
         run = _Run(
             scenes=scene_paths, names=names, plan=plan, out=out_path, shard=shard, mine=mine,
             model=model, meta=meta, bands=checked.bands, options=options, overwrite=overwrite, progress=progress,
+            infos=checked.infos,
         )
         return _publish(run, shard, plan, keep_polygons=keep_polygons, crs=checked.crs, overwrite=overwrite)
 
@@ -460,6 +479,7 @@ class _Run:
     overwrite: bool
     progress: Callable[[str, int, int], None] | None
     results: list[PredictionResult] = field(default_factory=list)
+    infos: tuple[SceneInfo, ...] = ()  # the scenes' headers from the check (empty: each opened as predicted)
     spool: Any = None  # export.PolygonSpool: single process, polygons streamed to disk
     partials: Path | None = None  # under torchrun: rank 0's temporary folder of partial layers
 
@@ -484,7 +504,7 @@ class _Run:
                     polygons=True, bands=self.bands[i], scene_name=self.names[i], temp_dir=temp_dir,
                     progress=self._scene_progress(self.names[i]), overwrite=True,
                     polygon_sink=self.spool.append if self.spool is not None else None, batches=batches,
-                    **self.options,
+                    scene_info=self.infos[i] if self.infos else None, **self.options,
                 ))
             batches.flush()
         for i, res in zip(self.mine, self.results):

@@ -185,6 +185,7 @@ def predict_scene(
     skip_outside_aoi: bool = False,
     resolution: str | float = DEFAULTS.resolution,
     batches: Batches | None = None,
+    scene_info: SceneInfo | None = None,
 ) -> PredictionResult:
     """Predict a whole scene with bounded memory; optionally write rasters and return polygons.
 
@@ -255,6 +256,9 @@ def predict_scene(
             pass, at the latest in ``batches.flush()``; the caller owns ``batches`` (on a failure
             its context aborts every scene not finished). None: the scene's own batches, and the
             scene is finished when the call returns.
+        scene_info: The scene's header as :func:`~geoseg.raster_io.open_scene` read it already
+            (with the same ``assume_crs``; a run checks every scene first), so that it is not
+            opened again; None: it is opened (and checked) here.
 
     Returns:
         Paths, polygons, chip counts and stage timings (with ``batches``: filled in when the
@@ -272,7 +276,7 @@ def predict_scene(
     t_start = time.perf_counter()
     prefer_heap()
     scene_path = as_source(scene_path)  # a URL stays text
-    scene = open_scene(scene_path, assume_crs=assume_crs)
+    scene = open_scene(scene_path, assume_crs=assume_crs) if scene_info is None else scene_info
     target = model_resolution(scene, meta, resolution)
     info = scene if target is None else grid_at(scene, target)  # the grid the model reads
     area = None
