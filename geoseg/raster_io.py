@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,6 +612,25 @@ def write_geotiff(
     return Path(path)
 
 
+#: Per thread (pyproj transformers are not shared between threads): CRS WKT -> transformer to lon/lat.
+_LONLAT = threading.local()
+
+
+def _to_lonlat(wkt: str) -> Any:
+    """A transformer from the CRS ``wkt`` to lon/lat (WGS84), made once per CRS and thread: making one
+    costs about a millisecond, more than the measurement it serves (once or twice per scene)."""
+    import pyproj
+
+    cache = _LONLAT.__dict__.setdefault("transformers", {})
+    transformer = cache.get(wkt)
+    if transformer is None:
+        if len(cache) >= 64:  # a run over scenes in many CRSs: keep the cache small
+            cache.clear()
+        transformer = cache[wkt] = pyproj.Transformer.from_crs(
+            pyproj.CRS.from_user_input(wkt), "EPSG:4326", always_xy=True)
+    return transformer
+
+
 def ground_pixel_size(
     crs: CRS, transform: Affine, width: int, height: int
 ) -> tuple[float, float]:
@@ -639,9 +659,7 @@ def ground_pixel_size(
     col, row = width / 2.0, height / 2.0
     pts = [transform @ (col, row), transform @ (col + 1, row), transform @ (col, row + 1)]
     try:
-        to_lonlat = pyproj.Transformer.from_crs(
-            pyproj.CRS.from_user_input(crs.to_wkt()), "EPSG:4326", always_xy=True
-        )
+        to_lonlat = _to_lonlat(crs.to_wkt())
         lons, lats = to_lonlat.transform([p[0] for p in pts], [p[1] for p in pts], errcheck=True)
         geod = pyproj.Geod(ellps="WGS84")
         _, _, dx = geod.inv(lons[0], lats[0], lons[1], lats[1])

@@ -573,6 +573,42 @@ def test_batch_norms_fold_into_the_convolutions_and_the_callers_model_is_untouch
         torch.testing.assert_close(changed.eager(x), model(x), rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+def test_a_model_is_prepared_once_for_every_scene_until_it_changes(monkeypatch):
+    """Eval mode, device and memory format are set by the first scene's predictor; the next ones find them so
+    (no walk over every module), unless a module went back to training, or the weights changed."""
+    import segmentation_models_pytorch as smp
+
+    from geoseg.inference.runtime import ChipPredictor
+
+    model = smp.DeepLabV3Plus(encoder_name="resnet18", encoder_weights=None, classes=2)
+    moved: list[int] = []
+    real_to = torch.nn.Module.to
+
+    def counting_to(self, *args, **kwargs):
+        if self is model:
+            moved.append(1)
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", counting_to)
+
+    def predictor() -> ChipPredictor:
+        return ChipPredictor(model, mean=[0.0] * 3, std=[1.0] * 3, classes=2, device=torch.device("cpu"),
+                             autocast_dtype=None)
+
+    first = predictor()
+    assert len(moved) == 1 and not any(m.training for m in model.modules())
+    assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    again = predictor()
+    assert len(moved) == 1 and again.eager is first.eager
+    model.decoder.train()  # one part back in training mode (its batch norms would use batch statistics)
+    predictor()
+    assert len(moved) == 2 and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        model.segmentation_head[0].bias.add_(1.0)
+    changed = predictor()
+    assert len(moved) == 3 and changed.eager is not first.eager
+
+
 class _ConvFeedsTwo(torch.nn.Module):
     """A convolution whose output goes to its batch norm and around it: folding would change the second use."""
 

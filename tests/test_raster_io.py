@@ -189,6 +189,29 @@ def test_ground_resolution_in_metres_for_any_crs():
     assert deg[0] == pytest.approx(0.853, rel=2e-3) and deg[1] == pytest.approx(1.110, rel=2e-3)
 
 
+def test_ground_metres_reuse_one_transformer_per_crs_and_thread():
+    """The transformer to lon/lat is made once per CRS in a thread (making one costs more than the measurement),
+    never shared across threads, and gives the same metres as a fresh one."""
+    import threading
+
+    import pyproj
+
+    from geoseg import raster_io
+
+    utm = Affine(0.3, 0, 500000, 0, -0.3, 4650000)
+    fresh = pyproj.Transformer.from_crs(pyproj.CRS.from_user_input(UTM.to_wkt()), "EPSG:4326", always_xy=True)
+    cached = raster_io._to_lonlat(UTM.to_wkt())
+    assert raster_io._to_lonlat(UTM.to_wkt()) is cached
+    assert raster_io._to_lonlat(CRS.from_epsg(3857).to_wkt()) is not cached
+    assert cached.transform(500015.0, 4649985.0) == fresh.transform(500015.0, 4649985.0)
+    assert ground_pixel_size(UTM, utm, 100, 100) == ground_pixel_size(UTM, utm, 100, 100)
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(raster_io._to_lonlat(UTM.to_wkt())))
+    thread.start()
+    thread.join()
+    assert other and other[0] is not cached
+
+
 def test_ground_resolution_of_a_scene(synthetic_scene):
     res = ground_resolution(open_scene(synthetic_scene.image))
     assert res == pytest.approx(0.3 / 0.9996, rel=1e-4)
