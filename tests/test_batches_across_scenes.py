@@ -187,8 +187,9 @@ def test_the_model_goes_on_while_a_scene_finishes_and_the_layer_stays_in_scene_o
         [str(p) for p, _ in scenes.values()], out=tmp_path / "out" / "roofs.gpkg", mask_out=tmp_path / "masks",
         config=PredictConfig(batch_size=4, device="cpu", precision="32", min_area=0.0, simplify=0.0),
     )
-    # a ends in batch 2 (6 chips); the model ran batches 3 and 4 (b's) while a's finish was held up.
-    assert seen == {"start": 2, "end": 4}
+    # a ends in batch 2 (6 chips); the model ran batches 3 and 4 (b's), and maybe more (b's and c's
+    # finishes queue behind a's), while a's finish was held up.
+    assert seen["start"] == 2 and seen["end"] >= 4
     _layer_in_scene_order(tmp_path / "out" / "roofs.gpkg", scenes)
     for (name, (_, label)), res in zip(scenes.items(), summary.results):
         with rasterio.open(res.mask_path) as src:
@@ -196,17 +197,29 @@ def test_the_model_goes_on_while_a_scene_finishes_and_the_layer_stays_in_scene_o
     assert not _writer_threads() and not _finish_threads()
 
 
-def test_the_model_waits_once_two_finishes_are_pending(tmp_path, monkeypatch, recording):
-    """At most two scenes wait to be finished: with a's finish held up, b's is queued after batch 5, and c's
-    (also ending in batch 5) makes the model wait for a's before it runs batch 6."""
+@pytest.mark.parametrize("limits, until, waits", [
+    # a's and b's pixels fit (100x120 + 150x170): c's (60x90, ending in batch 5 too) do not, and the
+    # model waits for a's finish before it runs batch 6.
+    ({"MAX_PENDING_FINISH_PIXELS": 100 * 120 + 150 * 170}, 5, True),
+    ({"MAX_PENDING_FINISH_PIXELS": 0}, 5, True),  # two whatever their size: b queued, c waits
+    ({"MAX_PENDING_FINISHES": 3}, 10, True),  # a, b, c pending: d (ending in batch 10) waits
+    ({}, 13, False),  # five small tiles: all queue behind a's finish, the model never waits
+])
+def test_the_model_waits_once_the_pending_finishes_are_too_many_or_too_big(tmp_path, monkeypatch, recording,
+                                                                          limits, until, waits):
+    """Finishes queue behind a held-up one while they are at most MAX_PENDING_FINISHES and
+    MAX_PENDING_FINISH_PIXELS in all (two always may); then the model waits for the first."""
     from geoseg.inference import batching
 
-    assert batching.MAX_PENDING_FINISHES == 2
-    seen = _slow_finish_of_a(monkeypatch, recording, until=5, then_s=0.3)
+    assert (batching.MIN_PENDING_FINISHES, batching.MAX_PENDING_FINISHES,
+            batching.MAX_PENDING_FINISH_PIXELS) == (2, 32, 2048 * 2048)
+    for name, value in limits.items():
+        monkeypatch.setattr(batching, name, value)
+    seen = _slow_finish_of_a(monkeypatch, recording, until=until, then_s=0.3 if waits else 0.0)
     scenes = _scenes(tmp_path)
     job.predict([str(p) for p, _ in scenes.values()], out=tmp_path / "roofs.gpkg",
                 config=PredictConfig(batch_size=4, device="cpu", precision="32"))
-    assert seen == {"start": 2, "end": 5}  # no batch ran in the 0.3 s after the fifth
+    assert seen == {"start": 2, "end": until}  # with a wait, no batch ran in the 0.3 s after batch ``until``
     assert len(recording.sizes) == 13
 
 

@@ -50,12 +50,18 @@ class _Held(NamedTuple):
     work: "BlockWork"
     scene_pass: Finishing
     finished: threading.Event  # set once its finish has ended (or the run is aborted)
+    pixels: int = 0  # the scene's pixels (on the model's grid)
 
 
-#: Scenes whose finish may wait in the finishing thread's queue (one running, one queued): the
-#: model does not wait for a finish unless the finishes fall this far behind it, and the
-#: scenes held open (writer threads, buffers) stay bounded.
-MAX_PENDING_FINISHES = 2
+#: Scenes whose finish may wait in the finishing thread's queue (one running, one queued) whatever
+#: their size: the model does not wait for a finish unless the finishes fall this far behind it.
+MIN_PENDING_FINISHES = 2
+#: More may wait while the pending scenes have at most MAX_PENDING_FINISH_PIXELS pixels in all,
+#: up to MAX_PENDING_FINISHES of them: the scenes held open (writer threads, buffers, files) stay
+#: bounded. A batch of 16 chips completes up to 16 small tiles at once; with two pending, the
+#: model's thread stood waiting for the finishes of most of them before it read the next tiles.
+MAX_PENDING_FINISHES = 32
+MAX_PENDING_FINISH_PIXELS = 2048 * 2048
 
 
 @dataclass
@@ -136,13 +142,14 @@ class Batches:
         """Chips the batch being filled still takes."""
         return self.batch_size - self._queued
 
-    def hold(self, work: "BlockWork", scene_pass: Finishing, *, threads: int | None) -> None:
+    def hold(self, work: "BlockWork", scene_pass: Finishing, *, threads: int | None, pixels: int = 0) -> None:
         """Take a scene pass whose chips ``work`` will add: finished by :meth:`end`, aborted on failure.
 
         ``threads``: torch CPU threads for the model calls the scene's chips end up in (the
-        last batch of a run may run outside any scene's own loop).
+        last batch of a run may run outside any scene's own loop). ``pixels``: the scene's size,
+        which bounds how many finishes may wait (:data:`MAX_PENDING_FINISH_PIXELS`).
         """
-        self._held.append(_Held(work, scene_pass, threading.Event()))
+        self._held.append(_Held(work, scene_pass, threading.Event(), int(pixels)))
         self._threads = threads
 
     def in_turn(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -255,7 +262,7 @@ class Batches:
         while self._ended and self._ended[0].work.complete:
             held = self._ended.popleft()
             t0 = time.perf_counter()
-            while len(self._finishing) >= MAX_PENDING_FINISHES:  # the finishes fall behind: wait for one
+            while self._finishes_full(held):  # the finishes fall behind: wait for one
                 self._reap_first()
             if self._finisher is None:
                 self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
@@ -263,6 +270,14 @@ class Batches:
             if self.feeding is not None and self.feeding is not held.work:  # inside another's feed
                 self.feeding.nested_s += time.perf_counter() - t0
         self._reap(wait=False)
+
+    def _finishes_full(self, held: _Held) -> bool:
+        """Whether ``held`` must wait for a pending finish to end before it is handed over."""
+        pending = len(self._finishing)
+        if pending < MIN_PENDING_FINISHES:
+            return False
+        pixels = held.pixels + sum(h.pixels for h, _ in self._finishing)
+        return pending >= MAX_PENDING_FINISHES or pixels > MAX_PENDING_FINISH_PIXELS
 
     @staticmethod
     def _finish(held: _Held) -> None:

@@ -485,7 +485,7 @@ class _ScenePass:
             precision=self.predictor.precision, threads=self.n_threads, batch_size=batches.batch_size,
             overlap=overlap, block_size=block, compiled=self.predictor.compiled, resolution=target,
         )
-        batches.hold(self.work, self, threads=self.cpu_threads)
+        batches.hold(self.work, self, threads=self.cpu_threads, pixels=info.width * info.height)
 
     def feed(self) -> None:
         """Read every block and add its chips to the batches (full ones run), then end the scene.
