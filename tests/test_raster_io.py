@@ -147,6 +147,20 @@ def test_read_window_outside_bands_and_nodata(tmp_path):
     assert not valid.any() and (data == 0).all()
 
 
+@pytest.mark.parametrize("window", [Window(-2, -1, 4, 4), Window(1, 2, 3, 4), Window(0, 0, 5, 6), Window(10, 10, 3, 3)])
+def test_read_window_pixel_interleaved_is_the_same_read(tmp_path, window):
+    """(H, W, C) written so by GDAL (no transposed copy): the band-first read, transposed, fill and validity alike."""
+    arr = np.arange(3 * 6 * 5, dtype=np.uint16).reshape(3, 6, 5) + 1
+    arr[:, 0, 0] = 0
+    p = _write(tmp_path / "a.tif", arr, nodata=0)
+    with open_raster(p) as src:
+        want, want_valid = read_window(src, window, bands=[3, 1], fill=7)
+        got, valid = read_window(src, window, bands=[3, 1], fill=7, pixel_interleaved=True)
+    assert got.shape == (int(window.height), int(window.width), 2) and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want.transpose(1, 2, 0))
+    np.testing.assert_array_equal(valid, want_valid)
+
+
 def test_check_output_and_atomic_output(tmp_path):
     target = tmp_path / "out.tif"
     target.write_text("old")
