@@ -248,11 +248,24 @@ def test_shared_batches_of_another_size_are_refused(tmp_path):
         predict_scene(scene, Oracle(), oracle_meta(chip_size=CHIP), device="cpu", batch_size=4, batches=batches)
 
 
-def test_the_scenes_seconds_add_up_to_the_run(tmp_path, monkeypatch, recording):
-    """Each scene's seconds are its own work, so that they add up to the time of the run's scene loop (a
-    scene's wait for the next scene's chips is not counted twice)."""
+class _Slow(Recording):
+    """The oracle taking 20 ms a batch, as a real model takes its time: the run is the model's, and a few
+    milliseconds of threads handing over the GIL do not weigh like whole phases."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.02)
+        return super().forward(x)
+
+
+def test_the_scenes_seconds_add_up_to_the_run(tmp_path, monkeypatch):
+    """Each scene's seconds are its own work (set-up, feed, its share of the run's last batch, the model's
+    waits for its finish), so that they add up to the time of the run's scene loop: a scene set up ahead
+    of its turn, or waiting for the next scene's chips, is not counted twice, nor is any phase lost."""
     import time
 
+    stand_in_model(monkeypatch, _Slow(), oracle_meta(chip_size=CHIP))
     loop: list[float] = []
     real = job._Run.predict_share
 
@@ -308,3 +321,54 @@ def test_a_run_opens_each_scene_once_and_checks_them_side_by_side_in_order(tmp_p
             job.predict(order, out=tmp_path / "again.gpkg", config=PredictConfig(device="cpu", precision="32"))
         assert str(exc.value).startswith(order[1])
     assert not (tmp_path / "again.gpkg").exists()
+
+
+@pytest.mark.parametrize("ahead_pixels, fed_after_b", [(2 * 2048 * 2048, False), (0, True)])
+def test_scenes_set_up_ahead_are_read_before_their_turn_and_fed_in_order(tmp_path, monkeypatch, ahead_pixels,
+                                                                         fed_after_b):
+    """With look-ahead a scene is set up (outputs open, first block read) and fed only once ``ahead`` more are
+    set up, or its pixels would pass MAX_AHEAD_PIXELS (one may always wait), or at the flush; the
+    batches, masks and layer are those of scenes fed one after the other."""
+    import time
+
+    from geoseg.inference import batching, streams
+
+    # A run reads ahead on a GPU only: on a CPU the model's threads take every core.
+    assert job.scenes_ahead(torch.device("cpu")) == 0 and job.scenes_ahead(torch.device("cuda")) == 8
+    monkeypatch.setattr(batching, "MAX_AHEAD_PIXELS", ahead_pixels)
+    read: list[str] = []
+    real_read = streams.BlockReader._read
+
+    def recording_read(self, block):
+        item = real_read(self, block)
+        read.append(Path(self.path).name)
+        return item
+
+    monkeypatch.setattr(streams.BlockReader, "_read", recording_read)
+    scenes = _scenes(tmp_path)
+    model = Recording()
+    with Batches(4, ahead=2) as batches:
+        res = {name: None for name in "abc"}
+        res["a"] = predict_scene(scenes["a"][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                                 batches=batches, mask_out=tmp_path / "a_mask.tif", min_area=0.0, simplify=0.0)
+        res["b"] = predict_scene(scenes["b"][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                                 batches=batches, mask_out=tmp_path / "b_mask.tif", min_area=0.0, simplify=0.0)
+        assert model.sizes == ([4] if fed_after_b else [])  # a (6 chips) fed once b is set up, or not yet
+        t0 = time.monotonic()
+        while len(read) < 2 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert sorted(read) == ["a.tif", "b.tif"]  # b's one block read before b is fed
+        res["c"] = predict_scene(scenes["c"][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                                 batches=batches, mask_out=tmp_path / "c_mask.tif", min_area=0.0, simplify=0.0)
+        # a fed; b waits for two more scenes (or the flush) - or, with no pixels to spare, is fed too.
+        assert model.sizes == ([4, 4, 4, 4] if fed_after_b else [4])
+        batches.flush()
+    assert model.sizes == [4, 4, 4, 4, 4]  # 6 + 12 + 2 chips in full batches, scene after scene
+    for name, result in res.items():
+        with rasterio.open(result.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), scenes[name][1])
+        alone = predict_scene(scenes[name][0], Oracle(), oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                              min_area=0.0, simplify=0.0).polygons
+        assert len(result.polygons) == len(alone) and all(
+            x.equals_exact(y, 0) for x, y in zip(result.polygons.geometry, alone.geometry))
+    assert not _writer_threads() and not _finish_threads()

@@ -195,10 +195,13 @@ def _predict_run(scenes: Sequence[Path], model: Any, meta: Any, work: Path, *, s
     """Predict ``scenes`` one after the other (mask and polygons), with shared batches or each its own."""
     from geoseg.inference import predict_scene
     from geoseg.inference.batching import Batches
+    from geoseg.devices import resolve_device
+    from geoseg.inference.job import scenes_ahead
 
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        batches = stack.enter_context(Batches(options["batch_size"])) if shared else None
+        ahead = scenes_ahead(resolve_device(options["device"], setting="device"))
+        batches = stack.enter_context(Batches(options["batch_size"], ahead=ahead)) if shared else None
         results = [predict_scene(path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True, overwrite=True,
                                  batches=batches, **options) for i, path in enumerate(scenes)]
         if batches is not None:

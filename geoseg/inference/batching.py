@@ -37,6 +37,8 @@ ProgressFn = Callable[[int, int], None]
 class Finishing(Protocol):
     """A scene pass as :class:`Batches` holds it: finished when its chips are through, aborted on failure."""
 
+    def feed(self) -> None: ...
+
     def finish(self) -> None: ...
 
     def abort(self, exc: BaseException | None) -> None: ...
@@ -62,6 +64,9 @@ MIN_PENDING_FINISHES = 2
 #: model's thread stood waiting for the finishes of most of them before it read the next tiles.
 MAX_PENDING_FINISHES = 32
 MAX_PENDING_FINISH_PIXELS = 2048 * 2048
+#: With look-ahead (``Batches(ahead=...)``), scenes set up (outputs open, first blocks being read)
+#: before their turn to be fed hold at most this many pixels in all (one always may).
+MAX_AHEAD_PIXELS = 2 * 2048 * 2048
 
 
 @dataclass
@@ -105,10 +110,17 @@ class Batches:
         calls: Model calls made.
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, *, ahead: int = 0) -> None:
+        """``ahead``: scenes given to :meth:`take` wait to be fed until this many more have been set up
+        after them (while they hold at most :data:`MAX_AHEAD_PIXELS`; :meth:`flush` feeds the rest):
+        their first blocks are read while the model runs the scenes before them. 0: each is fed at once."""
         if batch_size < 1:
             raise ValueError(f"batch size should be a positive number of chips, got {batch_size}")
+        if ahead < 0:
+            raise ValueError(f"scenes set up ahead should be 0 or more, got {ahead}")
         self.batch_size = int(batch_size)
+        self.ahead = int(ahead)
+        self._waiting: collections.deque[tuple[Finishing, int]] = collections.deque()  # set up, not fed
         self.calls = 0
         self._pieces: list[_Piece] = []
         self._queued = 0
@@ -152,6 +164,13 @@ class Batches:
         self._held.append(_Held(work, scene_pass, threading.Event(), int(pixels)))
         self._threads = threads
 
+    def take(self, scene_pass: Finishing, *, pixels: int = 0) -> None:
+        """A scene pass set up (and held): fed now, or once enough scenes are set up after it (``ahead``)."""
+        self._waiting.append((scene_pass, int(pixels)))
+        while self._waiting and (len(self._waiting) > self.ahead or (
+                len(self._waiting) > 1 and sum(px for _, px in self._waiting) > MAX_AHEAD_PIXELS)):
+            self._waiting.popleft()[0].feed()
+
     def in_turn(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
         """``sink`` for the scene to be held next: it takes that scene's polygons only once every
         scene held before it has finished, so a run's shared sink gets them scene after scene
@@ -187,7 +206,10 @@ class Batches:
         self._finish_ready()
 
     def flush(self) -> None:
-        """Run the last, partial batch; every ended scene finishes (waited for; the first failure raised)."""
+        """Feed the scenes still waiting, run the last, partial batch; every ended scene finishes (waited
+        for; the first failure raised)."""
+        while self._waiting:
+            self._waiting.popleft()[0].feed()
         with torch_threads(self._threads), torch.inference_mode():
             if self._queued:
                 self._predict(late=True)
@@ -201,6 +223,7 @@ class Batches:
         The first error an abort raises (a failed write named by its output) is raised once all are aborted.
         """
         self._pieces, self._queued = [], 0
+        self._waiting.clear()  # held too: aborted below
         self._ended.clear()
         for h in self._held:  # writers waiting for their turn go on (to be stopped)
             h.finished.set()
@@ -253,7 +276,10 @@ class Batches:
             if late:
                 work.late_s += (t4 - t1) * share
         for work, count in owners.values():  # scenes in feeding order: an earlier one finishes first
-            work.chips_through(count)
+            t5 = time.perf_counter()
+            work.chips_through(count)  # closes its blocks: the scene's own time, before its finish starts
+            if late:
+                work.late_s += time.perf_counter() - t5
             self._finish_ready()
 
     def _finish_ready(self) -> None:
@@ -264,11 +290,13 @@ class Batches:
             t0 = time.perf_counter()
             while self._finishes_full(held):  # the finishes fall behind: wait for one
                 self._reap_first()
+            # The wait is the finished scene's (``waited``), not that of the scene being fed; handing
+            # the finish over is the fed scene's own time (it may include the GIL's hand-over).
+            if self.feeding is not None and self.feeding is not held.work:  # inside another's feed
+                self.feeding.nested_s += time.perf_counter() - t0
             if self._finisher is None:
                 self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-finish")
             self._finishing.append((held, self._finisher.submit(self._finish, held)))
-            if self.feeding is not None and self.feeding is not held.work:  # inside another's feed
-                self.feeding.nested_s += time.perf_counter() - t0
         self._reap(wait=False)
 
     def _finishes_full(self, held: _Held) -> bool:

@@ -34,6 +34,16 @@ from geoseg.remote import source_stem
 #: Scenes checked at once before a run (threads: file opening and decoding mostly release the GIL;
 #: remote scenes wait on the network).
 CHECK_WORKERS = 4
+#: Scenes of a run set up ahead of their turn on a GPU (``Batches(ahead=...)``): while the device
+#: runs a batch, the next tiles' first blocks are read (a 512-px tile had the model's thread wait
+#: 6.5 ms for its read on a 2-core CPU). On a CPU the model's threads take every core, and reading
+#: ahead only moved the work: 266 tiles in 24.8 / 25.2 / 24.7 s against 24.0 / 24.4 / 25.6 s.
+SCENES_AHEAD = 8
+
+
+def scenes_ahead(device: "torch.device") -> int:
+    """Scenes a run sets up ahead of their turn on ``device``."""
+    return SCENES_AHEAD if device.type == "cuda" else 0
 
 if TYPE_CHECKING:
     import torch
@@ -494,8 +504,10 @@ class _Run:
         tmp = {p: pub.file(p) for p in own_rasters}
         temp_dir = self.out.parent if self.out.parent.exists() else None
         # One set of batches for all the scenes: a scene's last chips go through with the next
-        # scene's first, and it finishes as they pass (the last one at the flush).
-        with Batches(self.options["batch_size"] or default_batch_size(self.device)) as batches:
+        # scene's first, and it finishes as they pass (the last one at the flush). Scenes are set up
+        # (and their first blocks read) ahead of their turn on a GPU.
+        with Batches(self.options["batch_size"] or default_batch_size(self.device),
+                     ahead=scenes_ahead(self.device)) as batches:
             for i in self.mine:
                 mpath, ppath = self.plan.masks[i], self.plan.probs[i]
                 self.results.append(predict_scene(

@@ -254,8 +254,10 @@ def predict_scene(
             ``batch_size`` chips: this scene's last chips go through with the next scene's first,
             and the scene finishes (outputs written and published, the result filled in) as they
             pass, at the latest in ``batches.flush()``; the caller owns ``batches`` (on a failure
-            its context aborts every scene not finished). None: the scene's own batches, and the
-            scene is finished when the call returns.
+            its context aborts every scene not finished); with ``Batches(ahead=...)`` the scene is
+            only set up here (its outputs opened, its first blocks read) and fed once later scenes
+            are set up, or in the flush. None: the scene's own batches, and the scene is finished
+            when the call returns.
         scene_info: The scene's header as :func:`~geoseg.raster_io.open_scene` read it already
             (with the same ``assume_crs``; a run checks every scene first), so that it is not
             opened again; None: it is opened (and checked) here.
@@ -329,7 +331,7 @@ def predict_scene(
             area=area, overwrite=overwrite, temp_dir=temp_dir, batches=batches, t_start=t_start,
             source=scene_path,
         )
-        scene_pass.feed()
+        batches.take(scene_pass, pixels=info.width * info.height)  # fed now, or after the next (look-ahead)
         if own:
             batches.flush()
     return scene_pass.result
@@ -390,7 +392,7 @@ class _ScenePass:
         self.reader: BlockReader | None = None
         self.writer: CoreWriter | None = None
         self.sinks: list[RasterSink] = []
-        self._fed_s = 0.0
+        self._fed_s = self._setup_s = 0.0
         self._stack = contextlib.ExitStack()
         from geoseg import vectorize
         from geoseg.instances import MAX_SPLIT_PIXELS, SPLIT_VALUES, InstanceSplitter
@@ -486,6 +488,8 @@ class _ScenePass:
             overlap=overlap, block_size=block, compiled=self.predictor.compiled, resolution=target,
         )
         batches.hold(self.work, self, threads=self.cpu_threads, pixels=info.width * info.height)
+        self._blocks_in = self.reader.iterate(self.blocks)  # the first reads start now
+        self._setup_s = time.perf_counter() - t_start
 
     def feed(self) -> None:
         """Read every block and add its chips to the batches (full ones run), then end the scene.
@@ -493,6 +497,7 @@ class _ScenePass:
         One process-wide GDAL cache cap for the pass: reader, writer and overviews.
         """
         assert self.reader is not None
+        t_feed = time.perf_counter()
         work, batches = self.work, self.work.shared
         batches.feeding = work
         try:
@@ -500,12 +505,13 @@ class _ScenePass:
                     torch.inference_mode():
                 self.n_threads = n
                 t_wait = time.perf_counter()
-                for item in self.reader.iterate(self.blocks):
+                for item in self._blocks_in:
                     work.stages["wait_read"] += time.perf_counter() - t_wait
                     work.run(item)
                     t_wait = time.perf_counter()
                 self.reader.close()
-                self._fed_s = time.perf_counter() - self.t_start
+                # Set up and fed: with look-ahead other scenes were fed in between.
+                self._fed_s = self._setup_s + time.perf_counter() - t_feed
                 work.end()  # finished now, or when its last chips pass through a later batch
         finally:
             batches.feeding = None

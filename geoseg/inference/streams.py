@@ -173,13 +173,17 @@ class BlockReader:
         return future
 
     def iterate(self, blocks: Sequence[Block]) -> Iterator[BlockData]:
-        """Yield the blocks' data in order, reading up to ``prefetch`` blocks ahead."""
+        """The blocks' data in order, reading up to ``prefetch`` blocks ahead: the first reads start
+        now (a scene set up ahead of its turn is read while the model runs the scenes before it)."""
         ahead: deque[Future[BlockData]] = deque()
         it = iter(blocks)
         for block in it:
             ahead.append(self._submit(block))
             if len(ahead) >= self.prefetch:
                 break
+        return self._hand_out(ahead, it)
+
+    def _hand_out(self, ahead: deque[Future[BlockData]], it: Iterator[Block]) -> Iterator[BlockData]:
         while ahead:
             future = ahead.popleft()
             item = future.result()
