@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import pyproj
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
@@ -81,6 +82,9 @@ class PolygonBuilder:
             GeoreferenceError: A CRS that cannot be related to ground metres.
         """
         self.transform, self.crs, self.scene = transform, crs, scene
+        # The frames' CRS as geopandas keeps it, parsed once: from rasterio's CRS every frame
+        # (one a scene, or more) parsed its WKT twice, half the cost of a small tile's frame.
+        self._frame_crs = pyproj.CRS.from_user_input(crs) if crs is not None else None
         self.min_area, self.simplify, self.regularize = float(min_area), float(simplify), bool(regularize)
         self.class_names = tuple(class_names) if class_names else None
         self.multi = self.class_names is not None and len(self.class_names) > 2
@@ -188,8 +192,8 @@ class PolygonBuilder:
         if not keep.all():
             geoms, conf, cls, area, perimeter = geoms[keep], conf[keep], cls[keep], area[keep], perimeter[keep]
         if not len(geoms):
-            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=self.crs),
-                                    crs=self.crs)
+            return gpd.GeoDataFrame({c: [] for c in columns}, geometry=gpd.GeoSeries([], crs=self._frame_crs),
+                                    crs=self._frame_crs)
         ids = np.arange(first_id, first_id + len(geoms), dtype=np.int64) if first_id else np.zeros(len(geoms), np.int64)
         data: dict[str, object] = {
             "id": ids,
@@ -201,7 +205,7 @@ class PolygonBuilder:
         if self.multi:
             names = list(self.class_names or ())
             data["class"] = [names[c] if c < len(names) else str(c) for c in cls]
-        return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries(geoms, crs=self.crs), crs=self.crs)
+        return gpd.GeoDataFrame(data, geometry=gpd.GeoSeries(geoms, crs=self._frame_crs), crs=self._frame_crs)
 
 
 def polygons_to_frame(
