@@ -372,3 +372,21 @@ def test_scenes_set_up_ahead_are_read_before_their_turn_and_fed_in_order(tmp_pat
         assert len(result.polygons) == len(alone) and all(
             x.equals_exact(y, 0) for x, y in zip(result.polygons.geometry, alone.geometry))
     assert not _writer_threads() and not _finish_threads()
+
+
+def test_a_failure_with_scenes_set_up_ahead_leaves_nothing(tmp_path):
+    """A batch failing while later scenes wait, set up (outputs open, scratch made, blocks being read) but not
+    fed: every scene is aborted, no output, scratch or thread is left."""
+    scenes = _scenes(tmp_path / "in")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    model = Recording(fail_at=1)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with Batches(4, ahead=2) as batches:
+            for name in "abcd":
+                predict_scene(scenes[name][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                              batches=batches, mask_out=tmp_path / f"{name}_mask.tif",
+                              prob_out=tmp_path / f"{name}_prob.tif", temp_dir=tmp_path)
+            batches.flush()
+    assert model.sizes == [4]  # a's first batch ran; the second (a's last 2, b's first 2) failed, c and d waiting
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not _writer_threads() and not _finish_threads()
