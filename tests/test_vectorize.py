@@ -58,6 +58,43 @@ def test_strips_merge_into_exact_polygons_with_holes(tmp_path, strip_pixels):
     assert gdf["confidence"].isna().all()  # no probability raster given
 
 
+def _polygons_in_strips(mask: np.ndarray, rows: int, **kwargs) -> tuple[list[shapely.Geometry], StripPolygonizer]:
+    poly = StripPolygonizer(width=mask.shape[1], height=mask.shape[0], classes=(1, 2), **kwargs)
+    records = []
+    for r0 in range(0, mask.shape[0], rows):
+        poly.add_strip(r0, mask[r0:r0 + rows])
+        records += poly.take_finished()
+    records += poly.finish()
+    return [r.geometry for r in sorted(records, key=lambda r: (r.cls, r.count))], poly
+
+
+@pytest.mark.parametrize("max_pixels, retraced", [(1 << 23, 1), (100, 0)])
+def test_a_component_in_many_strips_is_traced_whole_from_the_mask(monkeypatch, max_pixels, retraced):
+    """Components spanning 4 strips or more are traced again from the mask under their box (unless the box is
+    too big): the very polygon of the whole mask traced at once (holes, a neighbour of another class in a hole,
+    a diagonal touch), with no vertex the strips added; fewer pieces are joined by union, equal as geometry."""
+    from geoseg.vectorize import strips
+
+    monkeypatch.setattr(strips, "RETRACE_MAX_PIXELS", max_pixels)
+    mask = np.zeros((40, 30), np.uint8)
+    mask[2:38, 3:27] = 1  # a tall ring: 10 strips of 4 rows
+    mask[8:14, 8:20] = 0  # two courtyards
+    mask[20:32, 10:22] = 0
+    mask[24:28, 14:18] = 2  # another class inside the second one
+    mask[5:9, 28] = 1  # a short piece of class 1 off to the side: 1 strip
+    mask[1, 2] = 1  # touching the ring diagonally only: its own object
+    want, _ = _polygons_in_strips(mask, 40)  # one strip: traced whole
+    got, poly = _polygons_in_strips(mask, 4, mask_window=lambda w: mask[
+        int(w.row_off):int(w.row_off + w.height), int(w.col_off):int(w.col_off + w.width)])
+    assert poly.retraced == retraced
+    assert len(got) == len(want) == 4
+    assert all(g.equals(w) for g, w in zip(got, want))
+    ring = max(got, key=lambda g: g.area)
+    assert len(ring.interiors) == 2 and ring.area == 36 * 24 - 6 * 12 - 12 * 12
+    if retraced:  # traced whole: the same vertices as tracing the whole mask
+        assert shapely.normalize(ring).equals_exact(shapely.normalize(max(want, key=lambda g: g.area)), 0)
+
+
 def test_polygonizer_rejects_strips_out_of_order():
     poly = StripPolygonizer(width=10, height=10)
     poly.add_strip(0, np.zeros((4, 10), np.uint8))
@@ -202,7 +239,9 @@ def test_speck_prefilter_changes_nothing_but_speed(tmp_path):
     mask[30:60, 40:90] = 1
     path = _write(tmp_path / "noise.tif", mask)
     fast = mask_to_polygons(path, min_area=3.0, strip_pixels=120 * 16)
-    poly = StripPolygonizer(width=120, height=90)  # no prefilter
+    # No prefilter; components joined across strips as mask_to_polygons joins them (traced again whole).
+    poly = StripPolygonizer(width=120, height=90, mask_window=lambda w: mask[
+        int(w.row_off):int(w.row_off + w.height), int(w.col_off):int(w.col_off + w.width)])
     for r0 in range(0, 90, 16):
         poly.add_strip(r0, mask[r0:r0 + 16])
     slow = polygons_to_frame(poly.finish(), transform=T_UTM, crs=rasterio.crs.CRS.from_string(UTM), width=120,

@@ -455,6 +455,8 @@ class _ScenePass:
                 self.poly = vectorize.StripPolygonizer(
                     width=W, height=H, classes=range(1, classes) if classes > 2 else (1,), min_pixels=min_pixels,
                     keep_pixels=SPLIT_VALUES if split else (), pixel_limit=MAX_SPLIT_PIXELS,
+                    # The written mask, read back in the writer's thread (which finishes components).
+                    mask_window=mask_sink.read if mask_sink is not None else None,
                 )
                 self.builder = vectorize.PolygonBuilder(
                     transform=info.transform, crs=info.crs, width=W, height=H, scene=scene_name, min_area=min_area,
@@ -534,6 +536,7 @@ class _ScenePass:
             frame = None
             if self.poly is not None and self.builder is not None:
                 t1 = time.perf_counter()
+                self.poly.mask_window = None  # the rasters are closed: anything left is joined by union
                 rest = self.poly.finish()
                 self.builder.add(self.splitter(rest) if self.splitter is not None else rest)
                 frame = self.builder.frame()

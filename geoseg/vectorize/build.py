@@ -294,6 +294,7 @@ def mask_to_polygons(
             width=msrc.width, height=msrc.height, classes=classes,
             min_pixels=min_pixels_for(min_area, crs=msrc.crs, transform=msrc.transform,
                                       width=msrc.width, height=msrc.height),
+            mask_window=lambda win: msrc.read(1, window=win),
         )
         builder = PolygonBuilder(
             transform=msrc.transform, crs=msrc.crs, width=msrc.width, height=msrc.height,

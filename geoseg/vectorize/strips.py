@@ -13,12 +13,13 @@ pixel coordinates because integer coordinates make the union exact;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.windows import Window
 
 from geoseg.encoding import MASK_NODATA
 from geoseg.vectorize.metric import metric_frame
@@ -32,6 +33,16 @@ FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 #: dropped before polygonisation; the exact area filter decides the rest. The margin
 #: covers the change of pixel ground area across a scene.
 PREFILTER_MARGIN = 0.9
+
+#: A finished component in at least this many strip pieces is traced again from the mask under its
+#: bounding box (when the polygoniser has a ``mask_window`` reader) instead of the union of its
+#: pieces: the union's cost grows with the pieces and the vertices (a 2.7-million-pixel component
+#: with 1,326 holes: 0.12 s in 3 pieces, 0.50 s in 85), a trace only with the box. A 4096² mask of
+#: such blobs in 104-row strips: 4.36 s by unions, 1.96 s traced again (2-core Xeon).
+RETRACE_MIN_PIECES = 4
+#: ... and when its bounding box has at most this many pixels: the trace holds the box's mask and
+#: labels (5 bytes a pixel; about 80 MB here at most).
+RETRACE_MAX_PIXELS = 1 << 23
 
 #: A node of one strip's merge graph: ``("r", open record id)`` or ``("c", component label)``.
 _Node = tuple[str, int]
@@ -135,6 +146,7 @@ class StripPolygonizer:
         min_pixels: int = 0,
         keep_pixels: Sequence[str] = (),
         pixel_limit: int = 1 << 25,
+        mask_window: Callable[[Window], np.ndarray] | None = None,
     ) -> None:
         """Start an empty polygonisation.
 
@@ -151,6 +163,11 @@ class StripPolygonizer:
                 until it is finished (``PixelPolygon.pixels``), e.g. to split it into
                 buildings (``geoseg.instances``). Memory then holds the open components.
             pixel_limit: A component with more pixels keeps none (``pixels`` None).
+            mask_window: Reads a window of the mask already added (the strips as given): a
+                finished component of many strip pieces is then traced whole from the mask under
+                its bounding box (:data:`RETRACE_MIN_PIECES`, :data:`RETRACE_MAX_PIXELS`), the
+                same polygon as the union of its pieces, found faster (not with ``keep_pixels``:
+                the buildings split from such a component are traced from its pixels).
         """
         self.width, self.height = int(width), int(height)
         self.min_pixels = int(min_pixels)
@@ -163,6 +180,8 @@ class StripPolygonizer:
         self.keep_pixels = tuple(keep_pixels)
         self.pixel_limit = int(pixel_limit)
         self._chunks: dict[int, list[dict[str, np.ndarray]] | None] = {}  # open record id -> pixel chunks
+        self.mask_window = mask_window
+        self.retraced = 0  # components traced again whole (diagnostics, tests)
 
     def add_strip(
         self,
@@ -415,7 +434,34 @@ class StripPolygonizer:
             chunks = self._chunks.pop(rid, None)
             if chunks is not None:
                 rec.pixels = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        if self.mask_window is not None and not self.keep_pixels and len(rec.pieces) >= RETRACE_MIN_PIECES:
+            whole = self._retrace(rec)
+            if whole is not None:
+                rec.pieces = [whole]
+                self.retraced += 1
         self._final.append(rec)
+
+    def _retrace(self, rec: PixelPolygon) -> shapely.Polygon | None:
+        """The component traced whole from the mask under its bounding box; None where that box is too
+        big or holds another component that could be it (same box, same pixel count)."""
+        from rasterio import features
+
+        assert self.mask_window is not None
+        x0, y0, x1, y1 = (int(round(v)) for v in shapely.total_bounds(rec.pieces))
+        if (x1 - x0) * (y1 - y0) > RETRACE_MAX_PIXELS:
+            return None
+        labels, n = label_components(self.mask_window(Window(x0, y0, x1 - x0, y1 - y0)) == rec.cls)
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        candidates = [int(k) for k in np.flatnonzero(counts == rec.count) if k > 0]
+        if len(candidates) > 1:  # the box's rows and columns: the one that reaches all four sides
+            rows = [labels[0], labels[-1], labels[:, 0], labels[:, -1]]
+            candidates = [k for k in candidates if all((side == k).any() for side in rows)]
+        if len(candidates) != 1:
+            return None
+        shift = Affine.translation(x0, y0)
+        shapes = [g for g, v in features.shapes(labels, mask=labels == candidates[0], connectivity=4,
+                                                transform=shift) if v == candidates[0]]
+        return _geojson_polygon(shapes[0]) if len(shapes) == 1 else None
 
     def _take_id(self) -> int:
         rid = self._next_id
