@@ -12,6 +12,7 @@ from click.testing import CliRunner
 import cli
 from geoseg.benchmarks import make_large_scene, parse_size, run_benchmark
 from geoseg.errors import ConfigError
+from geoseg.inference.batching import Batches
 
 
 def test_parse_size() -> None:
@@ -83,9 +84,31 @@ def test_tiles_share_batches_and_compare_with_batches_of_their_own(tmp_path) -> 
     assert d["model_calls"] == 4 and d["own_batches_calls"] == 6
     assert d["own_batches_chips_per_s"] > 0 and d["ratio"] == pytest.approx(
         d["e2e_chips_per_s"] / d["model_chips_per_s"], rel=1e-2)
+    assert "no_ahead_chips_per_s" not in d  # a CPU run does not read ahead: nothing to compare
     single = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32",
                            threads=1, baseline_chips=2).to_dict()
     assert single["model_calls"] == 2 and "own_batches_calls" not in single
+
+
+def test_tiles_where_runs_read_ahead_are_also_run_without(monkeypatch) -> None:
+    """On a device where runs set scenes up ahead (a GPU; here the CPU told so), the tiles run once more
+    with shared batches and no look-ahead: the same 4 calls, its speed reported beside."""
+    from geoseg.inference import job
+
+    ahead: list[int] = []
+    real = Batches.__init__
+
+    def recording(self, batch_size, **kwargs):
+        if "ahead" in kwargs:  # the benchmark's shared batches (a scene's own batches never read ahead)
+            ahead.append(kwargs["ahead"])
+        real(self, batch_size, **kwargs)
+
+    monkeypatch.setattr(job, "scenes_ahead", lambda device: 2)
+    monkeypatch.setattr(Batches, "__init__", recording)
+    d = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32", threads=1,
+                      baseline_chips=2, tiles=3).to_dict()
+    assert d["model_calls"] == 4 and d["no_ahead_chips_per_s"] > 0
+    assert sorted(ahead) == [0, 2]  # the run as predict makes it (2 ahead), and once without
 
 
 def test_tiles_cli_lines_and_errors(tmp_path) -> None:

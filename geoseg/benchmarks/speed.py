@@ -52,6 +52,8 @@ class BenchmarkResult:
     ``geoseg predict`` does, sharing batches (``chips`` counts them all); ``model_calls`` is
     its number of model calls, and ``own_batches_*`` the same scenes each predicted with
     batches of its own (as every scene was before batches were shared), in the same run.
+    Where a run sets scenes up ahead of their turn (a GPU, ``job.scenes_ahead``),
+    ``no_ahead_chips_per_s`` is the shared-batches run without it, in the same run.
     """
 
     model: str
@@ -84,6 +86,7 @@ class BenchmarkResult:
     model_calls: int = 0
     own_batches_chips_per_s: float | None = None
     own_batches_calls: int | None = None
+    no_ahead_chips_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``scaling`` only when scaling runs were made; the per-scene batches
@@ -93,6 +96,8 @@ class BenchmarkResult:
             del out["scaling"]
         if self.tiles == 1:
             del out["own_batches_chips_per_s"], out["own_batches_calls"]
+        if self.no_ahead_chips_per_s is None:
+            del out["no_ahead_chips_per_s"]
         return out
 
 
@@ -191,8 +196,10 @@ class _Run:
         return self.chips / self.seconds if self.seconds > 0 else 0.0
 
 
-def _predict_run(scenes: Sequence[Path], model: Any, meta: Any, work: Path, *, shared: bool, **options: Any) -> _Run:
-    """Predict ``scenes`` one after the other (mask and polygons), with shared batches or each its own."""
+def _predict_run(scenes: Sequence[Path], model: Any, meta: Any, work: Path, *, shared: bool, ahead: int | None = None,
+                 **options: Any) -> _Run:
+    """Predict ``scenes`` one after the other (mask and polygons), with shared batches or each its own;
+    shared ones set scenes up ``ahead`` (None: as ``geoseg predict`` does on the device)."""
     from geoseg.inference import predict_scene
     from geoseg.inference.batching import Batches
     from geoseg.devices import resolve_device
@@ -200,7 +207,8 @@ def _predict_run(scenes: Sequence[Path], model: Any, meta: Any, work: Path, *, s
 
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        ahead = scenes_ahead(resolve_device(options["device"], setting="device"))
+        if ahead is None:
+            ahead = scenes_ahead(resolve_device(options["device"], setting="device"))
         batches = stack.enter_context(Batches(options["batch_size"], ahead=ahead)) if shared else None
         results = [predict_scene(path, model, meta, mask_out=work / f"mask{i}.tif", polygons=True, overwrite=True,
                                  batches=batches, **options) for i, path in enumerate(scenes)]
@@ -276,6 +284,7 @@ def run_benchmark(
     import torch
 
     from geoseg.devices import precision_name, resolve_device, resolve_precision, torch_threads, wants_int8
+    from geoseg.inference.job import scenes_ahead
     from geoseg.inference import model_throughput
     from geoseg.inference.runtime import prefer_heap
     from geoseg.raster_io import open_scene
@@ -329,6 +338,7 @@ def run_benchmark(
         model_runs = []
         runs: list[_Run] = []
         own_runs: list[_Run] = []
+        no_ahead_runs: list[_Run] = []
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         options = dict(batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
@@ -349,6 +359,9 @@ def run_benchmark(
             if tiles > 1:
                 say(f"end to end, each scene with its own batches, run {i + 1}/{repeats}")
                 own_runs.append(_predict_run(scenes, model, meta, work, shared=False, **options))
+            if tiles > 1 and scenes_ahead(dev) > 0:
+                say(f"end to end, shared batches without reading ahead, run {i + 1}/{repeats}")
+                no_ahead_runs.append(_predict_run(scenes, model, meta, work, shared=True, ahead=0, **options))
         say("fp32 per-chip baseline")
         base = baseline_loop(torch_model, scene_path, meta, chips=baseline_chips, overlap=overlap)
 
@@ -357,6 +370,7 @@ def run_benchmark(
     e2e_cps = statistics.median(e2e_runs)
     best = runs[e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])]
     own_cps = statistics.median([r.chips_per_s for r in own_runs]) if own_runs else None
+    no_ahead_cps = statistics.median([r.chips_per_s for r in no_ahead_runs]) if no_ahead_runs else None
     result = BenchmarkResult(
         model=model_name, device=str(dev), precision=getattr(model, "precision", None) or precision_name(dtype),
         threads=tp.threads,
@@ -373,6 +387,7 @@ def run_benchmark(
         compiled=compile, tiles=tiles, model_calls=best.calls,
         own_batches_chips_per_s=round(own_cps, 3) if own_cps is not None else None,
         own_batches_calls=own_runs[0].calls if own_runs else None,
+        no_ahead_chips_per_s=round(no_ahead_cps, 3) if no_ahead_cps is not None else None,
     )
     if scaling:  # after this run's scene and outputs are gone; each size in its own process
         result.scaling = scaling_points(
