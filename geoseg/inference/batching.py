@@ -120,7 +120,7 @@ class Batches:
             raise ValueError(f"scenes set up ahead should be 0 or more, got {ahead}")
         self.batch_size = int(batch_size)
         self.ahead = int(ahead)
-        self._waiting: collections.deque[tuple[Finishing, int]] = collections.deque()  # set up, not fed
+        self._waiting: collections.deque[_Held] = collections.deque()  # held, set up, not fed yet
         self.calls = 0
         self._pieces: list[_Piece] = []
         self._queued = 0
@@ -164,12 +164,12 @@ class Batches:
         self._held.append(_Held(work, scene_pass, threading.Event(), int(pixels)))
         self._threads = threads
 
-    def take(self, scene_pass: Finishing, *, pixels: int = 0) -> None:
+    def take(self, scene_pass: Finishing) -> None:
         """A scene pass set up (and held): fed now, or once enough scenes are set up after it (``ahead``)."""
-        self._waiting.append((scene_pass, int(pixels)))
+        self._waiting.append(next(h for h in reversed(self._held) if h.scene_pass is scene_pass))
         while self._waiting and (len(self._waiting) > self.ahead or (
-                len(self._waiting) > 1 and sum(px for _, px in self._waiting) > MAX_AHEAD_PIXELS)):
-            self._waiting.popleft()[0].feed()
+                len(self._waiting) > 1 and sum(h.pixels for h in self._waiting) > MAX_AHEAD_PIXELS)):
+            self._waiting.popleft().scene_pass.feed()
 
     def in_turn(self, sink: Callable[[Any], None]) -> Callable[[Any], None]:
         """``sink`` for the scene to be held next: it takes that scene's polygons only once every
@@ -209,7 +209,7 @@ class Batches:
         """Feed the scenes still waiting, run the last, partial batch; every ended scene finishes (waited
         for; the first failure raised)."""
         while self._waiting:
-            self._waiting.popleft()[0].feed()
+            self._waiting.popleft().scene_pass.feed()
         with torch_threads(self._threads), torch.inference_mode():
             if self._queued:
                 self._predict(late=True)

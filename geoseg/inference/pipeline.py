@@ -331,7 +331,7 @@ def predict_scene(
             area=area, overwrite=overwrite, temp_dir=temp_dir, batches=batches, t_start=t_start,
             source=scene_path,
         )
-        batches.take(scene_pass, pixels=info.width * info.height)  # fed now, or after the next (look-ahead)
+        batches.take(scene_pass)  # fed now, or once later scenes are set up (look-ahead)
         if own:
             batches.flush()
     return scene_pass.result

@@ -186,8 +186,11 @@ _PREPARED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, torch.memory_format,
     weakref.WeakKeyDictionary())
 
 
-def _prepared(model: nn.Module, device: torch.device, memory_format: torch.memory_format) -> nn.Module:
-    """``model.eval().to(device, memory_format)``, skipped when this model was left so and is unchanged.
+def _prepared(
+    model: nn.Module, device: torch.device, memory_format: torch.memory_format
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """``model.eval().to(device, memory_format)``, skipped when this model was left so and is unchanged;
+    with its weights' stamp (:func:`_weights_stamp`, which :func:`fold_batchnorm` checks too).
 
     A run makes one predictor per scene: both walk every module and parameter (about 3 ms a
     scene for a ResNet18, as much as reading a 512-px tile), for nothing after the first. Any
@@ -197,12 +200,14 @@ def _prepared(model: nn.Module, device: torch.device, memory_format: torch.memor
     param = next(model.parameters(), None)
     done = _PREPARED.get(model)
     if (done is not None and done[0] == str(device) and done[1] == memory_format
-            and (param is None or param.device == device) and not any(m.training for m in model.modules())
-            and done[2] == _weights_stamp(model)):
-        return model
+            and (param is None or param.device == device) and not any(m.training for m in model.modules())):
+        stamp = _weights_stamp(model)
+        if done[2] == stamp:
+            return model, stamp
     model = model.eval().to(device=device, memory_format=memory_format)
-    _PREPARED[model] = (str(device), memory_format, _weights_stamp(model))
-    return model
+    stamp = _weights_stamp(model)
+    _PREPARED[model] = (str(device), memory_format, stamp)
+    return model, stamp
 
 
 def _weights_stamp(model: nn.Module) -> tuple[int, ...]:
@@ -244,7 +249,7 @@ def _conv_bn_pairs(model: nn.Module, probe: torch.Tensor) -> list[tuple[nn.Conv2
             if calls[c] == 1 and calls[b] == 1 and b.running_mean is not None and b.running_var is not None]
 
 
-def fold_batchnorm(model: nn.Module, *, in_channels: int) -> nn.Module:
+def fold_batchnorm(model: nn.Module, *, in_channels: int, stamp: tuple[int, ...] | None = None) -> nn.Module:
     """The model with each batch norm that follows a convolution folded into that convolution.
 
     In eval mode a batch norm is a per-channel scale and shift, which the convolution before it
@@ -261,11 +266,12 @@ def fold_batchnorm(model: nn.Module, *, in_channels: int) -> nn.Module:
     Args:
         model: A torch model in eval mode.
         in_channels: Bands the model reads (for the probe input).
+        stamp: The model's :func:`_weights_stamp`, where the caller has it already.
 
     Returns:
         The folded copy, or ``model`` itself when nothing folds or the fold does not check out.
     """
-    stamp = _weights_stamp(model)
+    stamp = _weights_stamp(model) if stamp is None else stamp
     cached = _FOLDED.get(model)
     if cached is not None and cached[0] == stamp:
         return cached[1]
@@ -385,9 +391,9 @@ class ChipPredictor:
         self.channels = (1 if self.classes <= 2 else self.classes) + self.extra
         self.tta = bool(tta)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = _prepared(model, device, self.memory_format)
+        self.model, stamp = _prepared(model, device, self.memory_format)
         if not getattr(model, "runs_own_precision", False):
-            self.model = fold_batchnorm(self.model, in_channels=len(mean))
+            self.model = fold_batchnorm(self.model, in_channels=len(mean), stamp=stamp)
         self.eager = self.model
         self.compiled = bool(compile)
         self.compiled_batch = int(batch_size) if compile and batch_size else None

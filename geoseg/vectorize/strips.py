@@ -269,11 +269,12 @@ class StripPolygonizer:
         return keep
 
     @staticmethod
-    def _polygons(row_off: int, labels: np.ndarray, keep: np.ndarray) -> dict[int, shapely.Polygon]:
-        """The polygon of each kept label, in scene pixel coordinates (exact integers)."""
+    def _polygons(row_off: int, labels: np.ndarray, keep: np.ndarray, col_off: int = 0) -> dict[int, shapely.Polygon]:
+        """The polygon of each kept label of a window at ``(col_off, row_off)``, in scene pixel
+        coordinates (exact integers)."""
         from rasterio import features
 
-        shift = Affine.translation(0, row_off)
+        shift = Affine.translation(col_off, row_off)
         return {
             int(value): _geojson_polygon(geom)
             for geom, value in features.shapes(labels, mask=keep, connectivity=4, transform=shift)
@@ -444,8 +445,6 @@ class StripPolygonizer:
     def _retrace(self, rec: PixelPolygon) -> shapely.Polygon | None:
         """The component traced whole from the mask under its bounding box; None where that box is too
         big or holds another component that could be it (same box, same pixel count)."""
-        from rasterio import features
-
         assert self.mask_window is not None
         x0, y0, x1, y1 = (int(round(v)) for v in shapely.total_bounds(rec.pieces))
         if (x1 - x0) * (y1 - y0) > RETRACE_MAX_PIXELS:
@@ -458,10 +457,7 @@ class StripPolygonizer:
             candidates = [k for k in candidates if all((side == k).any() for side in rows)]
         if len(candidates) != 1:
             return None
-        shift = Affine.translation(x0, y0)
-        shapes = [g for g, v in features.shapes(labels, mask=labels == candidates[0], connectivity=4,
-                                                transform=shift) if v == candidates[0]]
-        return _geojson_polygon(shapes[0]) if len(shapes) == 1 else None
+        return self._polygons(y0, labels, labels == candidates[0], col_off=x0)[candidates[0]]
 
     def _take_id(self) -> int:
         rid = self._next_id
