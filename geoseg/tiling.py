@@ -84,6 +84,37 @@ def axis_starts(length: int, size: int, stride: int) -> list[int]:
     return starts
 
 
+def fitted_length(length: int, size: int, stride: int, *, tolerance: float) -> int:
+    """An axis length at most ``tolerance`` (relative) shorter than ``length`` that takes one chip fewer.
+
+    :func:`axis_starts` places a chip every ``stride`` pixels and one more flush with the
+    end: a length of ``size + k * stride`` takes ``k + 1`` chips, one pixel more takes
+    ``k + 2``. A grid that may be drawn at a slightly coarser pixel size (a scene read at a
+    model's resolution) is drawn at that shorter length when it is close enough: a 257-px
+    axis becomes 256 (one chip, not two).
+
+    Args:
+        length: Axis length in pixels (>= 1).
+        size: Chip size in pixels.
+        stride: Step between chip starts in pixels (<= size).
+        tolerance: Largest relative shortening (0.02: 2%).
+
+    Returns:
+        ``size + k * stride`` (the longest such length below ``length``) when it is within
+        ``tolerance`` of ``length``; else ``length``.
+
+    Raises:
+        ValueError: As :func:`axis_starts`.
+    """
+    _check_sizes(size, stride)
+    if int(length) != length or length < 1:
+        raise ValueError(f"axis length should be a positive integer number of pixels, got {length!r}")
+    if length <= size:
+        return int(length)
+    fitted = size + (length - size) // stride * stride
+    return fitted if length - fitted <= tolerance * length else int(length)
+
+
 def chip_grid(
     width: int, height: int, *, size: int = DEFAULT_CHIP_SIZE, stride: int | None = None
 ) -> list[Chip]:

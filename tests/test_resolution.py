@@ -113,6 +113,37 @@ def test_scene_coarser_than_model_is_upsampled_and_written_back(tmp_path):
         assert best.symmetric_difference(drawn).area <= 0.5 * (2 * h + 2 * w)
 
 
+@pytest.mark.parametrize("scene_px, grid_px, chips", [(130, 64, 1), (140, 70, 4)])
+def test_a_model_grid_just_over_whole_chips_is_drawn_at_whole_chips(tmp_path, scene_px, grid_px, chips):
+    # 0.25 m scene, 0.5 m model, 64-px chips with 16 px overlap. 130 px read at 0.5 m are 65 px
+    # by rounding: one pixel over a chip, 2x2 chips; drawn at 64 px (pixels 1.6% larger) one
+    # chip. 140 px give 70: 64 would make pixels 9% larger, the grid stays 70 px (2x2 chips).
+    rects = [(20, 20, 40, 60), (70, 14, 50, 30), (30, 90, 80, 30)]
+    label = draw_rectangles(scene_px, scene_px, rects)
+    transform = Affine(0.25, 0.0, 500000.0, 0.0, -0.25, 4650000.0)
+    scene = write_scene(tmp_path / "s.tif", label, transform=transform)
+    model = Oracle()
+    res = predict_scene(scene, model, oracle_meta(resolution=0.5), mask_out=tmp_path / "m.tif",
+                        simplify=0.0, min_area=0.0, **CPU)
+    assert (res.width, res.height) == (grid_px, grid_px) and res.resolution == 0.5
+    assert res.chips_total == model.chips == chips
+    # The mask is written on the scene's own grid; the label moves only at its edges.
+    mask, profile, valid = _read(tmp_path / "m.tif")
+    assert (profile["width"], profile["height"], profile["transform"]) == (scene_px, scene_px, transform)
+    assert valid.all() and not ((mask != label) & ~_edges(label, 2)).any()
+    # The polygons are on the model grid's pixels (whatever their size), in the scene's CRS.
+    pixel = scene_px * 0.25 / grid_px
+    assert len(res.polygons) == len(rects)
+    for r, c, h, w in rects:
+        drawn = shapely.box(500000.0 + 0.25 * c, 4650000.0 - 0.25 * (r + h), 500000.0 + 0.25 * (c + w),
+                            4650000.0 - 0.25 * r)
+        best = max(res.polygons.geometry, key=lambda g: g.intersection(drawn).area)
+        assert best.symmetric_difference(drawn).area <= pixel * drawn.length
+        xs, ys = np.asarray(best.exterior.coords).T
+        np.testing.assert_allclose((xs - 500000.0) / pixel, np.rint((xs - 500000.0) / pixel), atol=1e-6)
+        np.testing.assert_allclose((4650000.0 - ys) / pixel, np.rint((4650000.0 - ys) / pixel), atol=1e-6)
+
+
 def test_native_reads_the_scene_as_it_is_and_warns(tmp_path, caplog):
     label = draw_rectangles(80, 90, [(10, 10, 20, 30)])
     scene = write_scene(tmp_path / "r.tif", label)  # 0.5 m pixels (UTM)

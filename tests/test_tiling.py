@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 
 from geoseg.tiling import (
-    DEFAULT_CHIP_SIZE, Chip, axis_starts, block_grid, chip_grid, iter_windows, random_chips,
+    DEFAULT_CHIP_SIZE, Chip, axis_starts, block_grid, chip_grid, fitted_length, iter_windows, random_chips,
 )
 
 sizes = st.integers(min_value=1, max_value=96)
@@ -179,3 +179,39 @@ def test_chip_count_is_the_fewest_that_cover_each_axis(width, height, size, data
     fewest = fewest_starts(width, size, stride) * fewest_starts(height, size, stride)
     if fewest <= 20000:  # build only grids that stay small
         assert len(chip_grid(width, height, size=size, stride=stride)) == fewest
+
+
+@pytest.mark.parametrize("length, fitted", [
+    (257, 256), (258, 256), (261, 256),  # 256-px chips, stride 192: one chip, not two (<= 2% shorter)
+    (262, 262),  # 2.3% shorter: kept (two chips)
+    (256, 256), (100, 100), (1, 1),  # one chip already (a shorter axis is padded)
+    (448, 448), (455, 448), (460, 460),  # two chips exactly; 455 -> 448 (1.5%); 460 -> 448 is 2.6%: kept
+    (514, 514),  # 448 is 13% shorter
+    (1027, 1024), (1033, 1024),  # five chips, not six
+])
+def test_fitted_length_examples(length, fitted):
+    assert fitted_length(length, 256, 192, tolerance=0.02) == fitted
+
+
+@settings(max_examples=300, deadline=None)
+@given(length=st.integers(1, 5000), size=sizes, data=st.data())
+def test_fitted_length_saves_a_chip_within_the_tolerance(length, size, data):
+    stride = data.draw(st.integers(1, size))
+    tolerance = data.draw(st.sampled_from([0.0, 0.01, 0.02, 0.1]))
+    fitted = fitted_length(length, size, stride, tolerance=tolerance)
+    assert length - tolerance * length <= fitted <= length
+    before, after = len(axis_starts(length, size, stride)), len(axis_starts(fitted, size, stride))
+    # The overshoot past the last whole stride goes, nothing more: at most one chip fewer.
+    overshoot = length - (size + (length - size) // stride * stride) if length > size else 0
+    if fitted == length:
+        # Whole strides already, or an overshoot over the tolerance (without it: a chip fewer).
+        assert overshoot == 0 or overshoot > tolerance * length
+        if overshoot:
+            assert len(axis_starts(length - overshoot, size, stride)) == before - 1
+    else:
+        assert fitted == length - overshoot
+        # One chip fewer, and the longest length that takes that many.
+        assert after == before - 1
+        assert len(axis_starts(fitted + 1, size, stride)) == before
+    with pytest.raises(ValueError, match="positive integer"):
+        fitted_length(0, size, stride, tolerance=tolerance)

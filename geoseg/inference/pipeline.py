@@ -247,8 +247,9 @@ def predict_scene(
         resolution: Ground metres per pixel the model reads the scene at: ``"auto"`` (the
             checkpoint's, when the scene's differs by more than 5%), ``"native"`` (the scene's
             own grid) or metres. On another grid than the scene's, each block is read resampled
-            (bilinear) onto the model grid (``resample.grid_at``: same CRS and extent), predicted
-            and polygonised there (polygons are exact in the scene's CRS, ``area_m2`` true), and
+            (bilinear) onto the model grid (``resample.grid_at``: same CRS and extent; an axis
+            a few pixels over whole chips is drawn at whole chips, pixels at most 2% larger),
+            predicted and polygonised there (polygons are exact in the scene's CRS, ``area_m2`` true), and
             the mask (nearest) and probability (bilinear) are written on the scene's own grid.
         batches: Model batches shared with the other scenes of a run (``inference.job``), of
             ``batch_size`` chips: this scene's last chips go through with the next scene's first,
@@ -279,8 +280,13 @@ def predict_scene(
     prefer_heap()
     scene_path = as_source(scene_path)  # a URL stays text
     scene = open_scene(scene_path, assume_crs=assume_crs) if scene_info is None else scene_info
+    chip = int(meta.chip_size)
+    overlap = chip // 4 if overlap is None else int(overlap)
+    if not 0 <= overlap < chip:
+        raise ConfigError(f"overlap should be from 0 to {chip - 1} pixels (chip size {chip}), got {overlap}")
     target = model_resolution(scene, meta, resolution)
-    info = scene if target is None else grid_at(scene, target)  # the grid the model reads
+    # The grid the model reads: on a model grid, drawn to whole chips where that is close enough.
+    info = scene if target is None else grid_at(scene, target, chips=(chip, chip - overlap))
     area = None
     if aoi is not None:
         layer = aoi if isinstance(aoi, VectorLayer) else read_area(aoi)
@@ -295,10 +301,6 @@ def predict_scene(
     value_map = check_value_range(scene, meta, use_bands, rescale=rescale)
     if value_map is not None:  # folded into the normalisation: every block is mapped as it is normalised
         meta = value_map.applied_to(meta)
-    chip = int(meta.chip_size)
-    overlap = chip // 4 if overlap is None else int(overlap)
-    if not 0 <= overlap < chip:
-        raise ConfigError(f"overlap should be from 0 to {chip - 1} pixels (chip size {chip}), got {overlap}")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold should be a probability in [0, 1], got {threshold}")
     split = _wants_instances(instances, meta, seed_threshold, min_seed_area)
