@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rasterio.enums import Compression
+from rasterio.features import rasterize
 from shapely.geometry import box
 
 from _prediction_helpers import Constant, Oracle, draw_rectangles, geodesic_area, oracle_meta, write_scene
@@ -31,6 +32,7 @@ from geoseg.inference import (
     predict_scene,
     taper_window,
 )
+from geoseg.inference import pipeline
 from geoseg.tiling import axis_starts, block_grid, chip_grid
 
 
@@ -767,6 +769,69 @@ def test_reader_threads_serve_every_scene_of_the_process(tmp_path, monkeypatch):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.parametrize("limit, files", [(None, []), (517 * 300 - 1, ["mask", "prob"])])
+def test_a_small_scene_keeps_its_scratch_rasters_in_memory(tmp_path, monkeypatch, limit, files):
+    """A scene of at most MEMORY_SCRATCH_PIXELS holds the mask and probabilities only its polygons read
+    in memory: no file, no scratch folder; a larger one writes them; the polygons are the same."""
+    from geoseg.inference import outputs
+
+    made: list[str] = []
+    init = outputs.RasterSink.__init__
+
+    def recording(self, path, **kwargs):
+        made.append(kwargs["kind"])
+        init(self, path, **kwargs)
+
+    monkeypatch.setattr(outputs.RasterSink, "__init__", recording)
+    if limit is not None:
+        monkeypatch.setattr(pipeline, "MEMORY_SCRATCH_PIXELS", limit)
+    label = draw_rectangles(300, 517, _rects_for(300, 517, seed=11))
+    scene = write_scene(tmp_path / "scene.tif", label)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    seen: list[list[str]] = []
+    writer_put = pipeline.CoreWriter.put
+
+    def looking(self, item):  # while the pass runs: what is in its scratch folder
+        seen.append(sorted(p.name for p in scratch.rglob("*") if p.is_file()))
+        writer_put(self, item)
+
+    monkeypatch.setattr(pipeline.CoreWriter, "put", looking)
+    res = predict_scene(scene, Oracle(), oracle_meta(chip_size=128), polygons=True, overlap=32, block_size=256,
+                        temp_dir=scratch, min_area=0.0, simplify=0.0, **CPU)
+    assert made == files
+    assert {name for names in seen for name in names} == {f"{kind}.tif" for kind in files}
+    assert not any(scratch.iterdir())  # nothing left, either way
+    assert res.polygons.is_valid.all()
+    on_scene = rasterize([(g, 1) for g in res.polygons.geometry], out_shape=label.shape,
+                         transform=rasterio.open(scene).transform, fill=0, dtype="uint8")
+    np.testing.assert_array_equal(on_scene, label)
+    np.testing.assert_allclose(res.polygons["confidence"], 1.0, atol=1e-2)
+
+
+def test_memory_sink_reads_what_was_written_and_nodata_elsewhere():
+    from rasterio.windows import Window
+
+    from geoseg.encoding import MASK_NODATA, PROB_NODATA
+    from geoseg.inference.outputs import MemorySink
+
+    mask = MemorySink(kind="mask", width=5, height=4)
+    mask.write(Window(1, 2, 3, 2), np.arange(6, dtype=np.uint8).reshape(2, 3))
+    got = mask.read(Window(0, 1, 5, 3))
+    expected = np.full((3, 5), MASK_NODATA, np.uint8)
+    expected[1:, 1:4] = np.arange(6).reshape(2, 3)
+    np.testing.assert_array_equal(got, expected)
+    got[:] = 0  # a copy: the sink keeps its pixels
+    assert mask.read(Window(1, 2, 1, 1))[0, 0] == 0 and mask.read(Window(0, 0, 1, 1))[0, 0] == MASK_NODATA
+    prob = MemorySink(kind="prob", width=4, height=3, bands=3)
+    prob.write(Window(0, 0, 2, 3), np.full((3, 3, 2), 7, np.uint8))
+    back = prob.read(Window(1, 1, 2, 2))
+    assert back.shape == (3, 2, 2) and (back[:, :, 0] == 7).all() and (back[:, :, 1] == PROB_NODATA).all()
+    prob.finish(overviews=True)
+    with pytest.raises(AssertionError, match="closed"):
+        prob.read(Window(0, 0, 1, 1))
+
+
 def test_scratch_rasters_are_fast_to_write_and_outputs_keep_deflate(tmp_path, monkeypatch):
     """The rasters behind the polygons that nobody asked for are read back and deleted: ZSTD level 1
     (about 5x faster to write than deflate); a raster the user asked for stays deflate."""
@@ -784,6 +849,7 @@ def test_scratch_rasters_are_fast_to_write_and_outputs_keep_deflate(tmp_path, mo
         close(self)
 
     monkeypatch.setattr(outputs.RasterSink, "close", recording)
+    monkeypatch.setattr(pipeline, "MEMORY_SCRATCH_PIXELS", 0)  # a scene too large for scratch in memory
     label = draw_rectangles(300, 517, _rects_for(300, 517, seed=7))
     scene = write_scene(tmp_path / "scene.tif", label)
     res = predict_scene(scene, Oracle(), oracle_meta(chip_size=128), mask_out=tmp_path / "mask.tif", polygons=True,

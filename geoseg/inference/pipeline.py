@@ -35,7 +35,7 @@ from geoseg.inference.checks import (
     check_rooftop_share, check_value_range, effective_block_size, model_resolution, scene_bands,
 )
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, ProbDtype
-from geoseg.inference.outputs import RasterSink, output_tile, to_scene_grid
+from geoseg.inference.outputs import MEMORY_SCRATCH_PIXELS, MemorySink, RasterSink, output_tile, to_scene_grid
 from geoseg.devices import resolve_device, resolve_precision, torch_threads
 from geoseg.inference.runtime import ChipPredictor, compile_wanted, prefer_heap, rooftop_index
 from geoseg.inference.stitch import BlockStitcher
@@ -393,7 +393,7 @@ class _ScenePass:
         self.area, self.t_start = area, t_start
         self.reader: BlockReader | None = None
         self.writer: CoreWriter | None = None
-        self.sinks: list[RasterSink] = []
+        self.sinks: list[RasterSink | MemorySink] = []
         self._fed_s = self._setup_s = 0.0
         self._stack = contextlib.ExitStack()
         from geoseg import vectorize
@@ -408,10 +408,16 @@ class _ScenePass:
             # scene's grid from them); polygons need both, each published raster its own.
             mask_tmp, prob_tmp = (self.mask_pub, self.prob_pub) if target is None else (None, None)
             want_mask, want_prob = polygons or self.mask_pub is not None, polygons or self.prob_pub is not None
-            if (want_mask and mask_tmp is None) or (want_prob and prob_tmp is None):
+            # A raster only the polygons read back is held in memory when the scene is small (no file
+            # to make, write, read back and remove: most of a small tile's cost outside the model).
+            small = info.width * info.height <= MEMORY_SCRATCH_PIXELS
+            in_memory = {"mask": small and want_mask and self.mask_pub is None,
+                         "prob": small and want_prob and self.prob_pub is None}
+            if (want_mask and mask_tmp is None and not in_memory["mask"]) or (
+                    want_prob and prob_tmp is None and not in_memory["prob"]):
                 scratch = self._stack.enter_context(temporary_folder(temp_dir))
-                mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask else None)
-                prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob else None)
+                mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask and not in_memory["mask"] else None)
+                prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob and not in_memory["prob"] else None)
             self.mask_tmp, self.prob_tmp = mask_tmp, prob_tmp
             self.overviews = {mask_tmp: mask_out is not None and target is None,
                               prob_tmp: prob_out is not None and target is None}
@@ -436,15 +442,23 @@ class _ScenePass:
             self.n_threads = torch.get_num_threads()
             sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
                              num_threads="ALL_CPUS" if cuda else 1)
-            if mask_tmp:
-                self.sinks.append(RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args,
-                                             scratch=mask_tmp != self.mask_pub))
-            mask_sink = self.sinks[0] if mask_tmp else None
-            if prob_tmp:
-                self.sinks.append(RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
-                                             band_names=("rooftop", *extra), **sink_args,
-                                             scratch=prob_tmp != self.prob_pub))
-            prob_sink = self.sinks[-1] if prob_tmp else None
+            mask_sink: RasterSink | MemorySink | None = None
+            prob_sink: RasterSink | MemorySink | None = None
+            if in_memory["mask"]:
+                mask_sink = MemorySink(kind="mask", width=W, height=H)
+            elif mask_tmp:
+                mask_sink = RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args,
+                                       scratch=mask_tmp != self.mask_pub)
+            if mask_sink is not None:
+                self.sinks.append(mask_sink)
+            if in_memory["prob"]:
+                prob_sink = MemorySink(kind="prob", width=W, height=H, bands=1 + len(extra))
+            elif prob_tmp:
+                prob_sink = RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
+                                       band_names=("rooftop", *extra), **sink_args,
+                                       scratch=prob_tmp != self.prob_pub)
+            if prob_sink is not None:
+                self.sinks.append(prob_sink)
             self.poly = self.builder = self.splitter = None
             if polygons:
                 min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform,
