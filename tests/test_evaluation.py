@@ -447,6 +447,23 @@ def test_two_vector_files_in_degrees_use_a_utm_grid(tmp_path: Path) -> None:
     assert r.pixel.tp == pytest.approx(400, abs=4)
 
 
+def test_the_utm_zone_is_the_aoi_s_when_the_truth_spans_continents(tmp_path: Path) -> None:
+    """A truth layer of two cities 90° apart (EPSG:4326), evaluated in one of them: that city's
+    UTM zone (33N, 15° E), not the zone of the truth's middle (40N, 56° E), where a grid
+    "metre" is about a quarter less on the ground."""
+    near = geopandas.GeoSeries([px_box(*A), px_box(*C)], crs=UTM).to_crs(4326)
+    far = shapely.transform(near[0], lambda xy: xy + [82.0, 0.0])  # the same house 82° east
+    truth_path = tmp_path / "t.gpkg"
+    geopandas.GeoDataFrame({"id": [0, 1, 2]}, geometry=[*near, far], crs="EPSG:4326").to_file(truth_path)
+    pred = write_vector(tmp_path / "p.geojson", [px_box(*A)], to_crs="EPSG:4326")
+    aoi = write_vector(tmp_path / "aoi.geojson", [box(X0, Y0 - 30, X0 + 40, Y0)], to_crs="EPSG:4326")
+    r = evaluate(pred, truth_path, aoi=aoi, resolution=0.5)
+    assert r.grid.crs.to_epsg() == 32633
+    # Ground metres as asked: A's 100 m² are 400 pixels of 0.25 m², C's missed 400 more.
+    assert r.pixel.tp == pytest.approx(400, abs=8) and r.pixel.fn == pytest.approx(400, abs=8)
+    assert (r.objects.tp, r.objects.fp, r.objects.fn) == (1, 0, 1)
+
+
 # ----------------------------------------------------------------- AOI
 
 

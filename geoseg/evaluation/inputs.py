@@ -223,15 +223,21 @@ def open_input(
     return read_mask(p, class_id=class_id, assume_crs=assume_crs, block_size=block_size)
 
 
-def _metric_crs(layers: list[VectorLayer]) -> CRS:
-    """The first layer CRS that is projected in metres (not Web Mercator), else local UTM."""
+def _metric_crs(layers: list[VectorLayer], *, region: VectorLayer | None = None) -> CRS:
+    """The first layer CRS that is projected in metres (not Web Mercator), else the UTM zone of
+    ``region`` (the AOI: what is evaluated), else of all the layers' geometries.
+
+    A truth layer that spans several cities (a country's buildings, a dataset's three) centres
+    on none of them: its own UTM zone may lie 90° of longitude from the area evaluated, where a
+    "metre" of the grid is a quarter less on the ground.
+    """
     import geopandas
 
-    for layer in layers:
+    for layer in [*layers, *([region] if region is not None else [])]:
         crs = layer.crs
         if crs.is_projected and crs.linear_units == "metre" and crs.to_epsg() not in (3857, 900913):
             return crs
-    geoms = [g for layer in layers for g in layer.in_crs(CRS.from_epsg(4326))]
+    geoms = [g for layer in ([region] if region is not None else layers) for g in layer.in_crs(CRS.from_epsg(4326))]
     if not geoms:
         return layers[0].crs
     utm = geopandas.GeoSeries(geoms, crs="EPSG:4326").estimate_utm_crs()
@@ -248,10 +254,10 @@ def vector_grid(
 
     The CRS is the first of the layers' CRSs that is projected in metres
     (Web Mercator excluded: its metres are not ground metres), else the UTM
-    zone of the data. The extent is snapped outward to multiples of
+    zone of the AOI, or without one of the data. The extent is snapped outward to multiples of
     ``resolution`` (metres).
     """
-    crs = _metric_crs([*layers, *([aoi] if aoi else [])])
+    crs = _metric_crs(layers, region=aoi)
     if aoi is not None:
         extents = [aoi.extent(crs)]
     else:
