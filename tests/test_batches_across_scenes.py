@@ -9,6 +9,7 @@ carried in a scene's last band, so every mask must equal its label exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -240,6 +241,39 @@ def test_scenes_run_differently_do_not_share_a_batch(tmp_path):
     for name, res in (("a", a), ("c", b)):
         with rasterio.open(res.mask_path) as src:
             np.testing.assert_array_equal(src.read(1), scenes[name][1])
+
+
+def test_scenes_run_the_same_way_share_one_predictor(tmp_path, monkeypatch):
+    """A run's scenes share the model's predictor (prepared and checked once); a scene normalised
+    or run another way gets its own, and each scene's chips are normalised by its own."""
+    from geoseg.inference import batching
+
+    made: list[tuple] = []
+    init = batching.ChipPredictor.__init__
+
+    def counting(self, model, **settings):
+        made.append((settings["mean"], settings["tta"]))
+        init(self, model, **settings)
+
+    monkeypatch.setattr(batching.ChipPredictor, "__init__", counting)
+    scenes = _scenes(tmp_path)
+    model = Recording()
+    shifted = dataclasses.replace(oracle_meta(chip_size=CHIP), mean=(0.0, 0.0, 0.0, -1.0))  # rooftop band + 1
+    with Batches(4) as batches:
+        runs = [predict_scene(scenes[name][0], model, meta, device="cpu", precision="32", polygons=False,
+                              batches=batches, tta=tta, mask_out=tmp_path / f"{name}_{i}.tif")
+                for i, (name, meta, tta) in enumerate([("a", oracle_meta(chip_size=CHIP), False),
+                                                      ("b", oracle_meta(chip_size=CHIP), False),
+                                                      ("c", shifted, False), ("a", oracle_meta(chip_size=CHIP), True),
+                                                      ("b", oracle_meta(chip_size=CHIP), False)])]
+        batches.flush()
+    assert made == [((0.0,) * 4, False), ((0.0, 0.0, 0.0, -1.0), False), ((0.0,) * 4, True)]
+    for i, (name, res) in enumerate(zip("abcab", runs)):
+        with rasterio.open(res.mask_path) as src:
+            expected = scenes[name][1]
+            if name == "c":  # its rooftop band read one higher: every pixel a rooftop but the nodata
+                expected = np.where(expected == 255, 255, 1)
+            np.testing.assert_array_equal(src.read(1), expected)
 
 
 def test_shared_batches_of_another_size_are_refused(tmp_path):

@@ -69,6 +69,13 @@ MAX_PENDING_FINISH_PIXELS = 2048 * 2048
 MAX_AHEAD_PIXELS = 2 * 2048 * 2048
 
 
+def _frozen(value: Any) -> Any:
+    """A setting as a dictionary key: lists (of lists) as tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 @dataclass
 class OpenBlock:
     """A block whose chips are gathered but not all through the model yet (its accumulator is open)."""
@@ -134,6 +141,18 @@ class Batches:
         #: Finishes handed to the finishing thread and not yet taken back, in feeding order.
         self._finishing: collections.deque[tuple[_Held, Future[None]]] = collections.deque()
         self._finisher: ThreadPoolExecutor | None = None
+        self._predictors: dict[tuple[Any, ...], tuple[Any, ChipPredictor]] = {}
+
+    def predictor(self, model: Any, **settings: Any) -> ChipPredictor:
+        """The :class:`ChipPredictor` of ``model`` run with ``settings`` (its keywords), made once for
+        every scene that runs it so: a run's tiles share one, and the model is prepared (eval mode,
+        device, memory format, folded batch norms) and checked for changes once a run, not once a
+        tile (about 1 ms a tile of one core, ResNet18)."""
+        key = (id(model), *sorted((name, _frozen(value)) for name, value in settings.items()))
+        found = self._predictors.get(key)
+        if found is None or found[0] is not model:
+            found = self._predictors[key] = (model, ChipPredictor(model, **settings))
+        return found[1]
 
     def __enter__(self) -> "Batches":
         return self

@@ -37,7 +37,7 @@ from geoseg.inference.checks import (
 from geoseg.encoding import DEFAULT_CLASS_NAMES, GDAL_CACHE_BYTES, ProbDtype
 from geoseg.inference.outputs import MEMORY_SCRATCH_PIXELS, MemorySink, RasterSink, output_tile, to_scene_grid
 from geoseg.devices import resolve_device, resolve_precision, torch_threads
-from geoseg.inference.runtime import ChipPredictor, compile_wanted, prefer_heap, rooftop_index
+from geoseg.inference.runtime import compile_wanted, prefer_heap, rooftop_index
 from geoseg.inference.stitch import BlockStitcher
 from geoseg.models import INSTANCE_CHANNELS
 from geoseg.inference.aoi import AoiPixels, area_on_scene, area_outside_error, read_area
@@ -430,7 +430,7 @@ class _ScenePass:
             names = tuple(meta.class_names) if meta.class_names else DEFAULT_CLASS_NAMES
             chips_total = sum(len(b.chips) for b in blocks)
             extra = INSTANCE_CHANNELS if getattr(meta, "target", "footprint") == "instances" else ()
-            predictor = ChipPredictor(
+            predictor = batches.predictor(
                 model, mean=meta.mean, std=meta.std, classes=classes, device=dev, autocast_dtype=dtype, tta=tta,
                 compile=compile_wanted(compile_model, dev, chips_total), batch_size=batches.batch_size,
                 extra_channels=len(extra), stretch=meta.stretch,

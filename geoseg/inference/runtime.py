@@ -192,8 +192,9 @@ def _prepared(
     """``model.eval().to(device, memory_format)``, skipped when this model was left so and is unchanged;
     with its weights' stamp (:func:`_weights_stamp`, which :func:`fold_batchnorm` checks too).
 
-    A run makes one predictor per scene: both walk every module and parameter (about 3 ms a
-    scene for a ResNet18, as much as reading a 512-px tile), for nothing after the first. Any
+    A run shares one predictor among its scenes (``Batches.predictor``), but each scene's own
+    :func:`~geoseg.inference.pipeline.predict_scene` call makes one: both walk every module and
+    parameter (about 3 ms for a ResNet18, as much as reading a 512-px tile), for nothing after the first. Any
     module back in training mode, a parameter elsewhere or any in-place change to the weights
     (their version counters) prepares it again.
     """
