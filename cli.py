@@ -558,6 +558,9 @@ def _echo_speed(r: Any) -> None:
         click.echo(f"own batches{r.own_batches_chips_per_s:8.2f} chips/s   each scene with batches of its own, "
                    f"{r.own_batches_calls} model calls; shared batches are "
                    f"{r.e2e_chips_per_s / r.own_batches_chips_per_s:.2f}x faster")
+    if r.replay_chips_per_s is not None:
+        click.echo(f"replayed   {r.replay_chips_per_s:8.2f} chips/s   end to end with the model's outputs replayed "
+                   f"(its time zero): what the rest sustains here")
     click.echo(f"baseline   {r.baseline_chips_per_s:8.2f} chips/s   (fp32 per-chip loop); "
                f"geoseg is {r.speedup_vs_baseline:.2f}x faster")
     click.echo("stages     " + ", ".join(f"{k} {v:.2f} s" for k, v in r.stages.items())

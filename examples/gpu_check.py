@@ -12,8 +12,9 @@ What it measures (DeepLabV3+ with a ResNet50 encoder and random weights, 256 px 
 - ``tiles``: 64 generated 512 x 512 tiles (9 chips each) as one run, ``run_benchmark(tiles=...)``:
   end to end with the batches shared by the tiles (as ``geoseg predict`` on a tile folder, which on a
   GPU sets the next tiles up and reads them ahead) and with each tile's own batches, the model calls
-  of each, and the shared batches without reading ahead (``no_ahead_chips_per_s``), bf16 at batch
-  128 (random weights).
+  of each, the shared batches without reading ahead (``no_ahead_chips_per_s``) and with the model's
+  outputs replayed (``replay_chips_per_s``: the model's time zero, what the CPU side sustains), bf16
+  at batch 128 (random weights).
 - ``training``: chips/s of the real training step (``geoseg.benchmarks.train_throughput``)
   with fp16 + GradScaler and with bf16, batch 32, ``cudnn.benchmark`` on as ``geoseg train`` sets
   it, with the peak GPU memory of each.
@@ -241,7 +242,7 @@ def part_end_to_end(s: dict[str, Any]) -> None:
         say(f"end to end: predicting it ({precision_key(s['e2e_precision'])}, batch {s['e2e_batch']})")
         r = run_benchmark(model_path=checkpoint, scene=scene, batch_size=s["e2e_batch"], device=s["device"],
                           precision=s["e2e_precision"], repeats=1, chip_size=s["chip"],
-                          baseline_chips=s["baseline_chips"], threads=s["threads"],
+                          baseline_chips=s["baseline_chips"], threads=s["threads"], replay=False,
                           progress=lambda m: say(f"end to end: {m}"))
     d = r.to_dict()
     keep = ("device", "precision", "batch_size", "chip_size", "overlap", "scene_size", "chips",
@@ -265,7 +266,8 @@ def part_tiles(s: dict[str, Any]) -> None:
                       progress=lambda m: say(f"tiles: {m}"))
     d = r.to_dict()
     keep = ("tiles", "scene_size", "chips", "batch_size", "precision", "model_chips_per_s", "e2e_chips_per_s",
-            "ratio", "model_calls", "own_batches_chips_per_s", "own_batches_calls", "peak_gpu_mb", "stages")
+            "ratio", "model_calls", "own_batches_chips_per_s", "own_batches_calls", "replay_chips_per_s",
+            "peak_gpu_mb", "stages")
     # Where runs read ahead (a GPU): the same shared batches without it, in the same run.
     ahead = {k: d[k] for k in ("no_ahead_chips_per_s",) if k in d}
     emit("tiles", "result", (), {**{k: d[k] for k in keep}, **ahead,

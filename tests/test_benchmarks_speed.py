@@ -106,9 +106,43 @@ def test_tiles_where_runs_read_ahead_are_also_run_without(monkeypatch) -> None:
     monkeypatch.setattr(job, "scenes_ahead", lambda device: 2)
     monkeypatch.setattr(Batches, "__init__", recording)
     d = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32", threads=1,
-                      baseline_chips=2, tiles=3).to_dict()
+                      baseline_chips=2, tiles=3, replay=False).to_dict()
     assert d["model_calls"] == 4 and d["no_ahead_chips_per_s"] > 0
     assert sorted(ahead) == [0, 2]  # the run as predict makes it (2 ahead), and once without
+
+
+def test_the_replayed_run_gives_the_same_masks_and_polygons_at_no_model_cost(tmp_path) -> None:
+    """The model's outputs of one run, replayed to a run of the same scenes, make exactly its masks and
+    polygons (its calls in the same order and sizes), with no time in the model."""
+    from geoseg.benchmarks import speed
+    from geoseg.benchmarks.workload import benchmark_model
+
+    model, meta, _ = benchmark_model(None, arch="deeplabv3plus", encoder="resnet18", chip_size=256)
+    scenes = [make_large_scene(tmp_path / f"s{i}.tif", 300, 280, seed=i) for i in range(3)]
+    options = dict(batch_size=3, overlap=64, device="cpu", precision="32", threads=1, temp_dir=tmp_path,
+                   compile_model=False, min_area=0.0, simplify=0.0)
+    tape = speed._Tape()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "again").mkdir()
+    real = speed._predict_run(scenes, speed._taping(model, tape), meta, tmp_path / "real", shared=True, **options)
+    speed._TAPES.pop(id(tape))
+    # Only prediction's calls (the probes that check folded batch norms are not on it).
+    assert [c.shape[0] for c in tape.calls] == [3, 3, 3, 3] and real.calls == 4
+    again = speed._predict_run(scenes, speed._replay(tape), meta, tmp_path / "again", shared=True, **options)
+    assert tape.position == 4 and again.chips == real.chips == 12 and again.stages["model"] < real.stages["model"]
+    for i in range(3):
+        with rasterio.open(tmp_path / "real" / f"mask{i}.tif") as a, rasterio.open(tmp_path / "again" / f"mask{i}.tif") as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+    # Replayed to other chip counts (each scene its own batches: 3 + 1 chips), it refuses.
+    tape.position = 0
+    with pytest.raises(RuntimeError, match="replayed model call 1 had 3 chips, this one 1: the runs differ"):
+        speed._predict_run(scenes, speed._replay(tape), meta, tmp_path / "again", shared=False, **options)
+    d = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32", threads=1,
+                      baseline_chips=2, tiles=3).to_dict()
+    assert d["replay_chips_per_s"] > 0 and not speed._TAPES  # the tape is let go
+    off = run_benchmark(encoder="resnet18", size=(300, 280), batch_size=3, repeats=1, precision="32", threads=1,
+                        baseline_chips=2, replay=False).to_dict()
+    assert off["replay_chips_per_s"] is None
 
 
 def test_tiles_cli_lines_and_errors(tmp_path) -> None:

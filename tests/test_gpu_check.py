@@ -52,8 +52,9 @@ def test_tiny_run_prints_one_json_object_with_every_figure():
 
     tiles = out["tiles"]  # 4 tiles of 64 px, 9 chips of 32 px each, batch 8: 36 chips in 5 calls, alone 4 x 2
     assert (tiles["tiles"], tiles["chips"], tiles["model_calls"], tiles["own_batches_calls"]) == (4, 36, 5, 8)
-    for key in ("model_chips_per_s", "e2e_chips_per_s", "own_batches_chips_per_s", "ratio"):
+    for key in ("model_chips_per_s", "e2e_chips_per_s", "own_batches_chips_per_s", "replay_chips_per_s", "ratio"):
         assert _positive(tiles[key]), key
+    assert "replay_chips_per_s" not in e2e  # the 8192² scene is not run twice more (its time budget)
 
     training = out["training"]
     assert set(training) == {"fp32", "bf16", "settings"}  # on the GPU: fp16 (GradScaler) and bf16 at batch 32

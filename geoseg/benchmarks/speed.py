@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 MATMUL_SIZE = 2048
 #: Chips timed in the fp32 per-chip baseline loop (it is slow; a sample suffices).
 BASELINE_CHIPS = 12
+#: The replayed end-to-end run (``replay_chips_per_s``) holds every logit of one run: up to this many chips
+#: (an 8192² scene is 1,849; its bf16 logits of two classes 485 MB).
+REPLAY_MAX_CHIPS = 4096
 
 
 @dataclass
@@ -54,6 +57,10 @@ class BenchmarkResult:
     batches of its own (as every scene was before batches were shared), in the same run.
     Where a run sets scenes up ahead of their turn (a GPU, ``job.scenes_ahead``),
     ``no_ahead_chips_per_s`` is the shared-batches run without it, in the same run.
+    ``replay_chips_per_s`` is the end-to-end run with the model's outputs replayed (:func:`_replay`:
+    the same masks and polygons, the model's time zero): what everything around the model
+    sustains on this machine, the ceiling of end to end with a model of any speed (None above
+    :data:`REPLAY_MAX_CHIPS` chips).
     """
 
     model: str
@@ -87,6 +94,7 @@ class BenchmarkResult:
     own_batches_chips_per_s: float | None = None
     own_batches_calls: int | None = None
     no_ahead_chips_per_s: float | None = None
+    replay_chips_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``scaling`` only when scaling runs were made; the per-scene batches
@@ -182,6 +190,62 @@ def baseline_loop(
     return 1.0 / statistics.median(times)
 
 
+class _Tape:
+    """The logits of one end-to-end run, model call after model call, and where a replay is."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+        self.position = 0
+
+
+#: Tapes by key: the predictor runs a deep copy of the model it is given (folded batch norms), whose
+#: tape must be the original's.
+_TAPES: dict[int, _Tape] = {}
+
+
+def _taping(model: Any, tape: _Tape) -> Any:
+    """``model``, each output it gives also put on ``tape``."""
+    from torch import nn
+
+    class _Taping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.key = model, id(tape)
+            self.runs_own_precision = getattr(model, "runs_own_precision", False)
+            if hasattr(model, "precision"):
+                self.precision = model.precision
+
+        def forward(self, x: Any) -> Any:
+            import torch
+
+            out = self.model(x)
+            # Prediction's calls (under inference mode), not the probes of folding batch norms (no_grad).
+            if torch.is_inference_mode_enabled():
+                _TAPES[self.key].calls.append(out.detach().clone())
+            return out
+
+    _TAPES[id(tape)] = tape
+    return _Taping()
+
+
+def _replay(tape: _Tape) -> Any:
+    """A model that gives back ``tape``'s outputs in order (for the same chip counts), at no cost."""
+    from torch import nn
+
+    class _Replay(nn.Module):
+        runs_own_precision = True  # nothing to autocast, fold or compile
+
+        def forward(self, x: Any) -> Any:
+            out = tape.calls[tape.position]
+            if out.shape[0] != x.shape[0]:
+                raise RuntimeError(f"replayed model call {tape.position} had {out.shape[0]} chips, this one "
+                                   f"{x.shape[0]}: the runs differ")
+            tape.position += 1
+            return out
+
+    return _Replay()
+
+
 @dataclass(frozen=True)
 class _Run:
     """One end-to-end run over the benchmark's scenes."""
@@ -243,6 +307,7 @@ def run_benchmark(
     scaling_resolution: str | float = "native",
     progress: ProgressFn | None = None,
     tiles: int = 1,
+    replay: bool = True,
 ) -> BenchmarkResult:
     """Measure model-only and end-to-end throughput and everything around it, in one run.
 
@@ -272,6 +337,9 @@ def run_benchmark(
         tiles: Predict this many generated scenes of ``size`` as one run (batches shared by the
             scenes, as ``geoseg predict`` does), and the same scenes each with its own batches
             (after one untimed tile: the first prediction's one-off costs).
+        replay: Also run end to end with the model's outputs replayed (``replay_chips_per_s``:
+            one more untimed run records them, then one replay per repeat), up to
+            :data:`REPLAY_MAX_CHIPS` chips.
 
     Returns:
         The measurements (``scaling``: one point per size).
@@ -339,6 +407,8 @@ def run_benchmark(
         runs: list[_Run] = []
         own_runs: list[_Run] = []
         no_ahead_runs: list[_Run] = []
+        replay_runs: list[_Run] = []
+        tape: _Tape | None = None
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         options = dict(batch_size=batch_size, overlap=overlap, device=str(dev), precision=precision,
@@ -346,6 +416,14 @@ def run_benchmark(
         if tiles > 1:  # one tile untimed first: the first prediction's one-off costs would fall on one side only
             say("end to end, warm-up on one tile")
             _predict_run(scenes[:1], model, meta, work, shared=False, **options)
+        replay_options = dict(options, compile_model=False)
+        if replay and n_chips <= REPLAY_MAX_CHIPS:  # the model's outputs of one (untimed) run, to replay
+            say("end to end, recording the model's outputs")
+            tape = _Tape()
+            try:
+                _predict_run(scenes, _taping(model, tape), meta, work, shared=tiles > 1, **replay_options)
+            finally:
+                _TAPES.pop(id(tape), None)
         # Interleave the measurements so that machine noise hits them alike.
         for i in range(repeats):
             tp = model_throughput(
@@ -362,6 +440,11 @@ def run_benchmark(
             if tiles > 1 and scenes_ahead(dev) > 0:
                 say(f"end to end, shared batches without reading ahead, run {i + 1}/{repeats}")
                 no_ahead_runs.append(_predict_run(scenes, model, meta, work, shared=True, ahead=0, **options))
+            if tape is not None:
+                say(f"end to end with the model's outputs replayed, run {i + 1}/{repeats}")
+                tape.position = 0
+                replay_runs.append(_predict_run(scenes, _replay(tape), meta, work, shared=tiles > 1,
+                                                **replay_options))
         say("fp32 per-chip baseline")
         base = baseline_loop(torch_model, scene_path, meta, chips=baseline_chips, overlap=overlap)
 
@@ -371,6 +454,8 @@ def run_benchmark(
     best = runs[e2e_runs.index(sorted(e2e_runs)[len(e2e_runs) // 2])]
     own_cps = statistics.median([r.chips_per_s for r in own_runs]) if own_runs else None
     no_ahead_cps = statistics.median([r.chips_per_s for r in no_ahead_runs]) if no_ahead_runs else None
+    replay_cps = statistics.median([r.chips_per_s for r in replay_runs]) if replay_runs else None
+    del tape  # the logits
     result = BenchmarkResult(
         model=model_name, device=str(dev), precision=getattr(model, "precision", None) or precision_name(dtype),
         threads=tp.threads,
@@ -388,6 +473,7 @@ def run_benchmark(
         own_batches_chips_per_s=round(own_cps, 3) if own_cps is not None else None,
         own_batches_calls=own_runs[0].calls if own_runs else None,
         no_ahead_chips_per_s=round(no_ahead_cps, 3) if no_ahead_cps is not None else None,
+        replay_chips_per_s=round(replay_cps, 3) if replay_cps is not None else None,
     )
     if scaling:  # after this run's scene and outputs are gone; each size in its own process
         result.scaling = scaling_points(
