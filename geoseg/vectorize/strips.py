@@ -105,7 +105,26 @@ class PixelPolygon:
         """The component as one polygon (pieces unioned; exact, coordinates are integers)."""
         if len(self.pieces) == 1:
             return self.pieces[0]
-        return shapely.union_all(self.pieces)
+        return union_of_strip_pieces(self.pieces)
+
+
+def union_of_strip_pieces(pieces: Sequence[shapely.Polygon]) -> shapely.Geometry:
+    """The union of one component's strip pieces: their outlines unioned, their holes added back.
+
+    A hole of a piece is background enclosed inside its strip, so it never reaches a strip
+    line (there the background would be open to the next strip: part of the outline) and
+    no other piece reaches it: it is a hole of the union as it is. Only the outlines meet at
+    the strip lines; unioning them alone leaves GEOS the few vertices that matter. An 8192²
+    random-weights mask (one component of 43 million pixels, ~12,000 holes, in 32 strips):
+    the union took 18.7 s with the holes, see ``vectorize`` in README's benchmarks.
+    """
+    holes = [ring for piece in pieces for ring in piece.interiors]
+    if not holes:
+        return shapely.union_all(pieces)
+    outline = shapely.union_all([shapely.Polygon(piece.exterior) for piece in pieces])
+    if not isinstance(outline, shapely.Polygon):  # not one connected component: the plain union
+        return shapely.union_all(pieces)
+    return shapely.Polygon(outline.exterior, [*outline.interiors, *holes])
 
 
 @dataclass
