@@ -96,10 +96,11 @@ def test_a_component_in_many_strips_is_traced_whole_from_the_mask(monkeypatch, m
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_strip_pieces_joined_by_their_outlines_equal_their_plain_union(seed):
-    """A component's pieces are joined by unioning their outlines and adding their holes back: vertex
-    for vertex the plain union of the pieces (normalised), on blob masks whose holes lie inside strips,
-    across strip lines (holes only of the union) and hold islands; and the same area as one strip."""
+def test_strip_pieces_joined_as_a_coverage_equal_their_plain_union(seed):
+    """A component's pieces are joined by a coverage union of their outlines (split where the other side's
+    vertices lie) and their holes added back: vertex for vertex the plain union of the pieces (normalised),
+    on blob masks whose holes lie inside strips, across strip lines (holes only of the union) and hold
+    islands; and the same area as one strip."""
     from scipy import ndimage
 
     from geoseg.vectorize.strips import union_of_strip_pieces
@@ -126,6 +127,19 @@ def test_strip_pieces_joined_by_their_outlines_equal_their_plain_union(seed):
     frame = max(got, key=lambda g: g.area)
     assert len(frame.interiors) > 3 and frame.area == max(whole, key=lambda g: g.area).area
     assert sorted(g.area for g in got) == sorted(g.area for g in whole)
+
+
+def test_pieces_that_are_not_a_coverage_get_the_plain_union():
+    """Outlines that overlap, or that do not join into one polygon, are not what strip pieces are:
+    the plain union is taken."""
+    from geoseg.vectorize.strips import union_of_strip_pieces
+
+    holed = Polygon([(0, 0), (6, 0), (6, 6), (0, 6)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    for pieces in ([holed, box(4, 0, 9, 3)],  # overlapping
+                   [holed, box(7, 0, 9, 3)]):  # apart: two polygons
+        got = union_of_strip_pieces(pieces)
+        assert shapely.normalize(got).equals_exact(shapely.normalize(shapely.union_all(pieces)), 0)
+    assert union_of_strip_pieces([holed, box(4, 6, 9, 8)]).equals(shapely.union_all([holed, box(4, 6, 9, 8)]))
 
 
 def test_polygonizer_rejects_strips_out_of_order():

@@ -109,22 +109,66 @@ class PixelPolygon:
 
 
 def union_of_strip_pieces(pieces: Sequence[shapely.Polygon]) -> shapely.Geometry:
-    """The union of one component's strip pieces: their outlines unioned, their holes added back.
+    """The union of one component's strip pieces: their outlines joined as a coverage, their holes added back.
 
     A hole of a piece is background enclosed inside its strip, so it never reaches a strip
     line (there the background would be open to the next strip: part of the outline) and
-    no other piece reaches it: it is a hole of the union as it is. Only the outlines meet at
-    the strip lines; unioning them alone leaves GEOS the few vertices that matter. An 8192²
-    random-weights mask (one component of 43 million pixels, ~12,000 holes, in 32 strips):
-    the union took 18.7 s with the holes, see ``vectorize`` in README's benchmarks.
+    no other piece reaches it: it is a hole of the union as it is. The outlines meet only
+    along strip lines, edge to edge: with each one's edges there split where the other
+    side's vertices lie (the nodes GEOS's overlay would make) they form a coverage, and a
+    coverage union only drops the shared edges. The result is the plain union's polygon,
+    vertex for vertex (normalised). An 8192² random-weights mask (one component of 43
+    million pixels with ~20,000 holes, 1,360 pieces in 32 strips): 18.7 s by one union of
+    the pieces, 7.3 s of their outlines, 2.9 s as a coverage. Where the outlines are not
+    such a coverage (their areas do not add up), the plain union is taken.
     """
     holes = [ring for piece in pieces for ring in piece.interiors]
-    if not holes:
+    outlines = [np.asarray(piece.exterior.coords) for piece in pieces]
+    joined = _coverage_union(outlines)
+    if joined is None:
         return shapely.union_all(pieces)
-    outline = shapely.union_all([shapely.Polygon(piece.exterior) for piece in pieces])
-    if not isinstance(outline, shapely.Polygon):  # not one connected component: the plain union
-        return shapely.union_all(pieces)
-    return shapely.Polygon(outline.exterior, [*outline.interiors, *holes])
+    return shapely.Polygon(joined.exterior, [*joined.interiors, *holes]) if holes else joined
+
+
+def _coverage_union(rings: list[np.ndarray]) -> shapely.Polygon | None:
+    """The union of polygons (closed exterior rings) that meet only along horizontal lines through
+    their top and bottom rows, edge to edge; None where that is not what they are."""
+    ys = np.unique([v for r in rings for v in (r[:, 1].min(), r[:, 1].max())])
+    vertices = np.concatenate([r[:-1] for r in rings])
+    on = vertices[np.isin(vertices[:, 1], ys)]
+    on = np.unique(on[np.lexsort((on[:, 0], on[:, 1]))], axis=0)  # sorted by line, then x
+    lines = {float(y): on[on[:, 1] == y, 0] for y in np.unique(on[:, 1])}
+    polygons = [shapely.Polygon(_split_on_lines(r, lines)) for r in rings]
+    try:
+        joined = shapely.coverage_union_all(polygons)
+    except shapely.errors.GEOSException:  # "incorrectly noded inputs": edges that cross or overlap
+        return None
+    if not isinstance(joined, shapely.Polygon):
+        return None
+    if abs(joined.area - float(shapely.area(polygons).sum())) > 0.5:  # overlaps: not a coverage
+        return None
+    return joined
+
+
+def _split_on_lines(ring: np.ndarray, lines: Mapping[float, np.ndarray]) -> np.ndarray:
+    """``ring`` with each horizontal edge on one of ``lines`` split at the x of every vertex on that line."""
+    a, b = ring[:-1], ring[1:]
+    edges = np.flatnonzero((a[:, 1] == b[:, 1]) & np.isin(a[:, 1], list(lines)))
+    if not len(edges):
+        return ring
+    parts, start = [], 0
+    for i in edges.tolist():
+        (x0, y), x1 = ring[i], ring[i + 1, 0]
+        xs = lines[float(y)]
+        inside = xs[(xs > min(x0, x1)) & (xs < max(x0, x1))]
+        if len(inside):
+            parts.append(ring[start:i + 1])
+            parts.append(np.column_stack([inside if x1 > x0 else inside[::-1], np.full(len(inside), y)]))
+            start = i + 1
+    if not parts:
+        return ring
+    parts.append(ring[start:])
+    return np.concatenate(parts)
 
 
 @dataclass
