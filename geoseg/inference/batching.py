@@ -149,10 +149,9 @@ class Batches:
         device, memory format, folded batch norms) and checked for changes once a run, not once a
         tile (about 1 ms a tile of one core, ResNet18)."""
         key = (id(model), *sorted((name, _frozen(value)) for name, value in settings.items()))
-        found = self._predictors.get(key)
-        if found is None or found[0] is not model:
-            found = self._predictors[key] = (model, ChipPredictor(model, **settings))
-        return found[1]
+        if key not in self._predictors:  # the model is kept with it: its id stays its own
+            self._predictors[key] = (model, ChipPredictor(model, **settings))
+        return self._predictors[key][1]
 
     def __enter__(self) -> "Batches":
         return self

@@ -411,13 +411,13 @@ class _ScenePass:
             # A raster only the polygons read back is held in memory when the scene is small (no file
             # to make, write, read back and remove: most of a small tile's cost outside the model).
             small = info.width * info.height <= MEMORY_SCRATCH_PIXELS
-            in_memory = {"mask": small and want_mask and self.mask_pub is None,
-                         "prob": small and want_prob and self.prob_pub is None}
-            if (want_mask and mask_tmp is None and not in_memory["mask"]) or (
-                    want_prob and prob_tmp is None and not in_memory["prob"]):
+            memory_mask = small and want_mask and self.mask_pub is None
+            memory_prob = small and want_prob and self.prob_pub is None
+            file_mask, file_prob = want_mask and not memory_mask, want_prob and not memory_prob
+            if (file_mask and mask_tmp is None) or (file_prob and prob_tmp is None):
                 scratch = self._stack.enter_context(temporary_folder(temp_dir))
-                mask_tmp = mask_tmp or (scratch / "mask.tif" if want_mask and not in_memory["mask"] else None)
-                prob_tmp = prob_tmp or (scratch / "prob.tif" if want_prob and not in_memory["prob"] else None)
+                mask_tmp = mask_tmp or (scratch / "mask.tif" if file_mask else None)
+                prob_tmp = prob_tmp or (scratch / "prob.tif" if file_prob else None)
             self.mask_tmp, self.prob_tmp = mask_tmp, prob_tmp
             self.overviews = {mask_tmp: mask_out is not None and target is None,
                               prob_tmp: prob_out is not None and target is None}
@@ -442,23 +442,16 @@ class _ScenePass:
             self.n_threads = torch.get_num_threads()
             sink_args = dict(width=W, height=H, crs=info.crs, transform=info.transform, tile=output_tile(block),
                              num_threads="ALL_CPUS" if cuda else 1)
-            mask_sink: RasterSink | MemorySink | None = None
-            prob_sink: RasterSink | MemorySink | None = None
-            if in_memory["mask"]:
-                mask_sink = MemorySink(kind="mask", width=W, height=H)
-            elif mask_tmp:
-                mask_sink = RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args,
-                                       scratch=mask_tmp != self.mask_pub)
-            if mask_sink is not None:
-                self.sinks.append(mask_sink)
-            if in_memory["prob"]:
-                prob_sink = MemorySink(kind="prob", width=W, height=H, bands=1 + len(extra))
-            elif prob_tmp:
-                prob_sink = RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype,
-                                       band_names=("rooftop", *extra), **sink_args,
-                                       scratch=prob_tmp != self.prob_pub)
-            if prob_sink is not None:
-                self.sinks.append(prob_sink)
+            mask_sink: RasterSink | MemorySink | None = (
+                MemorySink(kind="mask", width=W, height=H) if memory_mask
+                else RasterSink(mask_tmp, kind="mask", class_names=names, **sink_args,
+                                scratch=mask_tmp != self.mask_pub) if mask_tmp else None)
+            self.sinks.extend([mask_sink] if mask_sink is not None else [])  # closed by abort if the next fails
+            prob_sink: RasterSink | MemorySink | None = (
+                MemorySink(kind="prob", width=W, height=H, bands=1 + len(extra)) if memory_prob
+                else RasterSink(prob_tmp, kind="prob", prob_dtype=prob_dtype, band_names=("rooftop", *extra),
+                                **sink_args, scratch=prob_tmp != self.prob_pub) if prob_tmp else None)
+            self.sinks.extend([prob_sink] if prob_sink is not None else [])
             self.poly = self.builder = self.splitter = None
             if polygons:
                 min_pixels = vectorize.min_pixels_for(min_area, crs=info.crs, transform=info.transform,
