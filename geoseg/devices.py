@@ -169,17 +169,22 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return {None: "32", torch.bfloat16: "bf16", torch.float16: "16"}[dtype]
 
 
+def usable_cores() -> int:
+    """Logical cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_cpu_threads() -> int:
     """Intra-op threads for CPU inference: every core on small machines, one spare on larger ones.
 
-    On 2-4 cores the model needs them all (reading and writing are a few per cent
-    of its time and run between its parallel regions); on more cores one is left
-    to the reader and writer threads so that they never stall the model.
+    On 2-4 cores the model needs them all; on more cores one is left to the work
+    around the model (normalising, blending, reading, writing, polygons), which then
+    runs beside it (``inference.batching``: the model gets a thread of its own).
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return cores if cores <= _RESERVE_CORE_ABOVE else cores - 1
 
 

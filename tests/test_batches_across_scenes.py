@@ -34,8 +34,10 @@ class Recording(Oracle):
         super().__init__()
         self.sizes: list[int] = []
         self.fail_at = fail_at
+        self.attempts = 0  # calls made, the failed one included
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.attempts += 1
         if self.fail_at is not None and len(self.sizes) == self.fail_at:
             raise RuntimeError("out of memory")
         self.sizes.append(int(x.shape[0]))
@@ -87,8 +89,30 @@ def _finish_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("geoseg-finish") and t.is_alive()]
 
 
+def _model_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("geoseg-model") and t.is_alive()]
+
+
+@pytest.fixture
+def same_thread(monkeypatch):
+    """The model runs in the feeding thread: the batch-exact timings asserted below are that way's (with the
+    model in a thread of its own, each batch is taken through one batch later)."""
+    from geoseg.inference import batching
+
+    monkeypatch.setattr(batching, "OWN_MODEL_THREAD", False)
+
+
+@pytest.fixture(params=[False, True], ids=["model-in-feeding-thread", "model-in-own-thread"])
+def own_thread(request, monkeypatch):
+    """Both ways of running the model (``batching.OWN_MODEL_THREAD``), whatever this machine's cores."""
+    from geoseg.inference import batching
+
+    monkeypatch.setattr(batching, "OWN_MODEL_THREAD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("batch_size", [4, 7, 16, 64])
-def test_scenes_share_batches_and_only_the_last_of_the_run_is_partial(tmp_path, recording, batch_size):
+def test_scenes_share_batches_and_only_the_last_of_the_run_is_partial(tmp_path, recording, batch_size, own_thread):
     scenes = _scenes(tmp_path)
     reports: list[tuple[str, int, int]] = []
     summary = job.predict(
@@ -118,11 +142,11 @@ def test_scenes_share_batches_and_only_the_last_of_the_run_is_partial(tmp_path, 
     layer = _layer_in_scene_order(tmp_path / "out" / "roofs.gpkg", scenes)
     assert list(layer["id"]) == list(range(1, len(layer) + 1))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["roofs.gpkg"]  # no scratch left
-    assert not _writer_threads() and not _finish_threads()
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()
 
 
 @pytest.mark.parametrize("fail_at", [0, 1, 2, 4])
-def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkeypatch, fail_at):
+def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkeypatch, fail_at, own_thread):
     """Batch 1 holds the last chips of a and the first of b (4 + 2 and 4 + ...): failures before, during and
     after a's finish discard every output, scratch and writer thread."""
     model = Recording(fail_at=fail_at)
@@ -134,11 +158,14 @@ def test_a_failing_batch_with_a_scene_still_open_leaves_nothing(tmp_path, monkey
                     prob_out=tmp_path / "p", config=PredictConfig(batch_size=4, device="cpu", precision="32"))
     assert sorted(p for p in tmp_path.rglob("*")) == before
     assert len(model.sizes) == fail_at
-    assert not _writer_threads() and not _finish_threads()
+    # No batch after the failed one went into the model (in its own thread, at most one: handed to it
+    # before the failure was known).
+    assert model.attempts == fail_at + 1 or (own_thread and model.attempts == fail_at + 2)
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()
 
 
 def test_a_scene_failing_as_it_finishes_inside_the_next_scenes_batch_leaves_nothing(tmp_path, monkeypatch,
-                                                                                     recording):
+                                                                                     recording, own_thread):
     """a's finish starts as b's first batch (the one that carries a's last chips) passes and runs beside b's
     batches: its failure stops b (at b's next batch, or at the run's end), and nothing is left."""
     def refuse(path, rooftop, valid):
@@ -153,7 +180,7 @@ def test_a_scene_failing_as_it_finishes_inside_the_next_scenes_batch_leaves_noth
                     config=PredictConfig(batch_size=4, device="cpu", precision="32"))
     assert recording.sizes[:2] == [4, 4]  # a: 4, then a's last 2 with b's first 2; a's finish starts there
     assert sorted(p for p in tmp_path.rglob("*")) == before
-    assert not _writer_threads() and not _finish_threads()
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()
 
 
 def _slow_finish_of_a(monkeypatch, recording, *, until: int, then_s: float = 0.0) -> dict[str, int]:
@@ -179,7 +206,7 @@ def _slow_finish_of_a(monkeypatch, recording, *, until: int, then_s: float = 0.0
 
 
 def test_the_model_goes_on_while_a_scene_finishes_and_the_layer_stays_in_scene_order(tmp_path, monkeypatch,
-                                                                                     recording):
+                                                                                     recording, same_thread):
     """a's finish (writer, polygons, publishing) runs in its own thread: b's batches pass while it is held
     up, and b's polygons, traced meanwhile, still come after a's in the layer."""
     seen = _slow_finish_of_a(monkeypatch, recording, until=4)
@@ -207,7 +234,7 @@ def test_the_model_goes_on_while_a_scene_finishes_and_the_layer_stays_in_scene_o
     ({}, 13, False),  # five small tiles: all queue behind a's finish, the model never waits
 ])
 def test_the_model_waits_once_the_pending_finishes_are_too_many_or_too_big(tmp_path, monkeypatch, recording,
-                                                                          limits, until, waits):
+                                                                          limits, until, waits, same_thread):
     """Finishes queue behind a held-up one while they are at most MAX_PENDING_FINISHES and
     MAX_PENDING_FINISH_PIXELS in all (two always may); then the model waits for the first."""
     from geoseg.inference import batching
@@ -293,7 +320,7 @@ class _Slow(Recording):
         return super().forward(x)
 
 
-def test_the_scenes_seconds_add_up_to_the_run(tmp_path, monkeypatch):
+def test_the_scenes_seconds_add_up_to_the_run(tmp_path, monkeypatch, own_thread):
     """Each scene's seconds are its own work (set-up, feed, its share of the run's last batch, the model's
     waits for its finish), so that they add up to the time of the run's scene loop: a scene set up ahead
     of its turn, or waiting for the next scene's chips, is not counted twice, nor is any phase lost."""
@@ -359,7 +386,7 @@ def test_a_run_opens_each_scene_once_and_checks_them_side_by_side_in_order(tmp_p
 
 @pytest.mark.parametrize("ahead_pixels, fed_after_b", [(2 * 2048 * 2048, False), (0, True)])
 def test_scenes_set_up_ahead_are_read_before_their_turn_and_fed_in_order(tmp_path, monkeypatch, ahead_pixels,
-                                                                         fed_after_b):
+                                                                         fed_after_b, same_thread):
     """With look-ahead a scene is set up (outputs open, first block read) and fed only once ``ahead`` more are
     set up, or its pixels would pass MAX_AHEAD_PIXELS (one may always wait), or at the flush; the
     batches, masks and layer are those of scenes fed one after the other."""
@@ -408,7 +435,7 @@ def test_scenes_set_up_ahead_are_read_before_their_turn_and_fed_in_order(tmp_pat
     assert not _writer_threads() and not _finish_threads()
 
 
-def test_a_failure_with_scenes_set_up_ahead_leaves_nothing(tmp_path):
+def test_a_failure_with_scenes_set_up_ahead_leaves_nothing(tmp_path, own_thread):
     """A batch failing while later scenes wait, set up (outputs open, scratch made, blocks being read) but not
     fed: every scene is aborted, no output, scratch or thread is left."""
     scenes = _scenes(tmp_path / "in")
@@ -423,4 +450,87 @@ def test_a_failure_with_scenes_set_up_ahead_leaves_nothing(tmp_path):
             batches.flush()
     assert model.sizes == [4]  # a's first batch ran; the second (a's last 2, b's first 2) failed, c and d waiting
     assert sorted(p for p in tmp_path.rglob("*")) == before
-    assert not _writer_threads() and not _finish_threads()
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()
+
+
+@pytest.mark.parametrize("cores, threads, device, own", [
+    (2, None, "cpu", False),  # up to 4 cores the model's threads take them all: no core to spare
+    (4, None, "cpu", False),
+    (8, None, "cpu", True),  # above 4, one is left: the work around the model runs beside it
+    (2, 1, "cpu", True),
+    (8, 8, "cpu", False),
+    (8, None, "meta", False),  # not a CPU (a GPU runs its own queue)
+])
+def test_the_model_gets_a_thread_of_its_own_on_a_cpu_with_a_core_to_spare(monkeypatch, cores, threads, device, own):
+    from geoseg import devices
+    from geoseg.inference import batching
+
+    monkeypatch.setattr(devices, "usable_cores", lambda: cores)
+    monkeypatch.setattr(batching, "usable_cores", lambda: cores)
+    assert batching.OWN_MODEL_THREAD is None
+    batches = Batches(4)
+    batches.hold(None, None, threads=threads)  # the run's torch threads, as a scene pass gives them
+    assert batches._own_thread(torch.zeros(1, device=device)) is own
+
+
+class _Timeline(Recording):
+    """The recording oracle, noting each call's start, its thread and its torch threads."""
+
+    def __init__(self, events: list[tuple]) -> None:
+        super().__init__()
+        self.events = events
+        self.started = [threading.Event() for _ in range(16)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.calls
+        self.events.append(("start", k, threading.current_thread().name, torch.get_num_threads()))
+        self.started[k].set()
+        return super().forward(x)
+
+
+def test_with_a_core_to_spare_the_model_runs_beside_the_blending_of_the_batch_before(tmp_path, monkeypatch):
+    """Three cores, two torch threads: every batch runs in the model's own thread (with two threads); the
+    feeding thread takes batch k through (blends it, closes blocks, hands cores on) once batch k+1 is in the
+    model (it waits here for that call to start: it never would with the model in this thread) and before
+    handing it k+2, with the one core the model leaves (the last batch, with the model idle, with all);
+    masks and polygons are as with the model in the feeding thread, and no thread is left."""
+    from geoseg.inference import batching
+
+    scenes = _scenes(tmp_path)
+    alone = {name: predict_scene(scenes[name][0], Oracle(), oracle_meta(chip_size=CHIP), device="cpu",
+                                 precision="32", threads=2, min_area=0.0, simplify=0.0).polygons for name in "abc"}
+    monkeypatch.setattr(batching, "usable_cores", lambda: 3)
+    events: list[tuple] = []
+    real = Batches._take_through
+    model = _Timeline(events)
+
+    def taking(self, call, **kwargs):
+        k = len([e for e in events if e[0] == "through"])
+        beside = k == 4 or model.started[k + 1].wait(timeout=10)  # the last (5 batches) has none after it
+        events.append(("through", k, threading.current_thread().name, torch.get_num_threads(), beside))
+        return real(self, call, **kwargs)
+
+    monkeypatch.setattr(Batches, "_take_through", taking)
+    results = {}
+    with Batches(4) as batches:
+        for name in "abc":
+            results[name] = predict_scene(
+                scenes[name][0], model, oracle_meta(chip_size=CHIP), device="cpu", precision="32", threads=2,
+                batches=batches, mask_out=tmp_path / f"{name}_mask.tif", min_area=0.0, simplify=0.0)
+        batches.flush()
+    assert model.sizes == [4, 4, 4, 4, 4]  # 6 + 12 + 2 chips
+    starts = [e for e in events if e[0] == "start"]
+    throughs = [e for e in events if e[0] == "through"]
+    assert [e[1] for e in starts] == [e[1] for e in throughs] == [0, 1, 2, 3, 4]
+    assert {e[2:] for e in starts} == {("geoseg-model_0", 2)}
+    # Beside a batch in the model, one thread (the spare core); the last, at the flush with the model idle, all.
+    main = threading.current_thread().name
+    assert [e[2:] for e in throughs] == [(main, 1, True)] * 4 + [(main, 2, True)]
+    at = {e[:2]: i for i, e in enumerate(events)}
+    assert all(at["through", k] < at["start", k + 2] for k in range(3))  # one batch in the model at a time
+    for name, result in results.items():
+        with rasterio.open(result.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), scenes[name][1])
+        assert len(result.polygons) == len(alone[name]) and all(
+            x.equals_exact(y, 0) for x, y in zip(result.polygons.geometry, alone[name].geometry))
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()

@@ -707,7 +707,9 @@ def test_a_block_is_written_in_tile_rows_as_they_become_final(tmp_path, monkeypa
     """One 1024-px block (tiles of 256 rows), chips of 128 every 96 px, batches of 4: the writer gets the
     core's tile rows while the model is still running on the rows below, in order and without a gap,
     each one only once no chip still to come reaches it; mask and polygons as predicted whole."""
-    from geoseg.inference import streams
+    from geoseg.inference import batching, streams
+
+    monkeypatch.setattr(batching, "OWN_MODEL_THREAD", False)  # the calls counted below: the model in this thread
 
     label = draw_rectangles(700, 620, _rects_for(700, 620, seed=3))
     scene = write_scene(tmp_path / "scene.tif", label)

@@ -7,9 +7,14 @@ is full, whatever blocks or scenes its chips come from, so only the run's last b
 partial (run by the eager model, when compiled). After each batch every scene with chips in it blends
 them and closes its blocks that are complete (in grid order); a scene whose blocks have
 all been fed finishes as soon as its last chips are through, scenes in the order they
-were fed. The finish (waiting for the scene's writer, its last polygons, publishing) runs
-in a thread of its own while the model goes on with the next scene's chips; polygons
-handed to a run's shared sink still arrive scene after scene.
+were fed. On a CPU whose cores the model's threads do not all take (above four cores geoseg
+leaves one), the model runs in a thread of its own: while it runs a batch, the feeding thread
+blends the batch before, closes blocks, hands their cores to the writers and gathers the next
+batch, so that this work, serial with the model otherwise, runs beside it (at most one batch in
+the model and one being filled; the bookkeeping stays in the feeding thread). The finish
+(waiting for the scene's writer, its last polygons, publishing) runs in a thread of its own
+while the model goes on with the next scene's chips; polygons handed to a run's shared sink
+still arrive scene after scene.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import collections
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as concurrent_wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Protocol
 
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from rasterio.windows import Window
 
-from geoseg.devices import torch_threads
+from geoseg.devices import default_cpu_threads, torch_threads, usable_cores
 from geoseg.encoding import MASK_NODATA, ProbDtype
 from geoseg.inference.runtime import ChipPredictor
 from geoseg.inference.stitch import BlockStitcher, finish_core
@@ -67,6 +73,9 @@ MAX_PENDING_FINISH_PIXELS = 2048 * 2048
 #: With look-ahead (``Batches(ahead=...)``), scenes set up (outputs open, first blocks being read)
 #: before their turn to be fed hold at most this many pixels in all (one always may).
 MAX_AHEAD_PIXELS = 2 * 2048 * 2048
+#: Whether the model runs in a thread of its own (see the module's text). None: on a CPU, when the
+#: model's threads leave a core free; True or False: always, never (tests, measurements).
+OWN_MODEL_THREAD: bool | None = None
 
 
 def _frozen(value: Any) -> Any:
@@ -100,6 +109,17 @@ class _Piece:
     entry: OpenBlock
     index: torch.Tensor
     chips: torch.Tensor
+
+
+@dataclass
+class _Call:
+    """A batch handed to the model: its chips' pieces and the probabilities (with the model's seconds) to come."""
+
+    pieces: list[_Piece]
+    chips: int
+    result: "Future[tuple[torch.Tensor, float]]"
+    gather_s: float  # the pieces joined into one batch (the feeding thread's)
+    late: bool  # the run's last batch, made outside any scene's feed
 
 
 class Batches:
@@ -141,6 +161,8 @@ class Batches:
         #: Finishes handed to the finishing thread and not yet taken back, in feeding order.
         self._finishing: collections.deque[tuple[_Held, Future[None]]] = collections.deque()
         self._finisher: ThreadPoolExecutor | None = None
+        self._model_thread: ThreadPoolExecutor | None = None
+        self._in_model: _Call | None = None  # the batch the model's own thread is running
         self._predictors: dict[tuple[Any, ...], tuple[Any, ChipPredictor]] = {}
 
     def predictor(self, model: Any, **settings: Any) -> ChipPredictor:
@@ -166,6 +188,7 @@ class Batches:
             self.abort(err)
             raise
         self._close_finisher()
+        self._close_model_thread()
 
     @property
     def room(self) -> int:
@@ -231,9 +254,11 @@ class Batches:
         with torch_threads(self._threads), torch.inference_mode():
             if self._queued:
                 self._predict(late=True)
+            self._through()
             self._finish_ready()
         self._reap(wait=True)
         self._close_finisher()
+        self._close_model_thread()
 
     def abort(self, exc: BaseException | None = None) -> None:
         """Abort every held scene pass not finished, the latest first (outputs discarded, threads stopped).
@@ -241,6 +266,10 @@ class Batches:
         The first error an abort raises (a failed write named by its output) is raised once all are aborted.
         """
         self._pieces, self._queued = [], 0
+        in_model, self._in_model = self._in_model, None
+        if in_model is not None:  # the model's thread is let finish its batch (its error already on its way)
+            concurrent_wait([in_model.result])
+        self._close_model_thread()
         self._waiting.clear()  # held too: aborted below
         self._ended.clear()
         for h in self._held:  # writers waiting for their turn go on (to be stopped)
@@ -266,6 +295,8 @@ class Batches:
     def _predict(self, *, late: bool = False) -> None:
         """The queued chips through the model as one batch; each scene blends its own and closes blocks.
 
+        With the model in its own thread (:meth:`_own_thread`) the batch is handed to it and
+        the batch before is taken through meanwhile; else it runs here and is taken through.
         ``late``: outside any scene's feed (the run's last batch): its time is added to each
         scene's ``late_s`` by its share of the chips.
         """
@@ -273,26 +304,85 @@ class Batches:
         pieces, n = self._pieces, self._queued
         self._pieces, self._queued = [], 0
         chips = pieces[0].chips if len(pieces) == 1 else torch.cat([p.chips for p in pieces])
+        predictor = pieces[0].work.predictor
         t2 = time.perf_counter()
-        probs = pieces[0].work.predictor(chips)
-        t3 = time.perf_counter()
         self.calls += 1
+        if self._own_thread(chips):
+            if self._in_model is not None and self._in_model.result.done() \
+                    and self._in_model.result.exception() is not None:
+                self._through()  # the batch before failed: raised here, no batch goes after it
+            if self._model_thread is None:
+                self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-model")
+            model_threads = self._model_threads()
+            call = _Call(pieces, n, self._model_thread.submit(_run_model, predictor, chips, model_threads),
+                         t2 - t1, late)
+            # This thread's own torch work (blending, gathering) runs on the cores the model leaves:
+            # with as many threads as the model's, the two crowd the cores (forced on a 2-core CPU,
+            # both at two threads: a 2048² scene 3.09 s against 2.80 s with the model in this thread).
+            spare = max(1, usable_cores() - model_threads)
+            if torch.get_num_threads() != spare:
+                torch.set_num_threads(spare)
+            if late:
+                self._account_late(call, time.perf_counter() - t1)
+            before, self._in_model = self._in_model, call
+            if before is not None:
+                self._take_through(before)  # while the model runs this batch
+            return
+        self._through()  # a batch the model's own thread ran before (another way of running) goes first
+        done: Future[tuple[torch.Tensor, float]] = Future()
+        probs = predictor(chips)
+        done.set_result((probs, time.perf_counter() - t2))
+        self._take_through(_Call(pieces, n, done, t2 - t1, late), spent=time.perf_counter() - t1)
+
+    def _own_thread(self, chips: torch.Tensor) -> bool:
+        """Whether the model runs in its own thread (:data:`OWN_MODEL_THREAD`)."""
+        if OWN_MODEL_THREAD is not None:
+            return OWN_MODEL_THREAD
+        return chips.device.type == "cpu" and self._model_threads() < usable_cores()
+
+    def _model_threads(self) -> int:
+        """The torch threads the model's calls run with (the held scenes' setting)."""
+        return default_cpu_threads() if self._threads is None else max(1, int(self._threads))
+
+    def _through(self) -> None:
+        """Take the batch in the model's own thread through, if there is one (waiting for it)."""
+        call, self._in_model = self._in_model, None
+        if call is not None:
+            self._take_through(call)
+
+    def _account_late(self, call: _Call, seconds: float) -> None:
+        """``seconds`` of this thread spent on ``call`` outside any feed: the scenes' ``late_s``, by share."""
+        shares: dict[int, tuple[BlockWork, int]] = {}
+        for piece in call.pieces:
+            work, count = shares.get(id(piece.work), (piece.work, 0))
+            shares[id(piece.work)] = (work, count + piece.chips.shape[0])
+        for work, count in shares.values():
+            work.late_s += seconds * count / call.chips
+
+    def _take_through(self, call: _Call, *, spent: float = 0.0) -> None:
+        """A batch's probabilities blended by the scenes its chips are from, their complete blocks closed.
+
+        ``spent``: seconds already spent on it in this thread (counted as late if it is the run's last
+        batch or is taken through outside any scene's feed).
+        """
+        t3 = time.perf_counter()
+        probs, model_s = call.result.result()  # the model's failure is raised here
         owners: dict[int, tuple[BlockWork, int]] = {}
         start = 0
-        for piece in pieces:
+        for piece in call.pieces:
             k = piece.chips.shape[0]
             piece.work.blend(piece.entry, piece.index, probs[start:start + k])
             start += k
             work, count = owners.get(id(piece.work), (piece.work, 0))
             owners[id(piece.work)] = (work, count + k)
-        t4 = time.perf_counter()
+        late = call.late or self.feeding is None
+        if late:
+            self._account_late(call, spent + time.perf_counter() - t3)
         for work, count in owners.values():  # the model's time shared by chips; blending is each scene's own
-            share = count / n
-            work.stages["preprocess"] += (t2 - t1) * share
-            work.stages["model"] += (t3 - t2) * share
+            share = count / call.chips
+            work.stages["preprocess"] += call.gather_s * share
+            work.stages["model"] += model_s * share
             work.batches += 1
-            if late:
-                work.late_s += (t4 - t1) * share
         for work, count in owners.values():  # scenes in feeding order: an earlier one finishes first
             t5 = time.perf_counter()
             work.chips_through(count)  # closes its blocks: the scene's own time, before its finish starts
@@ -354,6 +444,24 @@ class Batches:
         if self._finisher is not None:
             self._finisher.shutdown(wait=True)
             self._finisher = None
+
+    def _close_model_thread(self) -> None:
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=True)
+            self._model_thread = None
+
+
+def _run_model(predictor: ChipPredictor, chips: torch.Tensor, threads: int) -> tuple[torch.Tensor, float]:
+    """In the model's own thread: a batch's probabilities and the seconds the model took.
+
+    Torch's thread count and inference mode are per thread: set here as the feeding thread has them.
+    """
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        probs = predictor(chips)
+    return probs, time.perf_counter() - t0
 
 
 class BlockWork:
