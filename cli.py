@@ -8,6 +8,7 @@ This is the only module that knows click, prints, or exits. Heavy imports
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -596,7 +597,7 @@ def _echo_training(result: Any) -> None:
                    f"{p.chips_per_s:8.2f} chips/s  ({out['speedup_vs_fp32'].get(p.precision, 1):.2f}x fp32{gpu})")
 
 
-@cli.command("export-model")
+@cli.command("export")
 @click.argument("checkpoint", metavar="CKPT", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), metavar="FILE",
               help="The exported model: MODEL.onnx for ONNX (geoseg predict --model MODEL.onnx runs it).")
@@ -627,6 +628,12 @@ def export_model_command(checkpoint: str, out: str, export_format: ExportFormat,
                f"{m.chip_size} px chips, {m.out_channels} outputs, any batch size) in {result.seconds:.1f} s")
     if result.format == "onnx":
         click.echo(f"predict with: geoseg predict SCENE.tif --model {result.path} --out roofs.gpkg")
+
+
+# The name sessions before 27 documented: still accepted, not listed.
+_export_alias = copy.copy(export_model_command)
+_export_alias.hidden = True
+cli.add_command(_export_alias, name="export-model")
 
 
 @cli.command("quickstart")

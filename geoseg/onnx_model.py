@@ -1,6 +1,6 @@
 """Exported ONNX models: their geoseg self-description, and ONNX Runtime behind the model interface predict uses.
 
-An ONNX file written by ``geoseg export-model`` carries the checkpoint's
+An ONNX file written by ``geoseg export`` carries the checkpoint's
 :class:`~geoseg.checkpoints.CheckpointMeta` as JSON in its ``metadata_props`` (key
 :data:`METADATA_KEY`), so ``geoseg predict --model model.onnx`` needs nothing
 else, exactly as with a ``.pt`` checkpoint. :class:`OnnxModel` answers the calls
@@ -77,7 +77,7 @@ def meta_from_props(props: Mapping[str, str], path: str | os.PathLike[str]) -> C
             CheckpointError, path,
             f"has no geoseg description (metadata_props key {METADATA_KEY!r}), so predict does not know "
             "its bands, normalisation or chip size",
-            "export the model from its checkpoint with geoseg export-model CKPT --format onnx --out MODEL.onnx",
+            "export the model from its checkpoint with geoseg export CKPT --format onnx --out MODEL.onnx",
         )
     try:
         payload = json.loads(raw)
@@ -87,7 +87,7 @@ def meta_from_props(props: Mapping[str, str], path: str | os.PathLike[str]) -> C
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise file_error(
             CheckpointError, path, f"has a geoseg description this geoseg cannot read ({exc})",
-            "export it again with this geoseg (geoseg export-model CKPT --format onnx --out MODEL.onnx)",
+            "export it again with this geoseg (geoseg export CKPT --format onnx --out MODEL.onnx)",
         ) from None
 
 
@@ -118,7 +118,7 @@ def _session(path: Path, *, cuda_device: int | None, threads: int) -> "onnxrunti
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise file_error(
             CheckpointError, path, f"is not a readable ONNX model ({detail})",
-            "pass a model written by geoseg export-model, or a .pt checkpoint",
+            "pass a model written by geoseg export, or a .pt checkpoint",
         ) from None
 
 
@@ -252,7 +252,7 @@ def _check_graph(session: Any, meta: CheckpointMeta, path: Path) -> None:
             f"graph ({', '.join(f'{k} {v}' for k, v in inputs.items())} -> "
             f"{', '.join(f'{k} {v}' for k, v in outputs.items())}) does not fit its geoseg description "
             f"({INPUT_NAME} [N, {', '.join(map(str, want_in))}] -> {OUTPUT_NAME} [N, {', '.join(map(str, want_out))}])",
-            "export it again with geoseg export-model",
+            "export it again with geoseg export",
         )
 
 
@@ -267,7 +267,7 @@ def load_onnx_model(path: str | os.PathLike[str]) -> tuple[OnnxModel, Checkpoint
     p = Path(path)
     if p.is_dir():
         raise file_error(CheckpointError, p, "is a folder, not an ONNX model",
-                         "pass a model written by geoseg export-model")
+                         "pass a model written by geoseg export")
     from geoseg.quantize import WEIGHTS_FULL, quantization_of, u8s8_saturates
 
     session = _session(p, cuda_device=None, threads=torch.get_num_threads())
@@ -279,7 +279,7 @@ def load_onnx_model(path: str | os.PathLike[str]) -> tuple[OnnxModel, Checkpoint
     if precision == "int8" and quantized.get("weights") == WEIGHTS_FULL and u8s8_saturates():
         log.warning("%s: quantised with full-range int8 weights, which this CPU (no VNNI) multiplies with "
                     "saturating products, so its masks may differ more from fp32; quantise it on this "
-                    "machine (geoseg export-model --int8) or predict the .pt with --precision int8", p)
+                    "machine (geoseg export --int8) or predict the .pt with --precision int8", p)
     return OnnxModel(p, meta=meta, session=session, precision=precision), meta
 
 

@@ -1,6 +1,6 @@
 """int8 models for the CPU: post-training static quantisation of an exported model with ONNX Runtime.
 
-``predict --precision int8`` (and ``benchmark``, and ``export-model --int8``) turn a
+``predict --precision int8`` (and ``benchmark``, and ``export --int8``) turn a
 checkpoint into an int8 ONNX graph: the fp32 graph of :mod:`geoseg.model_export`,
 calibrated on chips of the scenes being predicted, quantised by ONNX Runtime's
 maintained static quantiser (QDQ format, int8 weights per output channel, uint8

@@ -1,4 +1,4 @@
-"""geoseg export-model: ONNX (and TorchScript) with the checkpoint's self-description; predict --model MODEL.onnx.
+"""geoseg export: ONNX (and TorchScript) with the checkpoint's self-description; predict --model MODEL.onnx.
 
 One small DeepLabV3+ (resnet18, random weights, 64 px chips) is exported once per module;
 ONNX Runtime's logits are compared with PyTorch's, the description must come back equal,
@@ -90,7 +90,7 @@ def exported(tmp_path_factory, _scene_cache):
     folder = tmp_path_factory.mktemp("export")
     ckpt, model, meta = decisive_checkpoint(folder, _scene_cache["synthetic"][0].image)
     out = folder / "model.onnx"
-    r = CliRunner().invoke(cli, ["export-model", str(ckpt), "--format", "onnx", "--out", str(out)])
+    r = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "onnx", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return ckpt, out, model.eval(), meta, r.output
 
@@ -102,6 +102,19 @@ def test_export_command_says_what_it_wrote(exported):
                                "any batch size) in ")
     assert lines[1] == f"predict with: geoseg predict SCENE.tif --model {out} --out roofs.gpkg"
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.pt"]  # no temporaries left
+
+
+def test_the_command_is_geoseg_export_and_its_earlier_name_still_works_unlisted(exported, tmp_path):
+    """``geoseg export`` (as documented); ``export-model``, its name before, gives the same model and is not
+    in the command list."""
+    ckpt, first, _, _, _ = exported
+    listed = CliRunner().invoke(cli, ["--help"]).output
+    assert "  export " in listed and "export-model" not in listed
+    out = tmp_path / "again.onnx"
+    r = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"wrote {out} (onnx, deeplabv3plus/resnet18, 3 bands, 64 px chips, ")
+    assert read_onnx_meta(out) == read_onnx_meta(first)
 
 
 def test_onnx_runtime_logits_match_pytorch_for_any_batch(exported):
@@ -223,31 +236,31 @@ def test_export_refuses_bad_input_and_writes_nothing(exported, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     out = tmp_path / "m.onnx"
-    assert _error(["export-model", str(junk), "--out", str(out)]) == (
+    assert _error(["export", str(junk), "--out", str(out)]) == (
         f"Error: {junk}: is not a readable checkpoint (truncated, corrupt, or of another format); "
         "pass a checkpoint written by geoseg train (e.g. saved_models/best_iou.pt)"
     )
-    assert _error(["export-model", str(tmp_path / "none.pt"), "--out", str(out)]) == (
+    assert _error(["export", str(tmp_path / "none.pt"), "--out", str(out)]) == (
         f"Error: {tmp_path / 'none.pt'}: checkpoint does not exist; run geoseg train first or pass the path "
         "of a checkpoint"
     )
-    assert _error(["export-model", str(ckpt), "--format", "tflite", "--out", str(out)]) == (
+    assert _error(["export", str(ckpt), "--format", "tflite", "--out", str(out)]) == (
         "Error: --format should be one of 'onnx', 'torchscript', got 'tflite'"
     )
-    assert _error(["export-model", str(ckpt), "--out", str(tmp_path / "m.pt")]) == (
+    assert _error(["export", str(ckpt), "--out", str(tmp_path / "m.pt")]) == (
         f"Error: {tmp_path / 'm.pt'}: an ONNX model needs the .onnx extension (geoseg predict recognises it "
         f"by it); use --out {tmp_path / 'm.onnx'}"
     )
-    assert _error(["export-model", str(ckpt), "--format", "torchscript", "--out", str(out)]) == (
+    assert _error(["export", str(ckpt), "--format", "torchscript", "--out", str(out)]) == (
         f"Error: {out}: a TorchScript model must not end in .onnx (geoseg predict would read it as ONNX); "
         f"use --out {tmp_path / 'm.ts'}"
     )
-    assert _error(["export-model", str(ckpt), "--format", "torchscript", "--out", str(ckpt), "--overwrite"]) == (
+    assert _error(["export", str(ckpt), "--format", "torchscript", "--out", str(ckpt), "--overwrite"]) == (
         f"Error: {ckpt}: --out would overwrite the input checkpoint {ckpt}; choose another output path"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
     out.write_bytes(b"old")
-    assert _error(["export-model", str(ckpt), "--out", str(out)]) == (
+    assert _error(["export", str(ckpt), "--out", str(out)]) == (
         f"Error: {out}: already exists; pass --overwrite to replace it"
     )
     assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "m.onnx"]
@@ -261,7 +274,7 @@ def test_missing_onnx_packages_are_named_with_the_install_command(exported, synt
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     out = tmp_path / "m.onnx"
-    assert _error(["export-model", str(ckpt), "--out", str(out)]) == (
+    assert _error(["export", str(ckpt), "--out", str(out)]) == (
         f"Error: {out}: writing ONNX needs onnxscript, which is not installed; pip install 'geoseg[onnx]' "
         "(onnx, onnxscript and onnxruntime)"
     )
@@ -297,20 +310,20 @@ def test_predict_refuses_an_onnx_without_geoseg_description(synthetic_scene, tmp
     base = ["predict", str(synthetic_scene.image), "--out", str(out), "--device", "cpu"]
     assert _error([*base, "--model", str(foreign)]) == (
         f"Error: {foreign}: has no geoseg description (metadata_props key 'geoseg'), so predict does not know "
-        "its bands, normalisation or chip size; export the model from its checkpoint with geoseg export-model "
+        "its bands, normalisation or chip size; export the model from its checkpoint with geoseg export "
         "CKPT --format onnx --out MODEL.onnx"
     )
     # A description that does not fit the graph (3 outputs where it says 2).
     misfit = _identity_onnx(tmp_path / "misfit.onnx", metadata_props(_meta()))
     assert _error([*base, "--model", str(misfit)]) == (
         f"Error: {misfit}: graph (image ['N', 3, 64, 64] -> logits ['N', 3, 64, 64]) does not fit its geoseg "
-        "description (image [N, 3, 64, 64] -> logits [N, 2, 64, 64]); export it again with geoseg export-model"
+        "description (image [N, 3, 64, 64] -> logits [N, 2, 64, 64]); export it again with geoseg export"
     )
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x08\x07garbage")
     line = _error([*base, "--model", str(broken)])
     assert line.startswith(f"Error: {broken}: is not a readable ONNX model (")
-    assert line.endswith("); pass a model written by geoseg export-model, or a .pt checkpoint")
+    assert line.endswith("); pass a model written by geoseg export, or a .pt checkpoint")
     assert not out.parent.exists()
 
 

@@ -194,7 +194,7 @@ def test_seven_bit_weights_where_products_saturate_and_a_warning_for_a_full_rang
         load_onnx_model(full)
     assert caplog.messages == [
         f"{full}: quantised with full-range int8 weights, which this CPU (no VNNI) multiplies with saturating "
-        "products, so its masks may differ more from fp32; quantise it on this machine (geoseg export-model "
+        "products, so its masks may differ more from fp32; quantise it on this machine (geoseg export "
         "--int8) or predict the .pt with --precision int8"]
 
 
@@ -343,7 +343,7 @@ def test_export_model_int8_writes_a_quantised_model_predict_runs_as_it_is(fp32, 
 
     ckpt, _, _, meta, scene = fp32
     out = tmp_path / "model.int8.onnx"
-    r = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(out), "--int8", str(scene)])
+    r = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(out), "--int8", str(scene)])
     assert r.exit_code == 0, r.output
     assert r.output.startswith(f"wrote {out} (onnx, int8, deeplabv3plus/resnet18, 3 bands, 64 px chips, ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]  # no scratch left
@@ -353,11 +353,11 @@ def test_export_model_int8_writes_a_quantised_model_predict_runs_as_it_is(fp32, 
     assert record["scenes"] == [scene.name] and record["chips"] == 32
     mask, said = _predict(scene, out, tmp_path / "run", "auto")
     assert ", cpu, int8" in said
-    bad = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(tmp_path / "m.ts"), "--format",
+    bad = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(tmp_path / "m.ts"), "--format",
                                    "torchscript", "--int8", str(scene)])
     assert bad.exit_code != 0 and bad.output.strip().splitlines()[-1] == (
         "Error: --int8 quantises an ONNX model; use --format onnx (and an .onnx --out)")
-    missing = CliRunner().invoke(cli, ["export-model", str(ckpt), "--out", str(tmp_path / "n.onnx"),
+    missing = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(tmp_path / "n.onnx"),
                                        "--int8", str(tmp_path / "nothing.tif")])
     assert missing.exit_code != 0 and "nothing.tif" in missing.output and not (tmp_path / "n.onnx").exists()
 
