@@ -534,3 +534,74 @@ def test_with_a_core_to_spare_the_model_runs_beside_the_blending_of_the_batch_be
         assert len(result.polygons) == len(alone[name]) and all(
             x.equals_exact(y, 0) for x, y in zip(result.polygons.geometry, alone[name].geometry))
     assert not _writer_threads() and not _finish_threads() and not _model_threads()
+
+
+def _burn(seconds: float) -> None:
+    """Spend ``seconds`` of this thread's CPU, mostly without the GIL (sorting), as torch's work does: the
+    model's thread is not held up by it."""
+    import time
+
+    values = np.random.default_rng(0).random(20_000)
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < seconds:
+        np.sort(values)
+
+
+class _Threads(Recording):
+    """The recording oracle, noting the thread of each call; ``cost`` seconds (waited) a call."""
+
+    def __init__(self, cost: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.cost = cost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.cost)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("feeding_s, model_s, gives_up", [(0.03, 0.0, True), (0.0, 0.03, False)])
+def test_the_model_leaves_its_own_thread_once_the_feeding_thread_cannot_keep_up(tmp_path, monkeypatch, feeding_s,
+                                                                                model_s, gives_up):
+    """Three cores, two model threads (the rule gives the model its own thread), 25 batches of 2 chips. With
+    the feeding thread's work per batch (here its blending, made to cost 30 ms of CPU) longer than the model's
+    call, the feeding thread cannot keep the model busy: once 4 batches after the first 2 show it (medians), the
+    model runs in the feeding thread for the rest of the run (its torch threads back to the model's). With a
+    model slower than the feeding thread, it keeps its own thread to the end. Masks exact either way."""
+    from geoseg.inference import batching
+
+    assert (batching.OWN_THREAD_SKIP_BATCHES, batching.OWN_THREAD_MIN_BATCHES) == (2, 4)
+    monkeypatch.setattr(batching, "usable_cores", lambda: 3)
+    real_blend = batching.BlockWork.blend
+
+    def blend(self, entry, index, probs):
+        _burn(feeding_s)
+        return real_blend(self, entry, index, probs)
+
+    monkeypatch.setattr(batching.BlockWork, "blend", blend)
+    model = _Threads(cost=model_s)
+    real_forward = model.forward
+    threads_seen: list[int] = []
+    model.forward = lambda x: threads_seen.append(torch.get_num_threads()) or real_forward(x)
+    scenes = _scenes(tmp_path)
+    results = {}
+    with Batches(2) as batches:
+        for name, (path, _) in scenes.items():
+            results[name] = predict_scene(path, model, oracle_meta(chip_size=CHIP), device="cpu", precision="32",
+                                          threads=2, batches=batches, mask_out=tmp_path / f"{name}_mask.tif",
+                                          min_area=0.0, simplify=0.0)
+        batches.flush()
+    assert len(model.threads) == 25 and set(threads_seen) == {2}
+    main, own = threading.current_thread().name, "geoseg-model_0"
+    if gives_up:
+        # Batch 8's hand-over is the first with 4 feeding cycles and 4 model calls past the first 2 to compare.
+        assert model.threads == [own] * 8 + [main] * 17
+    else:
+        assert model.threads == [own] * 25
+    for name, result in results.items():
+        with rasterio.open(result.mask_path) as src:
+            np.testing.assert_array_equal(src.read(1), scenes[name][1])
+    assert not _writer_threads() and not _finish_threads() and not _model_threads()

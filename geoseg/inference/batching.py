@@ -11,7 +11,8 @@ were fed. On a CPU whose cores the model's threads do not all take (above four c
 leaves one), the model runs in a thread of its own: while it runs a batch, the feeding thread
 blends the batch before, closes blocks, hands their cores to the writers and gathers the next
 batch, so that this work, serial with the model otherwise, runs beside it (at most one batch in
-the model and one being filled; the bookkeeping stays in the feeding thread). The finish
+the model and one being filled; the bookkeeping stays in the feeding thread), until the feeding
+thread proves the slower of the two (``OWN_THREAD_*``). The finish
 (waiting for the scene's writer, its last polygons, publishing) runs in a thread of its own
 while the model goes on with the next scene's chips; polygons handed to a run's shared sink
 still arrive scene after scene.
@@ -20,6 +21,8 @@ still arrive scene after scene.
 from __future__ import annotations
 
 import collections
+import logging
+import statistics
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +41,8 @@ from geoseg.inference.stitch import BlockStitcher, finish_core
 from geoseg.inference.streams import BlockData, CoreWriter, FinishedCore
 
 ProgressFn = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 
 class Finishing(Protocol):
@@ -76,6 +81,15 @@ MAX_AHEAD_PIXELS = 2 * 2048 * 2048
 #: Whether the model runs in a thread of its own (see the module's text). None: on a CPU, when the
 #: model's threads leave a core free; True or False: always, never (tests, measurements).
 OWN_MODEL_THREAD: bool | None = None
+#: With the model in its own thread (chosen by the rule), the feeding thread's CPU seconds per batch
+#: (normalising, gathering, blending, closing blocks, on the spare cores' threads) are compared with
+#: the model's seconds per batch, medians of the last OWN_THREAD_WINDOW batches once there are
+#: OWN_THREAD_MIN_BATCHES (the first OWN_THREAD_SKIP_BATCHES left out: warm-up, compiling). Where
+#: the feeding thread takes longer, it cannot keep the model busy (a fast model on many cores): the
+#: model goes back to the feeding thread, whose work then runs on every thread, for the rest of the run.
+OWN_THREAD_SKIP_BATCHES = 2
+OWN_THREAD_MIN_BATCHES = 4
+OWN_THREAD_WINDOW = 8
 
 
 def _frozen(value: Any) -> Any:
@@ -120,6 +134,8 @@ class _Call:
     result: "Future[tuple[torch.Tensor, float]]"
     gather_s: float  # the pieces joined into one batch (the feeding thread's)
     late: bool  # the run's last batch, made outside any scene's feed
+    own: bool = False  # run in the model's own thread
+    number: int = 0  # of the batches handed to the model's own thread, from 1
 
 
 class Batches:
@@ -163,6 +179,11 @@ class Batches:
         self._finisher: ThreadPoolExecutor | None = None
         self._model_thread: ThreadPoolExecutor | None = None
         self._in_model: _Call | None = None  # the batch the model's own thread is running
+        self._own_off = False  # the feeding thread could not keep up with the model: no own thread any more
+        self._feed_cpu: collections.deque[float] = collections.deque(maxlen=OWN_THREAD_WINDOW)
+        self._model_s: collections.deque[float] = collections.deque(maxlen=OWN_THREAD_WINDOW)
+        self._own_calls = 0  # batches handed to the model's own thread
+        self._cpu_mark: float | None = None  # the feeding thread's CPU time at its last hand-over
         self._predictors: dict[tuple[Any, ...], tuple[Any, ChipPredictor]] = {}
 
     def predictor(self, model: Any, **settings: Any) -> ChipPredictor:
@@ -313,9 +334,10 @@ class Batches:
                 self._through()  # the batch before failed: raised here, no batch goes after it
             if self._model_thread is None:
                 self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geoseg-model")
+            self._watch_feeding()
             model_threads = self._model_threads()
             call = _Call(pieces, n, self._model_thread.submit(_run_model, predictor, chips, model_threads),
-                         t2 - t1, late)
+                         t2 - t1, late, own=True, number=self._own_calls)
             # This thread's own torch work (blending, gathering) runs on the cores the model leaves:
             # with as many threads as the model's, the two crowd the cores (forced on a 2-core CPU,
             # both at two threads: a 2048² scene 3.09 s against 2.80 s with the model in this thread).
@@ -328,7 +350,10 @@ class Batches:
             if before is not None:
                 self._take_through(before)  # while the model runs this batch
             return
-        self._through()  # a batch the model's own thread ran before (another way of running) goes first
+        self._through()  # a batch the model's own thread ran before (given up, or another way of running) first
+        if self._cpu_mark is not None:  # the model ran in its own thread: this thread's torch threads back to its
+            self._cpu_mark = None
+            torch.set_num_threads(self._model_threads())
         done: Future[tuple[torch.Tensor, float]] = Future()
         probs = predictor(chips)
         done.set_result((probs, time.perf_counter() - t2))
@@ -338,7 +363,22 @@ class Batches:
         """Whether the model runs in its own thread (:data:`OWN_MODEL_THREAD`)."""
         if OWN_MODEL_THREAD is not None:
             return OWN_MODEL_THREAD
-        return chips.device.type == "cpu" and self._model_threads() < usable_cores()
+        return not self._own_off and chips.device.type == "cpu" and self._model_threads() < usable_cores()
+
+    def _watch_feeding(self) -> None:
+        """At a hand-over to the model's own thread: note the feeding thread's CPU seconds since the last
+        one; give the own thread up once the feeding thread is the slower (see OWN_THREAD_SKIP_BATCHES)."""
+        now = time.thread_time()
+        if self._cpu_mark is not None and self._own_calls > OWN_THREAD_SKIP_BATCHES:
+            self._feed_cpu.append(now - self._cpu_mark)
+        self._cpu_mark = now
+        self._own_calls += 1
+        if (OWN_MODEL_THREAD is None and min(len(self._feed_cpu), len(self._model_s)) >= OWN_THREAD_MIN_BATCHES
+                and statistics.median(self._feed_cpu) > statistics.median(self._model_s)):
+            log.debug("the feeding thread (%.1f ms of CPU a batch) is slower than the model (%.1f ms): "
+                      "the model runs in the feeding thread from here", 1000 * statistics.median(self._feed_cpu),
+                      1000 * statistics.median(self._model_s))
+            self._own_off = True
 
     def _model_threads(self) -> int:
         """The torch threads the model's calls run with (the held scenes' setting)."""
@@ -367,6 +407,8 @@ class Batches:
         """
         t3 = time.perf_counter()
         probs, model_s = call.result.result()  # the model's failure is raised here
+        if call.own and call.number > OWN_THREAD_SKIP_BATCHES:
+            self._model_s.append(model_s)
         owners: dict[int, tuple[BlockWork, int]] = {}
         start = 0
         for piece in call.pieces:
