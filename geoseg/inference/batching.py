@@ -134,8 +134,15 @@ class _Call:
     result: "Future[tuple[torch.Tensor, float]]"
     gather_s: float  # the pieces joined into one batch (the feeding thread's)
     late: bool  # the run's last batch, made outside any scene's feed
-    own: bool = False  # run in the model's own thread
-    number: int = 0  # of the batches handed to the model's own thread, from 1
+    number: int = 0  # of the batches handed to the model's own thread, from 1 (0: run in the feeding thread)
+
+    def owners(self) -> list[tuple["BlockWork", int]]:
+        """The scenes its chips are from, in feeding order, each with its number of chips."""
+        counts: dict[int, tuple[BlockWork, int]] = {}
+        for piece in self.pieces:
+            work, count = counts.get(id(piece.work), (piece.work, 0))
+            counts[id(piece.work)] = (work, count + piece.chips.shape[0])
+        return list(counts.values())
 
 
 class Batches:
@@ -337,7 +344,7 @@ class Batches:
             self._watch_feeding()
             model_threads = self._model_threads()
             call = _Call(pieces, n, self._model_thread.submit(_run_model, predictor, chips, model_threads),
-                         t2 - t1, late, own=True, number=self._own_calls)
+                         t2 - t1, late, number=self._own_calls)
             # This thread's own torch work (blending, gathering) runs on the cores the model leaves:
             # with as many threads as the model's, the two crowd the cores (forced on a 2-core CPU,
             # both at two threads: a 2048² scene 3.09 s against 2.80 s with the model in this thread).
@@ -392,11 +399,7 @@ class Batches:
 
     def _account_late(self, call: _Call, seconds: float) -> None:
         """``seconds`` of this thread spent on ``call`` outside any feed: the scenes' ``late_s``, by share."""
-        shares: dict[int, tuple[BlockWork, int]] = {}
-        for piece in call.pieces:
-            work, count = shares.get(id(piece.work), (piece.work, 0))
-            shares[id(piece.work)] = (work, count + piece.chips.shape[0])
-        for work, count in shares.values():
+        for work, count in call.owners():
             work.late_s += seconds * count / call.chips
 
     def _take_through(self, call: _Call, *, spent: float = 0.0) -> None:
@@ -407,25 +410,23 @@ class Batches:
         """
         t3 = time.perf_counter()
         probs, model_s = call.result.result()  # the model's failure is raised here
-        if call.own and call.number > OWN_THREAD_SKIP_BATCHES:
+        if call.number > OWN_THREAD_SKIP_BATCHES:
             self._model_s.append(model_s)
-        owners: dict[int, tuple[BlockWork, int]] = {}
         start = 0
         for piece in call.pieces:
             k = piece.chips.shape[0]
             piece.work.blend(piece.entry, piece.index, probs[start:start + k])
             start += k
-            work, count = owners.get(id(piece.work), (piece.work, 0))
-            owners[id(piece.work)] = (work, count + k)
+        owners = call.owners()
         late = call.late or self.feeding is None
         if late:
             self._account_late(call, spent + time.perf_counter() - t3)
-        for work, count in owners.values():  # the model's time shared by chips; blending is each scene's own
+        for work, count in owners:  # the model's time shared by chips; blending is each scene's own
             share = count / call.chips
             work.stages["preprocess"] += call.gather_s * share
             work.stages["model"] += model_s * share
             work.batches += 1
-        for work, count in owners.values():  # scenes in feeding order: an earlier one finishes first
+        for work, count in owners:  # scenes in feeding order: an earlier one finishes first
             t5 = time.perf_counter()
             work.chips_through(count)  # closes its blocks: the scene's own time, before its finish starts
             if late:
